@@ -1,0 +1,1 @@
+"""Everything about exported artifacts: ONNX export, the onnxruntime runtime, verification."""

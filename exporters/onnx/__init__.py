@@ -1,0 +1,1 @@
+"""Stateful chunk-step ONNX export."""

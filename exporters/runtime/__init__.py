@@ -1,0 +1,1 @@
+"""onnxruntime session over an exported folder (needs no torch model)."""

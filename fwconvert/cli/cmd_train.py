@@ -1,0 +1,2 @@
+"""(commands registered by this module)"""
+COMMANDS = []

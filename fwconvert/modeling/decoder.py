@@ -1,0 +1,219 @@
+"""A compact LLaMA-family decoder with an explicit, immutable streaming state.
+
+Parameter names equal the HF checkpoint keys, so a checkpoint loads with ``load_state_dict``.
+The state is a flat ``dict`` of tensors::
+
+    position                      [B]                 int64, tokens seen so far
+    past_key_values.{i}.key|value [B, H_kv, P, hd]    growing, or the last W-1 keys with a window
+    fast_weights.{owner}.{name}   (mechanism-defined)  see fastweights/base.py
+
+    past state --> step(input_ids [B, C]) --> logits [B, C, V], present state
+
+``forward(ids)`` is ``step(ids, init_state(B))`` and equals streaming the same ids in any pieces.
+"""
+from __future__ import annotations
+
+from typing import Dict, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..config import ModelConfig
+from ..fastweights.base import State, StepContext
+from .rope import apply_rope, inverse_frequencies, rope_cos_sin
+
+FAST_PREFIX = "fast_weights."
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x32 = x.to(torch.float32)
+        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x32.to(x.dtype)
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        d, hd = cfg.hidden_size, cfg.head_dim
+        self.n_heads, self.n_kv, self.head_dim = cfg.num_attention_heads, cfg.num_key_value_heads, hd
+        self.q_proj = nn.Linear(d, self.n_heads * hd, bias=cfg.qkv_bias)
+        self.k_proj = nn.Linear(d, self.n_kv * hd, bias=cfg.qkv_bias)
+        self.v_proj = nn.Linear(d, self.n_kv * hd, bias=cfg.qkv_bias)
+        self.o_proj = nn.Linear(self.n_heads * hd, d, bias=cfg.o_bias)
+        if cfg.qk_norm:
+            self.q_norm = RMSNorm(hd, cfg.rms_norm_eps)
+            self.k_norm = RMSNorm(hd, cfg.rms_norm_eps)
+        else:
+            self.q_norm = self.k_norm = None
+
+    def _repeat_kv(self, x: torch.Tensor) -> torch.Tensor:
+        b, h, n, d = x.shape
+        rep = self.n_heads // self.n_kv
+        if rep == 1:
+            return x
+        return x[:, :, None].expand(b, h, rep, n, d).reshape(b, h * rep, n, d)
+
+    def forward(self, x, cos, sin, past_k, past_v, mask):
+        b, t, _ = x.shape
+        q = self.q_proj(x).view(b, t, self.n_heads, self.head_dim)  # [B, T, H, hd]
+        k = self.k_proj(x).view(b, t, self.n_kv, self.head_dim)
+        v = self.v_proj(x).view(b, t, self.n_kv, self.head_dim)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # [B, H, T, hd]
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        k_all = torch.cat((past_k.to(k.dtype), k), dim=2)  # [B, H_kv, P+T, hd]
+        v_all = torch.cat((past_v.to(v.dtype), v), dim=2)
+        out = F.scaled_dot_product_attention(
+            q, self._repeat_kv(k_all), self._repeat_kv(v_all), attn_mask=mask, scale=self.head_dim ** -0.5
+        )  # [B, H, T, hd]
+        out = out.transpose(1, 2).reshape(b, t, self.n_heads * self.head_dim)
+        return self.o_proj(out), k_all, v_all
+
+
+class GatedMLP(nn.Module):
+    """SwiGLU: down(silu(gate(x)) * up(x))."""
+
+    stateful = False
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        d, f = cfg.hidden_size, cfg.intermediate_size
+        self.gate_proj = nn.Linear(d, f, bias=cfg.mlp_bias)
+        self.up_proj = nn.Linear(d, f, bias=cfg.mlp_bias)
+        self.down_proj = nn.Linear(f, d, bias=cfg.mlp_bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.self_attn = Attention(cfg)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.mlp: nn.Module = GatedMLP(cfg)
+
+
+class DecoderBody(nn.Module):
+    """The ``model.*`` part of an HF checkpoint."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(cfg) for _ in range(cfg.num_hidden_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+
+
+def sub_state(state: State, prefix: str) -> State:
+    n = len(prefix)
+    return {k[n:]: v for k, v in state.items() if k.startswith(prefix)}
+
+
+def attention_mask(t: int, p: int, window: Optional[int], device) -> torch.Tensor:
+    """[T, P+T] bool, True where query i (absolute P+i) may attend key j (absolute j)."""
+    i = torch.arange(t, device=device)[:, None]
+    j = torch.arange(p + t, device=device)[None, :] - p  # key offset relative to the first query
+    allowed = j <= i
+    if window is not None:
+        allowed = allowed & (i - j < window)
+    return allowed
+
+
+class DecoderLM(nn.Module):
+    """Decoder + LM head (optionally an FWL head, optionally in-place TTT MLPs)."""
+
+    def __init__(self, cfg: ModelConfig, fast_weights=None, window: Optional[int] = None):
+        super().__init__()
+        self.config = cfg
+        self.fast_weights = fast_weights
+        self.window = window if window is not None else cfg.sliding_window
+        self.model = DecoderBody(cfg)
+        self.lm_head = None if cfg.tie_word_embeddings else nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        self.fwl_head: Optional[nn.Module] = None
+        self.register_buffer("inv_freq", inverse_frequencies(cfg), persistent=False)
+
+    # -- parameters ---------------------------------------------------------------------------
+    def reset_buffers(self) -> None:
+        """Recompute non-persistent buffers (after building on the meta device)."""
+        self.inv_freq = inverse_frequencies(self.config).to(self.model.norm.weight.device)
+
+    @property
+    def unembed_weight(self) -> torch.Tensor:  # [V, D]
+        return self.model.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
+
+    def stateful_modules(self) -> Dict[str, nn.Module]:
+        """State owner name -> module, for every fast-weight mechanism in the model."""
+        out = {f"layers.{i}.mlp": layer.mlp for i, layer in enumerate(self.model.layers) if getattr(layer.mlp, "stateful", False)}
+        if self.fwl_head is not None:
+            out["fwl"] = self.fwl_head
+        return out
+
+    # -- state --------------------------------------------------------------------------------
+    def init_state(self, batch_size: int, device=None, dtype=None) -> State:
+        cfg = self.config
+        device = device if device is not None else self.model.norm.weight.device
+        dtype = dtype if dtype is not None else self.model.norm.weight.dtype
+        state = {"position": torch.zeros(batch_size, dtype=torch.int64, device=device)}
+        kv_shape = (batch_size, cfg.num_key_value_heads, 0, cfg.head_dim)
+        for i in range(cfg.num_hidden_layers):
+            state[f"past_key_values.{i}.key"] = torch.zeros(kv_shape, dtype=dtype, device=device)
+            state[f"past_key_values.{i}.value"] = torch.zeros(kv_shape, dtype=dtype, device=device)
+        for owner, mod in self.stateful_modules().items():
+            for k, v in mod.init_state(batch_size, device=device).items():
+                state[f"{FAST_PREFIX}{owner}.{k}"] = v
+        return state
+
+    # -- compute ------------------------------------------------------------------------------
+    def _trim(self, kv: torch.Tensor) -> torch.Tensor:
+        if self.window is None:
+            return kv
+        keep = self.window - 1
+        return kv[:, :, kv.shape[2] - keep:] if kv.shape[2] > keep else kv
+
+    def step(self, input_ids: torch.Tensor, state: State):
+        """Process one chunk ``input_ids [B, C]`` after ``state``; returns ``(logits [B, C, V], new_state)``."""
+        b, t = input_ids.shape
+        pos = state["position"]
+        positions = pos[:, None] + torch.arange(t, device=input_ids.device)[None, :]  # [B, T]
+        h = self.model.embed_tokens(input_ids)  # [B, T, D]
+        ctx = StepContext(input_ids=input_ids, position=pos, embeddings=h)
+        cos, sin = rope_cos_sin(self.inv_freq, positions, h.dtype)
+        p = state["past_key_values.0.key"].shape[2]
+        mask = attention_mask(t, p, self.window, h.device)
+        new: State = {"position": pos + t}
+        for i, layer in enumerate(self.model.layers):
+            a, k_all, v_all = layer.self_attn(
+                layer.input_layernorm(h), cos, sin, state[f"past_key_values.{i}.key"], state[f"past_key_values.{i}.value"], mask
+            )
+            h = h + a
+            new[f"past_key_values.{i}.key"] = self._trim(k_all)
+            new[f"past_key_values.{i}.value"] = self._trim(v_all)
+            x = layer.post_attention_layernorm(h)
+            if getattr(layer.mlp, "stateful", False):
+                prefix = f"{FAST_PREFIX}layers.{i}.mlp."
+                m, fw = layer.mlp(x, sub_state(state, prefix), ctx)
+                new.update({prefix + k: v for k, v in fw.items()})
+            else:
+                m = layer.mlp(x)
+            h = h + m
+        h = self.model.norm(h)
+        if self.fwl_head is not None:
+            prefix = f"{FAST_PREFIX}fwl."
+            logits, fw = self.fwl_head(h, sub_state(state, prefix), ctx, self.unembed_weight)
+            new.update({prefix + k: v for k, v in fw.items()})
+        else:
+            logits = F.linear(h, self.unembed_weight)
+        return logits, new
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """One-shot logits ``[B, T, V]`` from a fresh state."""
+        return self.step(input_ids, self.init_state(input_ids.shape[0], device=input_ids.device))[0]

@@ -1,0 +1,62 @@
+"""Our decoder vs transformers' own model classes (fp32), and streaming vs one-shot."""
+import pytest
+import torch
+
+from fwconvert.config import TOLERANCES
+from fwconvert.families import parse_config
+from fwconvert.modeling import build_model, load_tensors
+from tiny import make_hf_model, rel_err
+
+TOL = TOLERANCES["torch_fp32_vs_transformers"].rel
+
+
+def _ours(hf):
+    m = build_model(parse_config(hf.config.to_dict(), "config"))
+    return load_tensors(m, hf.state_dict().items()).eval()
+
+
+@torch.no_grad()
+def test_logits_match_transformers(family):
+    hf = make_hf_model(family)
+    m = _ours(hf)
+    ids = torch.randint(0, 256, (2, 70), generator=torch.Generator().manual_seed(1))
+    assert rel_err(m(ids), hf(ids).logits) <= TOL
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("piece", [1, 5, 64])
+def test_streaming_equals_one_shot(family, piece):
+    hf = make_hf_model(family)
+    m = _ours(hf)
+    ids = torch.randint(0, 256, (2, 70), generator=torch.Generator().manual_seed(2))
+    full = m(ids)
+    state, outs = m.init_state(2), []
+    for a in range(0, ids.shape[1], piece):
+        logits, state = m.step(ids[:, a:a + piece], state)
+        outs.append(logits)
+    assert rel_err(torch.cat(outs, 1), full) <= TOL
+    assert int(state["position"][0]) == 70
+
+
+@torch.no_grad()
+def test_window_state_is_bounded_and_matches_transformers():
+    hf = make_hf_model("mistral", sliding_window=8)
+    m = _ours(hf)
+    ids = torch.randint(0, 256, (1, 40), generator=torch.Generator().manual_seed(3))
+    ref = hf(ids).logits
+    state, outs = m.init_state(1), []
+    for a in range(0, 40, 3):
+        logits, state = m.step(ids[:, a:a + 3], state)
+        outs.append(logits)
+        assert state["past_key_values.0.key"].shape[2] <= 7
+    assert rel_err(torch.cat(outs, 1), ref) <= TOL
+
+
+def test_step_does_not_mutate_state():
+    hf = make_hf_model("llama")
+    m = _ours(hf)
+    state = m.init_state(1)
+    _, s1 = m.step(torch.tensor([[1, 2, 3]]), state)
+    before = {k: v.clone() for k, v in s1.items()}
+    m.step(torch.tensor([[4]]), s1)
+    assert all(torch.equal(before[k], s1[k]) for k in before)
