@@ -29,6 +29,11 @@ class StepContext:
     input_ids: torch.Tensor  # [B, T] int64: this step's tokens
     position: torch.Tensor  # [B] int64: absolute position of this step's first token
     embeddings: Optional[torch.Tensor] = None  # [B, T, D]: token embeddings (for input_embed targets)
+    # True on the export path: the caller guarantees this step starts at a chunk boundary of every
+    # chunked mechanism and holds at most one such chunk (a shorter one ends the document). A
+    # mechanism may then take a shape-static, torch.export-friendly path and neither read nor
+    # return its pending-token state.
+    aligned: bool = False
 
 
 class FastWeightModule(nn.Module):

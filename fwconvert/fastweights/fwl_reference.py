@@ -1,0 +1,2 @@
+"""FWL reference definitions (see reference.py)."""
+__all__ = []

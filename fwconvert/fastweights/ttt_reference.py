@@ -1,0 +1,2 @@
+"""In-place TTT reference definitions (see reference.py)."""
+__all__ = []
