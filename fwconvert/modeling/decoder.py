@@ -179,13 +179,16 @@ class DecoderLM(nn.Module):
         keep = self.window - 1
         return kv[:, :, kv.shape[2] - keep:] if kv.shape[2] > keep else kv
 
-    def step(self, input_ids: torch.Tensor, state: State):
-        """Process one chunk ``input_ids [B, C]`` after ``state``; returns ``(logits [B, C, V], new_state)``."""
+    def step(self, input_ids: torch.Tensor, state: State, aligned: bool = False):
+        """Process one chunk ``input_ids [B, C]`` after ``state``; returns ``(logits [B, C, V], new_state)``.
+
+        ``aligned=True`` (the export path) promises the chunk starts at a chunk boundary of every chunked
+        fast-weight mechanism and holds at most one such chunk (see StepContext.aligned)."""
         b, t = input_ids.shape
         pos = state["position"]
         positions = pos[:, None] + torch.arange(t, device=input_ids.device)[None, :]  # [B, T]
         h = self.model.embed_tokens(input_ids)  # [B, T, D]
-        ctx = StepContext(input_ids=input_ids, position=pos, embeddings=h)
+        ctx = StepContext(input_ids=input_ids, position=pos, embeddings=h, aligned=aligned)
         cos, sin = rope_cos_sin(self.inv_freq, positions, h.dtype)
         p = state["past_key_values.0.key"].shape[2]
         mask = attention_mask(t, p, self.window, h.device)
