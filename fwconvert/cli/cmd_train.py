@@ -1,2 +1,177 @@
-"""(commands registered by this module)"""
-COMMANDS = []
+"""``fwconvert calibrate`` and ``fwconvert eval``: option parsing and printing only; the work lives in
+``fwconvert.calibrate`` and ``fwconvert.evaluate``. ``--runtime ort`` is wired here, since
+``fwconvert`` itself never imports ``exporters``.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+
+import click
+
+from ..errors import InputError
+
+DATA_HELP = ("Text files, folders (recursive, filtered by --ext) or pre-tokenized documents (*.tokens.npy: a 1-D "
+             "integer array; *.tokens.bin: raw int32). Repeat for several.")
+
+
+def _log(msg: str) -> None:
+    click.echo(msg, err=True)
+
+
+def _exts(ext: str):
+    return tuple(e if e.startswith(".") else "." + e for e in ext.split(",") if e)
+
+
+@click.command("calibrate")
+@click.argument("model", type=click.Path())
+@click.option("--data", "data", multiple=True, required=True, type=click.Path(), help=DATA_HELP)
+@click.option("--ext", default=".py,.rst,.txt,.md", show_default=True, help="Extensions of text files taken from folders.")
+@click.option("-o", "--out", "out", type=click.Path(), default=None, help="Output folder (default: MODEL-calibrated).")
+@click.option("--steps", default=200, show_default=True, type=int, help="Optimizer updates.")
+@click.option("--seq-len", default=2048, show_default=True, type=int, help="Training window (tokens of one document).")
+@click.option("--batch-size", default=1, show_default=True, type=int, help="Windows per update per process.")
+@click.option("--lr", default=1e-3, show_default=True, type=float, help="Peak AdamW learning rate.")
+@click.option("--warmup", default=None, type=int, help="Warmup updates (default: 5% of --steps).")
+@click.option("--train", "train", default="fast", show_default=True, type=click.Choice(["fast", "fast+norms", "all"]),
+              help="fast: the new fast-weight parameters; fast+norms: plus RMSNorm weights; all: everything.")
+@click.option("--device", default="cpu", show_default=True, help="cpu or cuda (cuda:N).")
+@click.option("--resume", is_flag=True, help="Continue from the newest complete checkpoint of this run.")
+@click.option("--seed", default=0, show_default=True, type=int, help="Seed of data order, split and initialisation.")
+@click.option("--save-every", default=50, show_default=True, type=int, help="Checkpoint every N updates.")
+@click.option("--heldout", default=0.1, show_default=True, type=float, help="Fraction of documents held out for eval.")
+@click.option("--baseline", is_flag=True,
+              help="Calibrate the base model without fast weights (W_down of TTT/last layers, >= the fast-weight "
+                   "parameter count) with the same recipe: the fair comparison.")
+@click.option("--skip-nonfinite", default=0, show_default=True, type=int,
+              help="Skip up to N updates with a non-finite loss or gradient before stopping (exit 6).")
+@click.option("--force", is_flag=True, help="Replace an existing output folder.")
+@click.option("--no-progress", is_flag=True, help="No progress bar.")
+def calibrate_cmd(model, data, ext, out, steps, seq_len, batch_size, lr, warmup, train, device, resume, seed,
+                  save_every, heldout, baseline, skip_nonfinite, force, no_progress):
+    """Train MODEL's fast-weight parameters on local documents (through the fast-weight updates)."""
+    from ..calibrate.loop import CalibrationSettings
+    from ..calibrate.run import calibrate
+
+    out = out or model.rstrip("/\\") + ("-baseline" if baseline else "-calibrated")
+    settings = CalibrationSettings(steps=steps, seq_len=seq_len, batch_size=batch_size, lr=lr, train=train, seed=seed,
+                                   save_every=save_every, skip_nonfinite=skip_nonfinite, warmup=warmup)
+    rec = calibrate(model, list(data), out, settings, device=device, resume=resume, baseline=baseline, force=force,
+                    heldout=heldout, exts=_exts(ext), log=_log, progress=not no_progress)
+    if os.environ.get("RANK", "0") == "0":
+        losses = [x for x in rec["losses"] if math.isfinite(x)]
+        first, last = (losses[0], losses[-1]) if losses else (float("nan"), float("nan"))
+        click.echo(f"calibrated {rec['steps']} steps ({rec['trainable_count']:,} parameters): loss {first:.4f} -> "
+                   f"{last:.4f}, {rec['tokens_per_second']:,.0f} tokens/s; held out {len(rec['data']['heldout'])} "
+                   f"documents; wrote {out}")
+
+
+def _ort_runner(folder: str, device: str):
+    """(step, init_state) over an exported ONNX folder, from ``exporters.runtime`` (imported lazily)."""
+    try:
+        from exporters.runtime import open_runner  # (step, init_state) with torch tensors in and out
+    except ImportError:
+        raise InputError("--runtime ort: exporters.runtime.open_runner is not available in this build") from None
+    return open_runner(folder, device=device)
+
+
+@click.command("eval")
+@click.argument("model", type=click.Path())
+@click.option("--data", "data", multiple=True, required=True, type=click.Path(), help=DATA_HELP)
+@click.option("--ext", default=".py,.rst,.txt,.md", show_default=True, help="Extensions of text files taken from folders.")
+@click.option("--context", default=8192, show_default=True, type=int, help="Tokens per document (longer ones are cut).")
+@click.option("--min-tokens", default=None, type=int, help="Skip documents shorter than this (default: --context).")
+@click.option("--chunk-size", default=512, show_default=True, type=int, help="Tokens per streaming step.")
+@click.option("--runtime", default="torch", show_default=True, type=click.Choice(["torch", "ort"]),
+              help="ort: MODEL is an exported ONNX folder run by onnxruntime.")
+@click.option("--base", "base", default=None, type=click.Path(), help="Also evaluate this base model.")
+@click.option("--baseline", "baseline", default=None, type=click.Path(), help="Also evaluate this calibrated baseline.")
+@click.option("--dynamic-eval", is_flag=True, help="Also run dynamic evaluation of the base model (--base, else "
+              "MODEL's base weights).")
+@click.option("--dynamic-eval-params", default="all", show_default=True, type=click.Choice(["all", "down_proj"]))
+@click.option("--dynamic-eval-lr", default=None, type=float, help="Adam lr (default: 1e-4 all, 3e-4 down_proj).")
+@click.option("--split", default="auto", show_default=True, type=click.Choice(["auto", "heldout", "all"]),
+              help="auto: the held-out documents when MODEL's manifest records a calibration split.")
+@click.option("--max-docs", default=None, type=int, help="Evaluate at most N documents.")
+@click.option("--batch-size", default=1, show_default=True, type=int, help="Documents streamed together.")
+@click.option("--device", default="cpu", show_default=True)
+@click.option("--dtype", default="fp32", show_default=True, type=click.Choice(["fp32", "bf16", "fp16"]))
+@click.option("--plot", default=None, type=click.Path(), help="Write a PNG of loss against position.")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+def eval_cmd(model, data, ext, context, min_tokens, chunk_size, runtime, base, baseline, dynamic_eval,
+             dynamic_eval_params, dynamic_eval_lr, split, max_docs, batch_size, device, dtype, plot, as_json):
+    """Perplexity by position over long documents, streamed in chunks with the state carried."""
+    from .. import evaluate as ev
+    from ..calibrate.data import load_documents
+    from ..modeling.build import DTYPES
+
+    if chunk_size < 1 or batch_size < 1:
+        raise InputError("--chunk-size and --batch-size must be at least 1")
+    if device.startswith("cuda"):
+        import torch
+
+        if not torch.cuda.is_available():
+            raise InputError(f"--device {device}: no CUDA device is available")
+    ev.bucket_edges(context)
+    vocab, tok_src = _vocab_and_tokenizer_source(model, base, runtime)
+    docs = load_documents(list(data), vocab, lambda: _tokenizer(tok_src), exts=_exts(ext))
+    docs = ev.select_documents(docs, context, split, ev.heldout_keys(model), min_tokens, max_docs)
+    dt = DTYPES[dtype]
+    runners, primary = {}, None
+    if runtime == "ort":
+        runners["onnx"] = _ort_runner(model, device)
+    else:
+        primary = ev.load_eval_model(model, device, dt)
+        runners[ev.model_name(primary)] = ev.torch_runner(primary)
+    base_model = ev.load_eval_model(base, device, dt) if base else None
+    if base_model is not None:
+        runners["base"] = ev.torch_runner(base_model)
+    if baseline:
+        runners["baseline"] = ev.torch_runner(ev.load_eval_model(baseline, device, dt))
+    dyn = None
+    if dynamic_eval:
+        src = base_model if base_model is not None else (ev.load_eval_model(model, device, dt, drop_fast_weights=True)
+                                                         if runtime == "torch" else None)
+        if src is None:
+            raise InputError("--dynamic-eval with --runtime ort needs --base")
+        dyn = {"model": src, "lr": dynamic_eval_lr, "params": dynamic_eval_params}
+    stats = ev.compare(runners, docs, context, chunk_size, device, batch_size, dyn, log=_log)
+    result = ev.report(stats, context, chunk_size, len(docs))
+    if plot:
+        result["plot"] = ev.plot_curves({k: v.curve() for k, v in stats.items()}, context, plot)
+    _print_eval(result, as_json)
+
+
+def _vocab_and_tokenizer_source(model, base, runtime):
+    from ..checkpoint import open_checkpoint
+
+    if runtime == "ort":
+        if not base:
+            raise InputError("--runtime ort needs --base (the checkpoint that gives the vocabulary and tokenizer)")
+        return open_checkpoint(base).config.vocab_size, base
+    return open_checkpoint(model).config.vocab_size, model
+
+
+def _tokenizer(path):
+    from ..tokenizer import load_tokenizer
+
+    return load_tokenizer(path)
+
+
+def _print_eval(result: dict, as_json: bool) -> None:
+    if as_json:
+        click.echo(json.dumps(result, indent=None, sort_keys=True))
+        return
+    models = result.get("models") or {"model": result}
+    labels = result["buckets"]
+    click.echo(f"{result['documents']} documents x {result['context']} tokens, chunk {result['chunk_size']}")
+    click.echo(f"{'':14s}" + "".join(f"{b:>10s}" for b in labels) + f"{'overall':>10s}{'tokens/s':>12s}")
+    for name, s in models.items():
+        row = "".join(f"{s['by_position'].get(b, float('nan')):10.3f}" for b in labels)
+        click.echo(f"{name:14s}{row}{s['perplexity']:10.3f}{s['tokens_per_second']:12,.0f}")
+    if result.get("plot"):
+        click.echo(f"plot: {result['plot']}")
+
+
+COMMANDS = [calibrate_cmd, eval_cmd]

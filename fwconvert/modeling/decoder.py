@@ -118,14 +118,20 @@ def sub_state(state: State, prefix: str) -> State:
     return {k[n:]: v for k, v in state.items() if k.startswith(prefix)}
 
 
-def attention_mask(t: int, p: int, window: Optional[int], device) -> torch.Tensor:
-    """[T, P+T] bool, True where query i (absolute P+i) may attend key j (absolute j)."""
-    i = torch.arange(t, device=device)[:, None]
-    j = torch.arange(p + t, device=device)[None, :] - p  # key offset relative to the first query
-    allowed = j <= i
+def attention_mask(position: torch.Tensor, t: int, p: int, window: Optional[int]) -> torch.Tensor:
+    """[B, 1, T, P+T] bool, True where query i may attend key j of ``cat(past, new)``.
+
+    Query i sits at absolute position ``position + i``; key j at ``position - P + j``. Keys at a
+    negative absolute position are the zero padding of a fixed-size window cache (never attended).
+    Shape-only arithmetic (no Python branching on values), so it traces with dynamic B, T and P."""
+    device = position.device
+    q_abs = position[:, None] + torch.arange(t, device=device)[None, :]  # [B, T]
+    k_abs = position[:, None] - p + torch.arange(p + t, device=device)[None, :]  # [B, P+T]
+    diff = q_abs[:, :, None] - k_abs[:, None, :]  # [B, T, P+T]
+    allowed = (diff >= 0) & (k_abs[:, None, :] >= 0)
     if window is not None:
-        allowed = allowed & (i - j < window)
-    return allowed
+        allowed = allowed & (diff < window)
+    return allowed[:, None]
 
 
 class DecoderLM(nn.Module):
@@ -158,12 +164,17 @@ class DecoderLM(nn.Module):
         return out
 
     # -- state --------------------------------------------------------------------------------
-    def init_state(self, batch_size: int, device=None, dtype=None) -> State:
+    def init_state(self, batch_size: int, device=None, dtype=None, fixed_window: bool = False) -> State:
+        """A fresh state. ``fixed_window=True`` (window models only) makes the KV state a constant
+        ``W-1`` slots of zeros (padding at negative positions, masked out), the ONNX window layout."""
         cfg = self.config
         device = device if device is not None else self.model.norm.weight.device
         dtype = dtype if dtype is not None else self.model.norm.weight.dtype
         state = {"position": torch.zeros(batch_size, dtype=torch.int64, device=device)}
-        kv_shape = (batch_size, cfg.num_key_value_heads, 0, cfg.head_dim)
+        if fixed_window and self.window is None:
+            raise ValueError("fixed_window=True needs a model with an attention window")
+        slots = self.window - 1 if fixed_window else 0
+        kv_shape = (batch_size, cfg.num_key_value_heads, slots, cfg.head_dim)
         for i in range(cfg.num_hidden_layers):
             state[f"past_key_values.{i}.key"] = torch.zeros(kv_shape, dtype=dtype, device=device)
             state[f"past_key_values.{i}.value"] = torch.zeros(kv_shape, dtype=dtype, device=device)
@@ -191,7 +202,7 @@ class DecoderLM(nn.Module):
         ctx = StepContext(input_ids=input_ids, position=pos, embeddings=h, aligned=aligned)
         cos, sin = rope_cos_sin(self.inv_freq, positions, h.dtype)
         p = state["past_key_values.0.key"].shape[2]
-        mask = attention_mask(t, p, self.window, h.device)
+        mask = attention_mask(pos, t, p, self.window)
         new: State = {"position": pos + t}
         for i, layer in enumerate(self.model.layers):
             a, k_all, v_all = layer.self_attn(

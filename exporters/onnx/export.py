@@ -1,0 +1,148 @@
+"""Export one chunk-step graph (KV and fast-weight state as explicit inputs/outputs) plus its manifest.
+
+    past state + input_ids [B, C] --(model.onnx)--> logits [B, C, V] + present state
+
+torch.onnx.export(dynamo=True) with dynamic batch/chunk/past; IR version and opset pinned for
+onnxruntime 1.31; written into a fresh staging folder beside OUT, checked (onnx checker, no control
+flow, ORT load and a one-step parity check) and renamed into place at the end.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from typing import Optional, Union
+
+import torch
+
+from fwconvert.config import TOLERANCES, fast_weights_to_dict
+from fwconvert.errors import InputError, NumericError, OutputError
+from fwconvert.modeling.decoder import DecoderLM
+
+from .graph import build_manifest, check_graph, export_program, smoke_check
+from .io_spec import GRAPH_NAME, MANIFEST_NAME
+
+OPSET = 18
+IR_VERSION = 10  # onnx 1.23 writes 14 by default; onnxruntime 1.31 accepts <= 13
+EXTERNAL_DATA_BYTES = 1_800_000_000  # below protobuf's 2 GiB limit, with headroom for the graph
+
+
+def _prepare_out(out: str, force: bool) -> str:
+    out = os.path.abspath(out)
+    if os.path.lexists(out):
+        if not force:
+            raise OutputError(f"{out}: already exists (use --force to replace it)")
+        if not os.path.isdir(out) or os.path.islink(out):
+            raise OutputError(f"{out}: exists and is not a folder; refusing to replace it")
+    parent = os.path.dirname(out)
+    if not os.path.isdir(parent):
+        raise OutputError(f"{parent}: parent folder does not exist")
+    return out
+
+
+def _load(model_or_path, window: Optional[int], attention: str):
+    """(fp32 DecoderLM, opened checkpoint or None, source string or None)."""
+    if isinstance(model_or_path, DecoderLM):
+        model = model_or_path
+        if attention == "window" and model.window is None:
+            model.window = window
+        return model, None, None
+    import fwconvert
+    from fwconvert.checkpoint import open_checkpoint
+
+    path = os.path.abspath(str(model_or_path))
+    ck = open_checkpoint(path)
+    model = fwconvert.load(path, dtype=torch.float32, window=window if attention == "window" else None)
+    return model, ck, path
+
+
+def _resolve_attention(model: DecoderLM, attention: Optional[str], window: Optional[int]):
+    native = model.window if model.window is not None else model.config.sliding_window
+    attention = attention or ("window" if (window is not None or native is not None) else "full")
+    if attention not in ("full", "window"):
+        raise InputError(f"--attention must be 'full' or 'window', got {attention!r}")
+    if attention == "full":
+        if native is not None:
+            raise InputError(f"the model attends within a sliding window of {native}; export it with --attention window")
+        return "full", None
+    window = window if window is not None else native
+    if window is None or window < 2:
+        raise InputError(f"--attention window needs --window W >= 2 (got {window})")
+    return "window", int(window)
+
+
+def _chunk_size(model: DecoderLM, chunk_size: Optional[int]) -> tuple:
+    from .wrapper import aligned_chunk_size
+
+    fixed = aligned_chunk_size(model)
+    if fixed is not None:
+        if chunk_size is not None and chunk_size != fixed:
+            raise InputError(f"--chunk-size {chunk_size}: this model's in-place TTT chunk size is {fixed}; "
+                             f"chunks must hold exactly {fixed} tokens")
+        return fixed, True
+    chunk_size = 512 if chunk_size is None else chunk_size
+    if chunk_size < 1:
+        raise InputError(f"--chunk-size must be >= 1, got {chunk_size}")
+    return chunk_size, False
+
+
+def _copy_tokenizer(ck, staging: str) -> list:
+    names = []
+    for f in (getattr(ck, "tokenizer_files", None) or []):
+        name = os.path.basename(f)
+        shutil.copyfile(f, os.path.join(staging, name))
+        names.append(name)
+    return names
+
+
+def _install(staging: str, out: str) -> None:
+    old = None
+    if os.path.lexists(out):
+        old = tempfile.mkdtemp(prefix=f".{os.path.basename(out)}.old-", dir=os.path.dirname(out))
+        os.rmdir(old)
+        os.rename(out, old)
+    os.rename(staging, out)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def export_onnx(model_or_path: Union[str, os.PathLike, DecoderLM], out: str, *, chunk_size: Optional[int] = None,
+                attention: Optional[str] = None, window: Optional[int] = None, dtype: str = "fp32",
+                force: bool = False, external_data: Optional[bool] = None, log=None) -> str:
+    """Export ``model_or_path`` (a checkpoint path or a DecoderLM) to the folder ``out``; returns ``out``."""
+    if dtype not in ("fp32", "fp16"):
+        raise InputError(f"--dtype must be fp32 or fp16, got {dtype!r}")
+    out = _prepare_out(out, force)
+    model, ck, source = _load(model_or_path, window, attention or ("window" if window else None))
+    attention, window = _resolve_attention(model, attention, window)
+    model.window = window
+    chunk, fixed = _chunk_size(model, chunk_size)
+    model = model.float().eval()
+    staging = tempfile.mkdtemp(prefix=f".{os.path.basename(out)}.staging-", dir=os.path.dirname(out))
+    try:
+        prog, layout = export_program(model, attention == "window", dtype, opset=OPSET, ir_version=IR_VERSION, log=log)
+        n_bytes = sum(p.numel() * p.element_size() for p in model.parameters()) // (2 if dtype == "fp16" else 1)
+        use_ext = n_bytes > EXTERNAL_DATA_BYTES if external_data is None else external_data
+        graph_path = os.path.join(staging, GRAPH_NAME)
+        prog.save(graph_path, external_data=use_ext)
+        manifest = build_manifest(model, layout, staging, dtype=dtype, attention=attention, window=window,
+                                  chunk=chunk, fixed=fixed, opset=OPSET, ir_version=IR_VERSION)
+        manifest.external_data = GRAPH_NAME + ".data" if use_ext else None
+        manifest.tokenizer_files = _copy_tokenizer(ck, staging)
+        manifest.source = source
+        manifest.source_fingerprint = ck.fingerprint() if ck is not None else None
+        manifest.fast_weights = fast_weights_to_dict(model.fast_weights)
+        check_graph(graph_path, manifest)
+        tol = TOLERANCES["ort_fp32_vs_torch_fp32" if dtype == "fp32" else "ort_fp16_vs_torch_fp32"]
+        smoke_check(model, graph_path, manifest, staging, tol)
+        with open(os.path.join(staging, MANIFEST_NAME), "w") as f:  # written last: a folder without it is partial
+            json.dump(manifest.to_dict(), f, indent=1)
+        _install(staging, out)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return out
+
+
+__all__ = ["export_onnx", "OPSET", "IR_VERSION", "NumericError"]

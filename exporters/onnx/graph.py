@@ -1,0 +1,157 @@
+"""The pieces of an export: trace to ONNX, describe the state (manifest), check the graph, smoke-test it.
+
+    DecoderLM --ChunkStep--> torch.export (dynamic batch/chunk/past) --> ONNX (opset, IR pinned)
+"""
+from __future__ import annotations
+
+import os
+import warnings
+from typing import Dict, List
+
+import numpy as np
+import torch
+
+import fwconvert
+from fwconvert.errors import InputError, NumericError
+from fwconvert.modeling.decoder import DecoderLM
+
+from .io_spec import BATCH, CHUNK, GRAPH_NAME, INITIAL_STATE_NAME, PAST, Manifest, StateSpec, chunk_rule, input_name, output_name
+from .wrapper import ChunkStep, initial_state, state_layout
+
+CONTROL_FLOW = {"Loop", "Scan", "If", "SequenceMap"}
+EXAMPLE_B, EXAMPLE_C, EXAMPLE_P = 2, 3, 5  # distinct and >= 2: torch.export specialises 0/1 sizes
+
+
+def _np_dtype(t: torch.dtype) -> str:
+    return str(torch.empty(0, dtype=t).numpy().dtype)
+
+
+def _example_state(model: DecoderLM, keys, fixed_window: bool) -> Dict[str, torch.Tensor]:
+    st = initial_state(model, EXAMPLE_B, fixed_window, aligned=True)
+    if not fixed_window:  # a non-empty past so that the past axis is traced as dynamic
+        ids = torch.randint(0, model.config.vocab_size, (EXAMPLE_B, EXAMPLE_P), generator=torch.Generator().manual_seed(0))
+        with torch.no_grad():
+            _, new = model.step(ids, model.init_state(EXAMPLE_B, device=ids.device), aligned=False)
+        st = {k: new[k] for k in keys}
+    return st
+
+
+def _dynamic_shapes(keys, shapes, chunk_dynamic: bool):
+    batch = torch.export.Dim(BATCH, min=1, max=4096)
+    past = torch.export.Dim(PAST, min=0, max=1 << 20)
+    ids = {0: batch, 1: torch.export.Dim(CHUNK, min=1, max=1 << 16)} if chunk_dynamic else {0: batch}
+    rest = []
+    for k in keys:
+        rest.append({i: (batch if s == BATCH else past) for i, s in enumerate(shapes[k]) if s in (BATCH, PAST)})
+    return (ids, tuple(rest))
+
+
+def export_program(model: DecoderLM, fixed_window: bool, dtype: str, *, opset: int, ir_version: int, log=None):
+    """(ONNXProgram, (keys, shapes)) for ``model`` (fp32 on entry; cast to fp16 here if asked)."""
+    keys, shapes = state_layout(model, fixed_window, aligned=True)
+    state = _example_state(model, keys, fixed_window)
+    ids = torch.randint(0, model.config.vocab_size, (EXAMPLE_B, EXAMPLE_C), generator=torch.Generator().manual_seed(1))
+    if dtype == "fp16":
+        model = _to_fp16(model)
+        state = {k: (v.half() if k.startswith("past_key_values.") else v) for k, v in state.items()}
+    wrapper = ChunkStep(model, keys, aligned=True).eval()
+    names_in = ["input_ids"] + [input_name(k) for k in keys]
+    names_out = ["logits"] + [output_name(k) for k in keys]
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore")
+        try:
+            prog = torch.onnx.export(wrapper, (ids, *[state[k] for k in keys]), dynamo=True, opset_version=opset,
+                                     dynamic_shapes=_dynamic_shapes(keys, shapes, True), input_names=names_in,
+                                     output_names=names_out, optimize=True, verbose=False)
+        except Exception as e:  # noqa: BLE001 - reported with the exporter's own first line
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise InputError(f"torch.onnx.export (dynamo) failed: {first}") from e
+    prog.model.ir_version = ir_version
+    if dtype == "fp16":
+        model.float()
+    return prog, (keys, shapes)
+
+
+def _to_fp16(model: DecoderLM) -> DecoderLM:
+    """Weights fp16; fast-weight mechanisms keep their state dtype (fp32) as they define it."""
+    return model.half()
+
+
+def _init_entry(model: DecoderLM, key: str, value: torch.Tensor, arrays: dict) -> dict:
+    if not bool(value.any()):
+        return {"kind": "zeros"}
+    arrays[key] = value[:1].detach().cpu().numpy()
+    entry = {"kind": "array", "file": INITIAL_STATE_NAME, "array": key}
+    for name, p in model.named_parameters():
+        if tuple(p.shape) == tuple(value.shape[1:]) and torch.equal(p.detach().to(value.dtype), value[0]):
+            entry.update(kind="copy", weight=name)
+            break
+    return entry
+
+
+def build_manifest(model: DecoderLM, layout, staging: str, *, dtype: str, attention: str, window, chunk: int,
+                   fixed: bool, opset: int, ir_version: int) -> Manifest:
+    """The manifest (and ``initial_state.npz`` when some state does not start at zero)."""
+    import onnx
+    import onnxscript
+
+    keys, shapes = layout
+    init = initial_state(model, 1, attention == "window", aligned=True)
+    arrays: dict = {}
+    specs: List[StateSpec] = []
+    for k in keys:
+        dt = init[k].dtype
+        if dtype == "fp16" and k.startswith("past_key_values."):
+            dt = torch.float16
+        specs.append(StateSpec(key=k, input=input_name(k), output=output_name(k), shape=shapes[k],
+                               dtype=_np_dtype(dt), init=_init_entry(model, k, init[k], arrays)))
+    if arrays:
+        np.savez(os.path.join(staging, INITIAL_STATE_NAME), **arrays)
+    versions = {"fwconvert": fwconvert.__version__, "torch": torch.__version__, "onnx": onnx.__version__,
+                "onnxscript": onnxscript.__version__, "opset": opset, "ir_version": ir_version, "exporter": "dynamo"}
+    return Manifest(graph=GRAPH_NAME, vocab_size=model.config.vocab_size, dtype=dtype, attention=attention,
+                    window=window, chunking=chunk_rule(chunk, fixed), state=specs,
+                    inputs=["input_ids"] + [s.input for s in specs], outputs=["logits"] + [s.output for s in specs],
+                    versions=versions)
+
+
+def _walk_ops(graph, out: set) -> None:
+    for node in graph.node:
+        out.add(node.op_type)
+        for a in node.attribute:
+            for g in ([a.g] if a.HasField("g") else []) + list(a.graphs):
+                _walk_ops(g, out)
+
+
+def check_graph(path: str, manifest: Manifest) -> None:
+    """onnx checker (full), pinned versions, no control flow, IO names as the manifest says."""
+    import onnx
+
+    onnx.checker.check_model(path, full_check=True)
+    m = onnx.load(path, load_external_data=False)
+    ops: set = set()
+    _walk_ops(m.graph, ops)
+    for f in m.functions:
+        for n in f.node:
+            ops.add(n.op_type)
+    bad = sorted(ops & CONTROL_FLOW)
+    assert not bad, f"exported graph contains control flow {bad}"
+    assert m.ir_version <= 13, f"IR version {m.ir_version} > 13"
+    assert [i.name for i in m.graph.input] == manifest.inputs, [i.name for i in m.graph.input]
+    assert [o.name for o in m.graph.output] == manifest.outputs, [o.name for o in m.graph.output]
+
+
+def smoke_check(model: DecoderLM, path: str, manifest: Manifest, folder: str, tol) -> None:
+    """Load in onnxruntime (CPU) and compare one step from the fresh state (C = 1, P = 0) with torch."""
+    from exporters.runtime.session import ChunkSession
+
+    sess = ChunkSession(folder, provider="cpu", manifest=manifest, precheck=False)
+    ids = np.array([[1 % manifest.vocab_size]], dtype=np.int64)
+    state = sess.new_state(1)
+    logits = sess.step(ids, state)
+    with torch.no_grad():
+        ref, _ = model.step(torch.from_numpy(ids), model.init_state(1, fixed_window=manifest.attention == "window"), aligned=True)
+    ref = ref.float().numpy()
+    rel = float(np.linalg.norm(logits.astype(np.float64) - ref) / max(np.linalg.norm(ref), 1e-30))
+    if not rel <= tol.rel:
+        raise NumericError(f"exported graph disagrees with torch on its first step: logits rel {rel:.3g} > {tol.rel:g}")

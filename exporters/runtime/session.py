@@ -1,0 +1,136 @@
+"""``ChunkSession``: run an exported chunk-step folder with onnxruntime, needing nothing but the folder.
+
+    folder/manifest.json + model.onnx --precheck--> InferenceSession (CUDA if available, else CPU)
+    step(ids [B, C], state): bind ids + past (device OrtValues) -> run -> logits, state.advance(presents)
+
+numpy + onnxruntime only (no torch).
+"""
+from __future__ import annotations
+
+import os
+from typing import Dict, Optional
+
+import numpy as np
+
+from fwconvert.config import load_json_strict
+from fwconvert.errors import InputError
+
+from ..onnx.io_spec import BATCH, MANIFEST_NAME, Manifest
+from .feeds import ORT_TYPES, check_feeds, check_manifest_against_graph
+from .precheck import check_graph_file
+from .state import StateBuffers
+
+
+def load_manifest(folder: str) -> Manifest:
+    path = os.path.join(folder, MANIFEST_NAME)
+    if not os.path.isdir(folder):
+        raise InputError(f"{folder}: not a folder (expected an exported folder with {MANIFEST_NAME})")
+    if not os.path.lexists(path):
+        raise InputError(f"{folder}: no {MANIFEST_NAME} (not an fwconvert export, or an interrupted one)")
+    raw = load_json_strict(path)
+    try:
+        m = Manifest.from_dict(raw)
+    except (TypeError, KeyError) as e:
+        raise InputError(f"{path}: not a valid manifest ({e})") from None
+    if os.path.basename(m.graph) != m.graph or m.graph in ("", ".", ".."):
+        raise InputError(f"{path}: graph {m.graph!r} must be a plain file name inside the folder")
+    return m
+
+
+def _providers(provider: str, use_tf32: bool):
+    import onnxruntime as ort
+
+    have_cuda = "CUDAExecutionProvider" in ort.get_available_providers()
+    if provider == "cuda" and not have_cuda:
+        raise InputError("--provider cuda: this onnxruntime has no CUDA execution provider")
+    if provider in ("cuda", "auto") and have_cuda:
+        return [("CUDAExecutionProvider", {"use_tf32": "1" if use_tf32 else "0"}), "CPUExecutionProvider"]
+    if provider not in ("cpu", "auto", "cuda"):
+        raise InputError(f"provider must be cpu, cuda or auto, got {provider!r}")
+    return ["CPUExecutionProvider"]
+
+
+class ChunkSession:
+    """An exported graph plus its manifest; allocates state, runs chunks, streams documents."""
+
+    def __init__(self, folder: str, provider: str = "auto", use_tf32: bool = False,
+                 manifest: Optional[Manifest] = None, precheck: bool = True, threads: Optional[int] = None):
+        import onnxruntime as ort
+
+        self.folder = os.path.abspath(folder)
+        self.manifest = manifest if manifest is not None else load_manifest(self.folder)
+        self.path = os.path.join(self.folder, self.manifest.graph)
+        if precheck:
+            check_graph_file(self.path)
+        opts = ort.SessionOptions()
+        if threads:
+            opts.intra_op_num_threads = threads
+        opts.log_severity_level = 3
+        try:
+            self.sess = ort.InferenceSession(self.path, opts, providers=_providers(provider, use_tf32))
+        except Exception as e:  # noqa: BLE001 - ORT raises its own exception types
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise InputError(f"{self.path}: onnxruntime cannot load it: {first}") from None
+        used = self.sess.get_providers()
+        self.device = "cuda" if used and used[0] == "CUDAExecutionProvider" else "cpu"
+        self.provider_note = ("CUDA execution provider" + ("" if use_tf32 else " (TF32 off)")) if self.device == "cuda" \
+            else "CPU execution provider" + (" (no CUDA provider available)" if provider == "auto" else "")
+        self.inputs = {i.name: i for i in self.sess.get_inputs()}
+        self.output_names = [o.name for o in self.sess.get_outputs()]
+        check_manifest_against_graph(self.manifest, self.inputs, self.output_names)
+
+    @property
+    def chunk_size(self) -> int:
+        return int(self.manifest.chunking["chunk_size"])
+
+    @property
+    def fixed_chunks(self) -> bool:
+        return bool(self.manifest.chunking.get("fixed"))
+
+    def new_state(self, batch: int) -> StateBuffers:
+        if batch < 1:
+            raise InputError(f"batch size must be >= 1, got {batch}")
+        return StateBuffers(self.manifest, batch, self.folder, self.device)
+
+    def _check_chunk(self, ids: np.ndarray, state: StateBuffers) -> None:
+        if ids.ndim != 2 or ids.shape[0] != state.batch or ids.shape[1] < 1:
+            raise InputError(f"input 'input_ids': expected int64[{state.batch},chunk>=1], got "
+                             f"{ids.dtype}[{','.join(map(str, ids.shape))}]")
+        if ids.size and (ids.min() < 0 or ids.max() >= self.manifest.vocab_size):
+            raise InputError(f"input 'input_ids': token ids must lie in [0, {self.manifest.vocab_size}), "
+                             f"got {int(ids.min())}..{int(ids.max())}")
+        if self.fixed_chunks and ids.shape[1] > self.chunk_size:
+            raise InputError(f"chunk of {ids.shape[1]} tokens: this graph takes at most {self.chunk_size} per step")
+
+    def step(self, ids: np.ndarray, state: StateBuffers, fetch: bool = True):
+        """Run one chunk ``ids [B, C]`` (int64) after ``state``; advances ``state`` and returns the logits
+        ``[B, C, V]`` (numpy when ``fetch``, else the device OrtValue)."""
+        ids = np.ascontiguousarray(ids)
+        self._check_chunk(ids, state)
+        feeds = {"input_ids": (str(ids.dtype), list(ids.shape))}
+        feeds.update({n: (_ort_dtype(v), list(v.shape())) for n, v in state.cur.items()})
+        check_feeds(self.inputs, feeds)
+        b = self.sess.io_binding()
+        b.bind_ortvalue_input("input_ids", state._put(ids))
+        for name, value in state.cur.items():
+            b.bind_ortvalue_input(name, value)
+        b.bind_output("logits", state.device, state.device_id)
+        order = ["logits"]
+        for s in state.specs:
+            if state.fixed[s.input]:
+                b.bind_ortvalue_output(s.output, state.spare[s.input])
+            else:
+                b.bind_output(s.output, state.device, state.device_id)
+            order.append(s.output)
+        self.sess.run_with_iobinding(b)
+        outs = dict(zip(order, b.get_outputs()))
+        state.advance(outs)
+        return outs["logits"].numpy() if fetch else outs["logits"]
+
+
+def _ort_dtype(value) -> str:
+    t = value.data_type()
+    return ORT_TYPES.get(t, t)
+
+
+__all__ = ["ChunkSession", "load_manifest", "BATCH"]

@@ -1,0 +1,129 @@
+"""``calibrate`` end to end: preflight (checkpoint headers, output path, all data) before any device
+allocation, then load, train, and write a normal converted model folder whose manifest records the
+calibration (seed, flags, losses, trained parameters, the held-out split).
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import shutil
+from typing import Callable, Optional, Sequence
+
+import torch
+
+from .. import __version__
+from ..errors import InputError, OutputError
+from . import checkpoint as ckpt
+from . import ddp
+from .data import DEFAULT_TEXT_EXTS, WindowSampler, load_documents, split_documents
+from .loop import CalibrationSettings, Calibrator, seed_everything
+from .params import base_parameter_names, baseline_layers, count_new_parameters, select_trainable
+
+SOURCE_DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}
+
+
+def check_output_path(out: str, model_path: str, force: bool) -> None:
+    """Refuse an existing output without --force, or an output overlapping the input."""
+    o, m = os.path.realpath(out), os.path.realpath(model_path)
+    if o == m or o.startswith(m.rstrip(os.sep) + os.sep) or m.startswith(o.rstrip(os.sep) + os.sep):
+        raise OutputError(f"{out}: output overlaps input {model_path}")
+    if os.path.lexists(out) and not force:
+        raise OutputError(f"{out}: already exists (use --force to replace it)")
+
+
+def run_id(fingerprint: str, settings: CalibrationSettings, doc_keys: Sequence[str], extra: dict) -> str:
+    blob = json.dumps({"input": fingerprint, "settings": dataclasses.asdict(settings), "docs": list(doc_keys),
+                       "extra": extra, "version": __version__}, sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()
+
+
+def load_for_calibration(ck, baseline: bool, device: torch.device):
+    """fp32 master-weight model from an opened checkpoint (fast weights dropped for the baseline)."""
+    from ..modeling import build_model, expected_shapes, load_tensors
+
+    ck.check_tensors(expected_shapes(build_model(ck.config, ck.fast_weights)))
+    model = build_model(ck.config, None if baseline else ck.fast_weights)
+    return load_tensors(model, ck.iter_tensors(), device=device, dtype=torch.float32)
+
+
+def cast_to_source_dtypes(model, specs: dict) -> None:
+    """Give each parameter the dtype its checkpoint tensor had (base tensors round-trip bit-exactly)."""
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            dt = SOURCE_DTYPES.get(specs.get(name, (None, "F32"))[1])
+            if dt is not None and p.dtype != dt:
+                p.data = p.data.to(dt)
+
+
+def _doc_list(docs):
+    return [{"name": d.name, "key": d.key, "tokens": int(len(d.ids))} for d in docs]
+
+
+def _prepare_data(model_path, ck, data, exts, settings, heldout):
+    def tokenizer():
+        from ..tokenizer import load_tokenizer
+
+        return load_tokenizer(model_path)
+
+    if settings.seq_len > ck.config.max_position_embeddings:
+        raise InputError(f"--seq-len {settings.seq_len} is longer than the model's max_position_embeddings "
+                         f"{ck.config.max_position_embeddings}")
+    docs = load_documents(data, ck.config.vocab_size, tokenizer, exts=exts)
+    train, held = split_documents(docs, heldout, settings.seed)
+    return train, held, WindowSampler(train, settings.seq_len, settings.seed)
+
+
+def calibrate(model_path: str, data: Sequence[str], out: str, settings: CalibrationSettings, *,
+              device: str = "cpu", resume: bool = False, baseline: bool = False, force: bool = False,
+              heldout: float = 0.1, exts: Sequence[str] = DEFAULT_TEXT_EXTS,
+              log: Callable[[str], None] = lambda m: None, progress: bool = True) -> dict:
+    """Calibrate ``model_path`` on ``data`` and write the result to ``out``; returns the record."""
+    from ..checkpoint import open_checkpoint
+
+    settings.validate()
+    check_output_path(out, model_path, force)
+    ck = open_checkpoint(model_path)
+    train, held, sampler = _prepare_data(model_path, ck, data, exts, settings, heldout)
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise InputError(f"--device {device}: no CUDA device is available")
+    dist = ddp.setup(device)
+    try:
+        dev = ddp.device_for(dist, device)
+        flags = seed_everything(settings.seed, dev)
+        model = load_for_calibration(ck, baseline, dev)
+        layers = None
+        if baseline:
+            layers = baseline_layers(ck.config, ck.fast_weights, count_new_parameters(ck.config, ck.fast_weights))
+        trainable = select_trainable(model, settings.train, base_parameter_names(ck.config), layers)
+        extra = {"baseline": baseline, "world_size": dist.world, "device_type": dev.type}
+        rid = run_id(ck.fingerprint(), settings, [d.key for d in train], extra)
+        work = ckpt.work_dir_for(out)
+        calib = Calibrator(model, trainable, sampler, settings, work, rid, dev, dist, log)
+        if dist.main:
+            ckpt.clean_partials(work)
+        if not (resume and calib.resume()):
+            if resume:
+                log(f"no checkpoint to resume in {work}; starting from step 0")
+            elif dist.main and ckpt.list_checkpoints(work):
+                shutil.rmtree(work)
+        record = calib.run(progress=progress)
+        record.update(seed=settings.seed, flags=flags, baseline=baseline, baseline_layers=layers,
+                      source=os.path.abspath(model_path), source_fingerprint=ck.fingerprint(),
+                      data={"train": _doc_list(train), "heldout": _doc_list(held)}, run_id=rid)
+        if dist.main:
+            model = model.cpu()
+            cast_to_source_dtypes(model, ck.specs)
+            _save(model, out, ck, force, record)
+            shutil.rmtree(work, ignore_errors=True)
+        ddp.barrier(dist)
+        return record
+    finally:
+        ddp.teardown(dist)
+
+
+def _save(model, out, ck, force, record):
+    from ..convert import save_model
+
+    save_model(model, out, source=ck, force=force, extra_manifest={"calibration": record})

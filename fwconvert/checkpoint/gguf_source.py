@@ -1,0 +1,152 @@
+"""GGUF import: llama.cpp metadata -> an HF-style raw config, tensors dequantized to fp32 with HF names.
+
+Matches transformers' own GGUF loading (``modeling_gguf_pytorch_utils.py``): the same config keys,
+tied embeddings when there is no ``output.weight``, ``gguf.dequantize``, and for the ``llama``
+architecture the inverse of the q/k row permutation llama.cpp's converter applies.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+from typing import Dict, Iterator, List, Tuple
+
+from ..errors import InputError
+from .paths import open_regular, short_repr, stat_regular
+
+# GGUF architecture -> our family; transformers maps llama files named "*mistral*" to mistral.
+ARCHITECTURES = ("llama", "qwen2", "qwen3")
+CONFIG_KEYS = {  # "<arch>.<key>" -> HF config field
+    "context_length": "max_position_embeddings",
+    "block_count": "num_hidden_layers",
+    "feed_forward_length": "intermediate_size",
+    "embedding_length": "hidden_size",
+    "rope.freq_base": "rope_theta",
+    "attention.head_count": "num_attention_heads",
+    "attention.head_count_kv": "num_key_value_heads",
+    "attention.layer_norm_rms_epsilon": "rms_norm_eps",
+    "vocab_size": "vocab_size",
+}
+EXTRA_KEYS = {"llama": {"rope.dimension_count": "head_dim"}, "qwen2": {}, "qwen3": {"attention.key_length": "head_dim"}}
+TOKEN_KEYS = {"tokenizer.ggml.bos_token_id": "bos_token_id", "tokenizer.ggml.eos_token_id": "eos_token_id",
+              "tokenizer.ggml.padding_token_id": "pad_token_id"}
+TOP_NAMES = {"token_embd": "model.embed_tokens", "output_norm": "model.norm", "output": "lm_head"}
+BLOCK_NAMES = {"attn_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm",
+               "attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj",
+               "attn_output": "self_attn.o_proj", "attn_q_norm": "self_attn.q_norm",
+               "attn_k_norm": "self_attn.k_norm", "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj",
+               "ffn_down": "mlp.down_proj"}
+IGNORED = ("rope_freqs.weight",)  # transformers drops it too
+_BLOCK = re.compile(r"blk\.(\d+)\.([a-z_]+)\.(weight|bias)")
+_TOP = re.compile(r"([a-z_]+)\.(weight|bias)")
+
+
+def hf_name(gguf_name: str) -> str:
+    """The HF tensor name of a llama.cpp tensor name (unknown names are returned unchanged)."""
+    m = _BLOCK.fullmatch(gguf_name)
+    if m and m.group(2) in BLOCK_NAMES:
+        return f"model.layers.{int(m.group(1))}.{BLOCK_NAMES[m.group(2)]}.{m.group(3)}"
+    m = _TOP.fullmatch(gguf_name)
+    if m and m.group(1) in TOP_NAMES:
+        return f"{TOP_NAMES[m.group(1)]}.{m.group(2)}"
+    return gguf_name
+
+
+def unpermute_rows(w, n_head: int):
+    """Inverse of llama.cpp's ``permute`` of q/k rows (rotary halves interleaved per head)."""
+    dim = w.shape[0] // n_head // 2
+    return w.reshape(n_head, dim, 2, *w.shape[1:]).swapaxes(2, 1).reshape(w.shape)
+
+
+def _scalar(field):
+    import numpy as np
+
+    v = field.parts[field.data[0]]
+    if field.types[0].name == "STRING":
+        return bytes(v).decode("utf-8", errors="replace")
+    v = v[0]
+    return bool(v) if isinstance(v, np.bool_) else (int(v) if np.issubdtype(v.dtype, np.integer) else float(v))
+
+
+class GGUFWeights:
+    """A GGUF file opened header-only (memory-mapped by ``gguf.GGUFReader``)."""
+
+    def __init__(self, path: str):
+        stat_regular(path, "GGUF file")
+        os.close(open_regular(path, "GGUF file"))  # a regular file that opens without blocking
+        try:
+            from gguf import GGUFReader
+
+            self.reader = GGUFReader(path, "r")
+        except ImportError:
+            raise InputError(f"{path}: reading GGUF needs the 'gguf' package (pip install gguf)") from None
+        except Exception as e:  # noqa: BLE001 - any parse failure of an untrusted file is bad input
+            raise InputError(f"{path}: not a valid GGUF file ({type(e).__name__}: {e})") from None
+        self.path = path
+        self.arch = self._str("general.architecture")
+        if self.arch not in ARCHITECTURES:
+            raise InputError(f"{path}: GGUF architecture {self.arch!r} is not supported "
+                             f"(supported: {', '.join(ARCHITECTURES)})")
+        self.tensors = {hf_name(t.name): t for t in self.reader.tensors if t.name not in IGNORED}
+        if len(self.tensors) != len([t for t in self.reader.tensors if t.name not in IGNORED]):
+            raise InputError(f"{path}: the same tensor name appears twice in the GGUF file")
+
+    def _str(self, key: str) -> str:
+        f = self.reader.fields.get(key)
+        if f is None:
+            raise InputError(f"{self.path}: GGUF metadata key {key!r} is missing")
+        return _scalar(f)
+
+    def raw_config(self) -> dict:
+        """An HF-style config dict, as transformers builds it from the GGUF metadata."""
+        fields, arch = self.reader.fields, self.arch
+        name = _scalar(fields["general.name"]) if "general.name" in fields else ""
+        model_type = "mistral" if arch == "llama" and "mistral" in name else arch
+        raw = {"model_type": model_type, "architectures": [f"{model_type.capitalize()}ForCausalLM"]}
+        for key, hf in {**CONFIG_KEYS, **EXTRA_KEYS[arch]}.items():
+            if f"{arch}.{key}" in fields:
+                raw[hf] = _scalar(fields[f"{arch}.{key}"])
+        for key, hf in TOKEN_KEYS.items():
+            if key in fields:
+                raw[hf] = _scalar(fields[key])
+        if "vocab_size" not in raw and "tokenizer.ggml.tokens" in fields:
+            raw["vocab_size"] = len(fields["tokenizer.ggml.tokens"].data)
+        raw["tie_word_embeddings"] = "lm_head.weight" not in self.tensors
+        if arch == "qwen2":
+            raw["use_sliding_window"] = False
+        return raw
+
+    @property
+    def data_files(self) -> List[str]:
+        return [self.path]
+
+    def specs(self) -> Dict[str, Tuple[Tuple[int, ...], str]]:
+        return {n: (tuple(int(s) for s in reversed(t.shape)), t.tensor_type.name) for n, t in self.tensors.items()}
+
+    def fingerprint_parts(self) -> List[bytes]:
+        h = hashlib.sha256()
+        with open(self.path, "rb") as f:
+            h.update(f.read(int(self.reader.data_offset)))
+        return [h.digest(), str(self.reader.data.size).encode()]
+
+    def iter_tensors(self, names=None, config=None) -> Iterator[Tuple[str, "object"]]:
+        """(HF name, fp32 torch tensor), dequantized one at a time; q/k un-permuted for llama."""
+        import numpy as np
+        import torch
+        from gguf import dequantize
+
+        wanted = None if names is None else set(names)
+        for name, t in self.tensors.items():
+            if wanted is not None and name not in wanted:
+                continue
+            try:
+                w = dequantize(t.data, t.tensor_type)
+            except Exception as e:  # noqa: BLE001 - malformed tensor data in an untrusted file
+                raise InputError(f"{self.path}: tensor {short_repr(t.name)} cannot be dequantized ({e})") from None
+            w = w.reshape(tuple(int(s) for s in reversed(t.shape)))
+            if self.arch == "llama" and config is not None:
+                if ".self_attn.q_proj." in name:
+                    w = unpermute_rows(w, config.num_attention_heads)
+                elif ".self_attn.k_proj." in name:
+                    w = unpermute_rows(w, config.num_key_value_heads)
+            yield name, torch.from_numpy(np.ascontiguousarray(w, dtype=np.float32))

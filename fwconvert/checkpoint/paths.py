@@ -1,0 +1,105 @@
+"""The one path policy for file names that come from files (index shard names, GGUF siblings).
+
+A name must be a plain file name (no drive, root, UNC, ``..``, separators, NUL); its real path must
+stay inside the model folder, except for the Hugging Face cache layout where
+``snapshots/<rev>/x -> ../../blobs/<hash>``. Data files must be regular files: stat first (never
+open a FIFO or device), open with O_NONBLOCK, then compare fstat with the stat.
+"""
+from __future__ import annotations
+
+import os
+import stat
+from pathlib import PurePosixPath, PureWindowsPath
+
+from ..errors import InputError
+
+NAME_MAX = 255
+
+
+def short_repr(name, limit: int = 120) -> str:
+    """repr() of a name from a file, cut to ``limit`` characters for messages."""
+    r = repr(name)
+    return r if len(r) <= limit else r[: limit - 12] + f"...' ({len(name)} chars)"
+
+
+def check_plain_name(name, source: str, key: str) -> str:
+    """Refuse anything but a plain file name; ``source``/``key`` say where the name came from."""
+    bad = None
+    if not isinstance(name, str) or not name:
+        bad = "an empty or non-string file name"
+    elif len(name) > NAME_MAX or any(ord(c) < 32 for c in name):
+        bad = "an over-long name or control characters"
+    else:
+        win, posix = PureWindowsPath(name), PurePosixPath(name)
+        if win.drive or win.root or posix.root:
+            bad = "an absolute path, drive or UNC share"
+        elif name in (".", "..") or ".." in win.parts or ".." in posix.parts:
+            bad = "'..'"
+        elif "/" in name or "\\" in name or win.name != name or posix.name != name:
+            bad = "a path separator (only plain file names inside the model folder are allowed)"
+    if bad:
+        raise InputError(f"{source}: {key} -> {short_repr(name)} is refused: it contains {bad}")
+    return name
+
+
+def _hf_blobs_dir(folder_real: str):
+    """``<repo>/blobs`` when ``folder_real`` is an HF cache snapshot ``<repo>/snapshots/<rev>``."""
+    parent = os.path.dirname(folder_real)
+    if os.path.basename(parent) == "snapshots":
+        return os.path.join(os.path.dirname(parent), "blobs")
+    return None
+
+
+def _inside(path: str, root: str) -> bool:
+    return os.path.commonpath([path, root]) == root
+
+
+def resolve_in_folder(folder: str, name: str, source: str, key: str) -> str:
+    """The real path of plain file ``name`` in ``folder``; refuses links leading outside the folder."""
+    check_plain_name(name, source, key)
+    folder_real = os.path.realpath(folder)
+    real = os.path.realpath(os.path.join(folder_real, name))
+    blobs = _hf_blobs_dir(folder_real)
+    if _inside(real, folder_real) or (blobs is not None and _inside(real, os.path.realpath(blobs))):
+        return real
+    raise InputError(f"{source}: {key} -> {short_repr(name)} resolves outside the model folder ({real})")
+
+
+def stat_regular(path: str, what: str = "file") -> os.stat_result:
+    """stat (following links) and require a regular file; never opens anything."""
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        raise InputError(f"{path}: {what} not found") from None
+    except OSError as e:
+        raise InputError(f"{path}: cannot access {what} ({e.strerror})") from None
+    if not stat.S_ISREG(st.st_mode):
+        raise InputError(f"{path}: not a regular file ({what})")
+    return st
+
+
+def open_regular(path: str, what: str = "file") -> int:
+    """An O_RDONLY fd of regular file ``path``: stat, open non-blocking, then fstat must match."""
+    st = stat_regular(path, what)
+    flags = os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0)
+    try:
+        fd = os.open(path, flags)
+    except OSError as e:
+        raise InputError(f"{path}: cannot open {what} ({e.strerror})") from None
+    fst = os.fstat(fd)
+    if not stat.S_ISREG(fst.st_mode) or (fst.st_dev, fst.st_ino) != (st.st_dev, st.st_ino):
+        os.close(fd)
+        raise InputError(f"{path}: not a regular file ({what} changed while opening)")
+    return fd
+
+
+def pread_exact(fd: int, n: int, offset: int, path: str) -> bytearray:
+    """Read exactly ``n`` bytes at ``offset`` into a fresh buffer; InputError if the file ends early."""
+    buf = bytearray(n)
+    view, got = memoryview(buf), 0
+    while got < n:
+        k = os.preadv(fd, [view[got:got + (1 << 30)]], offset + got)
+        if k <= 0:
+            raise InputError(f"{path}: corrupt or truncated: file ended at byte {offset + got}, expected {offset + n}")
+        got += k
+    return buf

@@ -1,0 +1,186 @@
+"""Fast Weight Layer head (Clark et al. 2022, "Meta-Learning Fast Weight Language Models", arXiv 2212.02475).
+
+Design (attached to a pretrained decoder, not trained from scratch): a residual on the final normed hidden
+state x, ``logits = (x + r) Uᵀ``, U = the base unembedding [V, D] (slow, never a fast weight), with the block
+``r = γ ⊙ LN(relu(x W1 + b1)² W2 + b2) + β`` (H = 4S, S = D). Fast parameters θ = {W1, b1, W2, b2, γ, β}:
+at every position t the block runs with θ_t = θ − η ⊙ Σ_{s<t} ∇_θ ℓ_s(θ), all gradients at the slow θ, where
+ℓ_s = CE((x_s + r_θ(x_s)) Uᵀ, y_s) / N, y_s = token s+1 and N = ``FWLConfig.normalizer`` (a fixed constant).
+Step sizes: the TF variant, six learned scalars η = ``fwl_head.step_sizes`` in the order W1, b1, W2, b2, γ, β.
+At conversion (``init_conversion_``) γ = β = 0 and η = 0, so r = 0 exactly and logits equal the base model's;
+calibration then learns γ, β, η and the dense weights (∂loss/∂γ, ∂loss/∂β, ∂loss/∂η_γ, ∂loss/∂η_β ≠ 0 there).
+
+The per-token gradient signals δ are written by hand (the spec's formulas) and the fast outputs are strictly
+causal linear attention (query = fast-path layer input, key = slow-path layer input, value = δ), computed with
+mixed chunk attention (exclusive cumulative sum of per-chunk KᵀV + an intra-chunk quadratic term; a ragged last
+chunk is zero-padded). No per-position weights are ever built. Keys are shifted by one: key j of a step is
+the position whose label y is input token j of this step, i.e. the carried last position of the previous step
+(``pending_x``, weight 0 at document start) followed by positions 0..T-2; query t then sees keys j ≤ t, which
+is exactly s < t in absolute positions. State (per sequence, fp32; float64 when the model runs in float64)::
+
+    sum_w1 [B,D,H] = Σ x_s ⊗ δ1_s   sum_b1 [B,H] = Σ δ1_s     sum_w2 [B,H,S] = Σ a_s ⊗ δ2_s   sum_b2 [B,S] = Σ δ2_s
+    sum_gamma [B,S] = Σ δh_s ⊙ x̂_s  sum_beta [B,S] = Σ δh_s   pending_x [B,D] (last position, label not yet seen)
+
+``pending_x`` is read and returned on every path, the export (``ctx.aligned``) path included.
+"""
+from __future__ import annotations
+
+import math
+from typing import Dict, Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..config import FWLConfig, ModelConfig
+from ..errors import InputError
+from .base import FastWeightModule, State, StepContext
+
+STEP_SIZE_NAMES = ("w1", "b1", "w2", "b2", "gamma", "beta")  # order of fwl_head.step_sizes (TF variant)
+SUM_NAMES = ("sum_w1", "sum_b1", "sum_w2", "sum_b2", "sum_gamma", "sum_beta")
+
+
+def validate_fwl_config(cfg: ModelConfig, fw: FWLConfig) -> None:
+    """InputError unless ``fw`` can be attached to a model of ``cfg`` (residual design: S = D)."""
+    if not isinstance(fw.size, int) or fw.size <= 0:
+        raise InputError(f"fast_weights.size must be a positive integer, got {fw.size!r}")
+    if fw.size != cfg.hidden_size:
+        raise InputError(f"fast_weights.size {fw.size} must equal hidden_size {cfg.hidden_size} "
+                         "(the FWL block is a residual on the final hidden state, unembedded by the base LM head)")
+    if not isinstance(fw.chunk_size, int) or fw.chunk_size <= 0:
+        raise InputError(f"fast_weights.chunk_size must be a positive integer, got {fw.chunk_size!r}")
+    for name in ("normalizer", "eps"):
+        v = getattr(fw, name)
+        if not isinstance(v, (int, float)) or isinstance(v, bool) or not math.isfinite(v) or v <= 0:
+            raise InputError(f"fast_weights.{name} must be a finite number > 0, got {v!r}")
+
+
+def layer_norm(z: torch.Tensor, eps: float) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Normalised ``z`` over the last axis (biased variance, like nn.LayerNorm) and 1/std."""
+    mu = z.mean(-1, keepdim=True)
+    rstd = torch.rsqrt((z - mu).pow(2).mean(-1, keepdim=True) + eps)
+    return (z - mu) * rstd, rstd
+
+
+def causal_linear_attention(q, k, v, prefix, chunk: Optional[int]) -> torch.Tensor:
+    """``out_t = q_t·prefix + Σ_{j≤t} (q_t·k_j) v_j`` for q, k [B, T, dk], v [B, T, dv], prefix [B, dk, dv].
+
+    Mixed chunk attention with chunk ``chunk`` (None: the whole step is one chunk); the last chunk may be
+    ragged (zero-padded keys and values contribute nothing). Returns [B, T, dv]."""
+    b, t, dk = q.shape
+    if chunk is None:
+        mask = torch.ones(t, t, dtype=torch.bool, device=q.device).tril()  # [T, T]
+        scores = (q @ k.transpose(1, 2)).masked_fill(~mask, 0.0)  # [B, T, T]
+        return q @ prefix + scores @ v
+    c = min(chunk, t)
+    g = (t + c - 1) // c
+    pad = g * c - t
+    qc, kc, vc = (F.pad(a, (0, 0, 0, pad)).reshape(b, g, c, a.shape[-1]) for a in (q, k, v))  # [B, G, C, d]
+    kv = kc.transpose(2, 3) @ vc  # [B, G, dk, dv]
+    before = torch.cat((torch.zeros_like(kv[:, :1]), kv[:, :-1].cumsum(1)), 1)  # exclusive cumsum over chunks
+    mask = torch.ones(c, c, dtype=torch.bool, device=q.device).tril()  # [C, C]
+    scores = (qc @ kc.transpose(2, 3)).masked_fill(~mask, 0.0)  # [B, G, C, C]
+    out = qc @ (prefix[:, None] + before) + scores @ vc  # [B, G, C, dv]
+    return out.reshape(b, g * c, -1)[:, :t]
+
+
+def slow_signals(p: Dict[str, torch.Tensor], xk, labels, weights, U, normalizer: float, eps: float) -> Dict[str, torch.Tensor]:
+    """Slow-path activations and per-token gradient signals δ at the slow weights ``p`` (math layout).
+
+    xk [B, T, D] key positions, labels [B, T] their next tokens, weights [B, T] (0: no loss), U [V, D]."""
+    z1 = xk @ p["w1"] + p["b1"]  # [B, T, H]
+    a = torch.relu(z1).square()
+    xh, rstd = layer_norm(a @ p["w2"] + p["b2"], eps)  # [B, T, S]
+    logits = (xk + p["gamma"] * xh + p["beta"]) @ U.t()  # [B, T, V]
+    onehot = F.one_hot(labels, U.shape[0]).to(logits.dtype)
+    dlogit = (torch.softmax(logits, -1) - onehot) * (weights / normalizer)[..., None]
+    dh = dlogit @ U  # [B, T, S]
+    dxh = dh * p["gamma"]
+    d2 = rstd * (dxh - dxh.mean(-1, keepdim=True) - xh * (dxh * xh).mean(-1, keepdim=True))  # LayerNorm backward
+    d1 = (d2 @ p["w2"].t()) * 2.0 * torch.relu(z1)  # squared-ReLU backward
+    return {"a": a, "xh": xh, "dh": dh, "d1": d1, "d2": d2}
+
+
+def fast_residual(p, eta, x, xk, sig, sums: State, eps: float, chunk: Optional[int]):
+    """The block at the fast weights θ_t for every query position of x [B, T, D]; returns (r, new sums)."""
+    cum = {  # inclusive cumulative sums over keys, starting from the carried sums: [B, T, ·]
+        "sum_b1": sums["sum_b1"][:, None] + sig["d1"].cumsum(1),
+        "sum_b2": sums["sum_b2"][:, None] + sig["d2"].cumsum(1),
+        "sum_gamma": sums["sum_gamma"][:, None] + (sig["dh"] * sig["xh"]).cumsum(1),
+        "sum_beta": sums["sum_beta"][:, None] + sig["dh"].cumsum(1),
+    }
+    m1 = causal_linear_attention(x, xk, sig["d1"], sums["sum_w1"], chunk)  # [B, T, H]
+    z1 = x @ p["w1"] + p["b1"] - eta[0] * m1 - eta[1] * cum["sum_b1"]
+    a = torch.relu(z1).square()  # fast-path activations are layer 2's queries
+    m2 = causal_linear_attention(a, sig["a"], sig["d2"], sums["sum_w2"], chunk)  # [B, T, S]
+    xh, _ = layer_norm(a @ p["w2"] + p["b2"] - eta[2] * m2 - eta[3] * cum["sum_b2"], eps)
+    r = (p["gamma"] - eta[4] * cum["sum_gamma"]) * xh + (p["beta"] - eta[5] * cum["sum_beta"])
+    new = {k: v[:, -1] for k, v in cum.items()}
+    new["sum_w1"] = sums["sum_w1"] + xk.transpose(1, 2) @ sig["d1"]  # [B, D, H]
+    new["sum_w2"] = sums["sum_w2"] + sig["a"].transpose(1, 2) @ sig["d2"]  # [B, H, S]
+    return r, new
+
+
+class FWLHead(FastWeightModule):
+    """The FWL block as a residual before the base unembedding (see the module docstring)."""
+
+    def __init__(self, cfg: ModelConfig, fw: FWLConfig):
+        super().__init__()
+        validate_fwl_config(cfg, fw)
+        self.fw = fw
+        d, s = cfg.hidden_size, fw.size
+        self.fc1 = nn.Linear(d, fw.hidden)  # W1 = fc1.weight.T [D, H], b1 = fc1.bias
+        self.fc2 = nn.Linear(fw.hidden, s)  # W2 = fc2.weight.T [H, S], b2 = fc2.bias
+        self.norm = nn.LayerNorm(s, eps=fw.eps)  # γ = norm.weight, β = norm.bias (used functionally)
+        self.step_sizes = nn.Parameter(torch.zeros(len(STEP_SIZE_NAMES)))  # η, order STEP_SIZE_NAMES
+
+    def state_shapes(self, batch_size: int):
+        b, d, s, h = batch_size, self.fc1.in_features, self.fw.size, self.fw.hidden
+        f32 = torch.float32
+        return {"sum_w1": ((b, d, h), f32), "sum_b1": ((b, h), f32), "sum_w2": ((b, h, s), f32),
+                "sum_b2": ((b, s), f32), "sum_gamma": ((b, s), f32), "sum_beta": ((b, s), f32),
+                "pending_x": ((b, d), f32)}
+
+    def slow_params(self, dtype: torch.dtype) -> Dict[str, torch.Tensor]:
+        """θ at the slow weights in math layout (W1 [D, H], W2 [H, S]), cast to ``dtype``."""
+        return {"w1": self.fc1.weight.t().to(dtype), "b1": self.fc1.bias.to(dtype),
+                "w2": self.fc2.weight.t().to(dtype), "b2": self.fc2.bias.to(dtype),
+                "gamma": self.norm.weight.to(dtype), "beta": self.norm.bias.to(dtype)}
+
+    def forward(self, h: torch.Tensor, state: State, ctx: StepContext, unembed_weight: torch.Tensor):
+        """h [B, T, D] final normed hidden states of this step -> (logits [B, T, V], new state)."""
+        cdt = torch.promote_types(h.dtype, torch.float32)  # the head computes in fp32 (fp64 for fp64 models)
+        x = h.to(cdt)
+        U = unembed_weight.to(cdt)  # [V, D]
+        st = {k: v.to(cdt) for k, v in state.items()}
+        t = x.shape[1]
+        xk = torch.cat((st["pending_x"][:, None], x), 1)[:, :t]  # [B, T, D]: key j's label is input_ids[:, j]
+        later = torch.arange(t, device=x.device)[None, :] > 0  # [1, T]
+        weights = (later | (ctx.position > 0)[:, None]).to(cdt)  # [B, T]: 0 only for a pending slot at position 0
+        p = self.slow_params(cdt)
+        sig = slow_signals(p, xk, ctx.input_ids, weights, U, float(self.fw.normalizer), self.fw.eps)
+        chunk = None if ctx.aligned else self.fw.chunk_size
+        r, new = fast_residual(p, self.step_sizes.to(cdt), x, xk, sig, st, self.fw.eps, chunk)
+        new["pending_x"] = x[:, -1]
+        logits = F.linear((x + r).to(h.dtype), unembed_weight)  # r == 0 exactly at conversion
+        return logits, new
+
+
+@torch.no_grad()
+def init_conversion_(head: FWLHead, generator: Optional[torch.Generator] = None, std: float = 0.02) -> FWLHead:
+    """Conversion values: dense weights ~ N(0, std) (non-zero, so calibration has directions to use), biases,
+    γ, β and all step sizes 0 (so the converted model's logits equal the base model's exactly).
+    A head still on the meta device is first materialised on the generator's device (default cpu)."""
+    if any(p.is_meta for p in head.parameters()):
+        head.to_empty(device=generator.device if generator is not None else "cpu")
+    for lin in (head.fc1, head.fc2):
+        w = torch.empty(lin.weight.shape, dtype=torch.float32, device=lin.weight.device)
+        lin.weight.copy_(w.normal_(0.0, std, generator=generator))
+        lin.bias.zero_()
+    head.norm.weight.zero_()
+    head.norm.bias.zero_()
+    head.step_sizes.zero_()
+    return head
+
+
+__all__ = ["FWLHead", "init_conversion_", "validate_fwl_config", "causal_linear_attention", "slow_signals",
+           "fast_residual", "layer_norm", "STEP_SIZE_NAMES", "SUM_NAMES"]
