@@ -35,6 +35,9 @@ def _fast_weights_info(model, fw) -> Optional[dict]:
     info["state_per_sequence"] = {"floats": floats, "bytes": nbytes, "tensors": tensors}
     if fw.kind == "inplace_ttt":
         info["ttt_layers"] = list(fw.layers)
+        # plus, while a chunk is incomplete, up to chunk_size - 1 pending tokens' inputs per TTT layer
+        pending = len(fw.layers) * (fw.chunk_size - 1) * model.config.hidden_size
+        info["state_per_sequence"]["pending_floats_max"] = pending
     elif fw.kind == "fwl":
         info["head_size"], info["head_hidden"] = fw.size, fw.hidden
     return info

@@ -37,7 +37,9 @@ class Tokenizer:
 
 def _check_ids(doc: dict, path: str, vocab_size: Optional[int]) -> None:
     """Token ids must be unique integers in [0, vocab_size); at most vocab_size tokens."""
-    model = doc.get("model") if isinstance(doc, dict) else None
+    if not isinstance(doc, dict):
+        raise InputError(f"{path}: a tokenizer definition must be a JSON object")
+    model = doc.get("model")
     vocab = model.get("vocab") if isinstance(model, dict) else None
     pairs = list(vocab.items()) if isinstance(vocab, dict) else []  # BPE/WordPiece: token -> id
     if isinstance(vocab, list):  # Unigram: [[piece, score], ...] (ids are positions)
@@ -45,6 +47,10 @@ def _check_ids(doc: dict, path: str, vocab_size: Optional[int]) -> None:
     for t in doc.get("added_tokens") or []:
         if isinstance(t, dict):
             pairs.append((t.get("content"), t.get("id")))
+    names = set(vocab) if isinstance(vocab, dict) else set()
+    n = (len(vocab) if isinstance(vocab, (dict, list)) else 0) + sum(1 for t, _ in pairs[len(names):] if t not in names)
+    if vocab_size is not None and n > vocab_size:
+        raise InputError(f"{path}: {n} tokens but the model's vocab_size is {vocab_size}")
     hi = vocab_size if vocab_size is not None else 1 << 31
     seen = {}
     for tok, i in pairs:
@@ -54,22 +60,24 @@ def _check_ids(doc: dict, path: str, vocab_size: Optional[int]) -> None:
         if i in seen and seen[i] != tok:
             raise InputError(f"{path}: id {i} is used by two tokens: {seen[i]!r} and {tok!r}")
         seen[i] = tok
-    n = len(vocab) if isinstance(vocab, list) else len(seen)
-    if vocab_size is not None and n > vocab_size:
-        raise InputError(f"{path}: {n} tokens but the model's vocab_size is {vocab_size}")
+
+
+def _json_obj(path: str) -> dict:
+    doc = load_json_strict(path, cap=TOKENIZER_JSON_CAP)
+    return doc if isinstance(doc, dict) else {}
 
 
 def _eos_id(folder: str, tok) -> Optional[int]:
     for name in ("tokenizer_config.json", "special_tokens_map.json"):
         p = os.path.join(folder, name)
         if os.path.isfile(p):
-            eos = (load_json_strict(p, cap=TOKENIZER_JSON_CAP) or {}).get("eos_token")
+            eos = _json_obj(p).get("eos_token")
             eos = eos.get("content") if isinstance(eos, dict) else eos
             if isinstance(eos, str) and tok.token_to_id(eos) is not None:
                 return tok.token_to_id(eos)
     p = os.path.join(folder, "config.json")
     if os.path.isfile(p):
-        eos = load_json_strict(p).get("eos_token_id")
+        eos = _json_obj(p).get("eos_token_id")
         eos = eos[0] if isinstance(eos, list) and eos else eos
         if isinstance(eos, int) and not isinstance(eos, bool):
             return eos
@@ -113,7 +121,7 @@ def load_tokenizer(path: str, vocab_size: Optional[int] = None) -> Tokenizer:
     tj = path if path.endswith("tokenizer.json") else os.path.join(folder, "tokenizer.json")
     if os.path.lexists(tj):
         if vocab_size is None and os.path.isfile(os.path.join(folder, "config.json")):
-            v = load_json_strict(os.path.join(folder, "config.json")).get("vocab_size")
+            v = _json_obj(os.path.join(folder, "config.json")).get("vocab_size")
             vocab_size = v if isinstance(v, int) and not isinstance(v, bool) and v > 0 else None
         return _from_json(tj, vocab_size)
     ggufs = sorted(n for n in os.listdir(folder) if n.endswith(".gguf")) if os.path.isdir(folder) else []

@@ -7,7 +7,7 @@ import pytest
 from fwconvert.calibrate.data import Document, WindowSampler, load_documents, split_documents
 from fwconvert.cli.main import main
 from fwconvert.errors import InputError
-from test_calibrate_support import write_token_docs
+from test_calibrate_support import save_tiny, write_token_docs
 
 
 class _Tok:
@@ -100,12 +100,9 @@ def test_windows_come_from_one_document_and_depend_only_on_index():
 
 @pytest.fixture(scope="module")
 def fwl_model(tmp_path_factory):
-    from fwconvert.convert import add_fwl
-    from tiny import make_hf_model, save_checkpoint
+    from fwconvert.config import FWLConfig
 
-    root = tmp_path_factory.mktemp("model")
-    base = save_checkpoint(make_hf_model("llama"), str(root / "base"))
-    return add_fwl(base, str(root / "fwl"), chunk_size=16)
+    return save_tiny(tmp_path_factory.mktemp("model") / "fwl", FWLConfig(size=64, chunk_size=16))
 
 
 @pytest.mark.parametrize("case", ["empty", "id_too_big", "missing", "seq_len"])

@@ -15,8 +15,7 @@ import torch
 from fwconvert.calibrate.data import Document
 from fwconvert.config import FWLConfig
 from fwconvert.families import parse_config
-from fwconvert.modeling import build_model, load_tensors
-from tiny import make_hf_model
+from fwconvert.modeling import build_model
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -38,22 +37,40 @@ def write_token_docs(folder, n: int = 8, length: int = 400, seed: int = 0) -> st
     return str(folder)
 
 
+TINY_CONFIG = dict(model_type="llama", architectures=["LlamaForCausalLM"], vocab_size=256, hidden_size=64,
+                   intermediate_size=96, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                   max_position_embeddings=512, rms_norm_eps=1e-6, rope_theta=10000.0, tie_word_embeddings=True,
+                   torch_dtype="float32")
+
+
 def tiny_model(fw=None, seed: int = 0):
-    """A tiny llama DecoderLM (fp32, cpu) with ``fw`` attached at its conversion values."""
-    hf = make_hf_model("llama", seed=seed)
-    cfg = parse_config(hf.config.to_dict(), "config")
-    sd = hf.state_dict()
-    full = build_model(cfg, fw, device="cpu")
+    """A tiny llama DecoderLM (fp32, cpu; built without transformers, which is slow to import) with random
+    base weights and ``fw`` attached at its conversion values (so it equals the base model)."""
+    cfg = parse_config(dict(TINY_CONFIG), "config")
+    model = build_model(cfg, fw, device="cpu")
     gen = torch.Generator().manual_seed(seed)
+    base = build_model(cfg, None, device="meta").state_dict().keys()
     with torch.no_grad():
-        for mod in full.stateful_modules().values():
+        for name, p in model.named_parameters():
+            if name in base:
+                p.copy_(1.0 + 0.1 * torch.randn(p.shape, generator=gen) if "norm" in name
+                        else 0.2 * torch.randn(p.shape, generator=gen))
+        for mod in model.stateful_modules().values():
             if isinstance(fw, FWLConfig):
                 from fwconvert.fastweights.fwl import init_conversion_
             else:
                 from fwconvert.fastweights.inplace_ttt import init_conversion_
             init_conversion_(mod, gen)
-    new = [(k, v) for k, v in full.state_dict().items() if k not in sd]
-    return load_tensors(build_model(cfg, fw), list(sd.items()) + new), cfg
+    model.reset_buffers()
+    return model.eval(), cfg
+
+
+def save_tiny(folder, fw=None, seed: int = 0) -> str:
+    """Write ``tiny_model(fw)`` as a converted fwconvert folder (the convert helper's writer)."""
+    from fwconvert.convert import save_model
+
+    model, _ = tiny_model(fw, seed)
+    return save_model(model, str(folder))
 
 
 def run_cli(args, env_extra=None, timeout=180):

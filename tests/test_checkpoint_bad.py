@@ -19,6 +19,7 @@ from fwconvert.errors import InputError, NumericError
 
 
 def run_cli(capsys, *args):
+    capsys.readouterr()  # drop what fixtures printed
     with pytest.raises(SystemExit) as e:
         main(list(args))
     out, err = capsys.readouterr()

@@ -134,32 +134,70 @@ def _spawn(args, env_extra):
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
-@pytest.mark.timeout(120)
-@pytest.mark.parametrize("sig, code, word", [(signal.SIGINT, 130, "interrupted"), (signal.SIGTERM, 143, "terminated")])
-def test_signal_mid_run_leaves_nothing(tmp_path, src, sig, code, word):
-    out = tmp_path / "out"
-    proc = _spawn(["add-fwl", src, "-o", out], {"FWCONVERT_FAULT": "sleep_after_tensor:3,sleep_s:60"})
-    deadline = time.time() + 90
-    while not staging_left(tmp_path) and time.time() < deadline and proc.poll() is None:
-        time.sleep(0.1)
-    assert staging_left(tmp_path), "the conversion never started staging"
+def _wait_for_staging(folder, alive, seconds=120):
+    deadline = time.time() + seconds
+    while not staging_left(folder) and time.time() < deadline and alive():
+        time.sleep(0.05)
+    return bool(staging_left(folder))
+
+
+@pytest.mark.timeout(180)
+def test_sigint_mid_run_subprocess(tmp_path, src):
+    """A real ``python -m fwconvert`` process: SIGINT mid-run -> exit 130, nothing written, no staging left."""
+    proc = _spawn(["add-fwl", src, "-o", tmp_path / "out"], {"FWCONVERT_FAULT": "sleep_after_tensor:3,sleep_s:60"})
+    assert _wait_for_staging(tmp_path, lambda: proc.poll() is None), "the conversion never started staging"
     time.sleep(0.5)  # let it reach the sleep after tensor 3
-    proc.send_signal(sig)
-    _, err = proc.communicate(timeout=60)
-    assert proc.returncode == code, err
-    assert f"{word}; nothing written" in err and "Traceback" not in err
-    assert not out.exists() and staging_left(tmp_path) == []
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err
+    assert "interrupted; nothing written" in err and "Traceback" not in err
+    assert sorted(os.listdir(tmp_path)) == ["src"]
+
+
+def _fork_cli(args, fault, monkeypatch):
+    """Run the CLI in a forked child (torch already imported: no slow start); returns its pid."""
+    monkeypatch.setenv("FWCONVERT_TESTING", "1")
+    monkeypatch.setenv("FWCONVERT_FAULT", fault)
+    pid = os.fork()
+    if pid == 0:  # child
+        code = 1
+        try:
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, 1)
+            os.dup2(devnull, 2)
+            from fwconvert.cli.main import main
+
+            main([str(a) for a in args])
+        except SystemExit as e:
+            code = e.code if isinstance(e.code, int) else 1
+        finally:
+            os._exit(code)
+    return pid
+
+
+def _child_alive(pid):
+    return os.waitpid(pid, os.WNOHANG) == (0, 0)
 
 
 @pytest.mark.timeout(120)
-def test_sigkill_after_shard_leaves_only_staging_and_next_run_reports_it(tmp_path, src, capsys):
-    out = tmp_path / "out"
-    proc = _spawn(["add-fwl", src, "-o", out], {"FWCONVERT_FAULT": "after_shard:1"})
-    proc.communicate(timeout=90)
-    assert proc.returncode == -signal.SIGKILL
-    assert not out.exists() and len(staging_left(tmp_path)) == 1
-    leftover = staging_left(tmp_path)[0]
-    assert "MANIFEST.json" not in os.listdir(tmp_path / leftover)
-    code, _, err = run_cli(capsys, "add-fwl", src, "-o", out)
-    assert code == 0 and "Warning:" in err and leftover in err
-    assert os.path.isdir(out)
+def test_sigterm_mid_run_exits_143_and_cleans_up(tmp_path, src, monkeypatch):
+    pid = _fork_cli(["add-fwl", src, "-o", tmp_path / "out"], "sleep_after_tensor:3,sleep_s:60", monkeypatch)
+    assert _wait_for_staging(tmp_path, lambda: True, 60)
+    time.sleep(0.5)
+    os.kill(pid, signal.SIGTERM)
+    _, status = os.waitpid(pid, 0)
+    assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 143
+    assert sorted(os.listdir(tmp_path)) == ["src"]
+
+
+@pytest.mark.timeout(120)
+def test_sigkill_after_shard_leaves_only_staging_and_next_run_reports_it(tmp_path, src, monkeypatch, capsys):
+    pid = _fork_cli(["add-fwl", src, "-o", tmp_path / "out"], "after_shard:1", monkeypatch)
+    _, status = os.waitpid(pid, 0)
+    assert os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGKILL
+    left = staging_left(tmp_path)
+    assert len(left) == 1 and sorted(os.listdir(tmp_path)) == sorted(["src"] + left)
+    assert "MANIFEST.json" not in os.listdir(tmp_path / left[0])
+    monkeypatch.delenv("FWCONVERT_FAULT")
+    code, _, err = run_cli(capsys, "add-fwl", src, "-o", tmp_path / "out")
+    assert code == 0 and "Warning:" in err and left[0] in err

@@ -20,7 +20,9 @@ gguf = pytest.importorskip("gguf")
 
 TEXT = ("The quick brown fox jumps over the lazy dog. In the beginning the Universe was created. "
         "This has made a lot of people very angry and been widely regarded as a bad move. Far out in "
-        "the uncharted backwaters of the unfashionable end of the western spiral arm of the Galaxy")
+        "the uncharted backwaters of the unfashionable end of the western spiral arm of the Galaxy lies a "
+        "small unregarded yellow sun. Orbiting this at a distance of roughly ninety-two million miles is an "
+        "utterly insignificant little blue green planet.")
 
 
 def permute_rows(w, n_head):
@@ -154,7 +156,7 @@ def test_smollm_gguf_logits_match_transformers(smollm_gguf):
 
     tok = load_tokenizer(smollm_gguf)
     ids = torch.tensor([tok.encode(TEXT)[:64]])
-    assert ids.shape[1] >= 40 and tok.eos_token_id == 2
+    assert ids.shape[1] == 64 and tok.eos_token_id == 2
     ours = fwconvert.load(smollm_gguf)(ids)
     ref = transformers_gguf_model(smollm_gguf)(ids).logits
     err = rel_err(ours, ref)

@@ -83,6 +83,7 @@ class RefMLP(torch.nn.Module):
 
 # -- 1. the three forms agree ------------------------------------------------------------------
 @pytest.mark.parametrize("target", ["hidden_states", "input_embed"])
+@torch.no_grad()
 def test_three_forms_agree_mlp_level(target):
     m, _ = _mlp(target)
     x = torch.randn(3, 4 * C + 5, 64, dtype=torch.float64)

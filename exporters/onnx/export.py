@@ -120,6 +120,9 @@ def export_onnx(model_or_path: Union[str, os.PathLike, DecoderLM], out: str, *, 
     chunk, fixed = _chunk_size(model, chunk_size)
     model = model.float().eval()
     staging = tempfile.mkdtemp(prefix=f".{os.path.basename(out)}.staging-", dir=os.path.dirname(out))
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(staging, 0o777 & ~umask)
     try:
         prog, layout = export_program(model, attention == "window", dtype, opset=OPSET, ir_version=IR_VERSION, log=log)
         n_bytes = sum(p.numel() * p.element_size() for p in model.parameters()) // (2 if dtype == "fp16" else 1)

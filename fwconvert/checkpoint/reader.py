@@ -24,10 +24,10 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_ma
                    "vocab.json", "merges.txt", "added_tokens.json", "chat_template.jinja")
 
 
-def _list_line(label: str, items, limit: int = 20) -> str:
+def _list_line(label: str, items, limit: int = 20, sep: str = ", ") -> str:
     items = list(items)
     more = f" (+{len(items) - limit} more)" if len(items) > limit else ""
-    return f"{label} ({len(items)}): " + ", ".join(items[:limit]) + more
+    return f"{label} ({len(items)}): " + sep.join(items[:limit]) + more
 
 
 class Checkpoint:
@@ -63,7 +63,7 @@ class Checkpoint:
             lines.append(_list_line("unexpected tensors", (short_repr(n) for n in unexpected))
                          + " (pass --allow-unexpected to ignore them)")
         if mismatched:
-            lines.append("shape mismatches " + _list_line("", mismatched, limit=200).replace(", ", "; ")[1:])
+            lines.append(_list_line("shape mismatches", mismatched, limit=200, sep="; "))
         if lines:
             raise InputError(f"{self.path}: checkpoint tensors do not match the config ({self.config_source}):\n"
                              + "\n".join(lines))

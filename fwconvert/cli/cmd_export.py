@@ -1,2 +1,145 @@
-"""(commands registered by this module)"""
-COMMANDS = []
+"""CLI commands for exported artifacts: ``export-onnx``, ``run`` and ``verify``.
+
+Heavy modules (torch, onnx, onnxruntime, exporters) are imported inside the commands so that
+``fwconvert --help`` stays fast. Results go to stdout (JSON with ``--json``); errors are raised as
+FwconvertError and printed by the top-level handler.
+"""
+from __future__ import annotations
+
+import json
+import os
+
+import click
+
+from ..errors import InputError
+
+
+@click.command("export-onnx")
+@click.argument("model", type=click.Path())
+@click.option("-o", "--out", type=click.Path(), default=None, help="Output folder (default: MODEL-onnx beside MODEL).")
+@click.option("--chunk-size", type=int, default=None,
+              help="Default chunk length (in-place TTT models: must equal their TTT chunk size).")
+@click.option("--attention", type=click.Choice(["full", "window"]), default=None,
+              help="full: growing KV cache; window: fixed-size sliding-window KV state (constant memory).")
+@click.option("--window", type=int, default=None, help="Attention window W for --attention window.")
+@click.option("--dtype", type=click.Choice(["fp32", "fp16"]), default="fp32", show_default=True,
+              help="Weight/activation dtype of the graph (fast-weight state stays fp32).")
+@click.option("--force", is_flag=True, help="Replace an existing output folder.")
+def export_onnx_cmd(model, out, chunk_size, attention, window, dtype, force):
+    """Export MODEL as one stateful chunk-step ONNX graph plus manifest.json."""
+    from exporters.onnx.export import export_onnx
+
+    out = out or os.path.abspath(str(model)).rstrip(os.sep) + "-onnx"
+    path = export_onnx(model, out, chunk_size=chunk_size, attention=attention, window=window, dtype=dtype, force=force)
+    click.echo(path)
+
+
+def _read_tokens(path: str) -> list:
+    from ..config import JSON_SIZE_CAP
+
+    text = _read_text(path, cap=64 * JSON_SIZE_CAP)
+    try:
+        ids = [int(t) for t in text.split()]
+    except ValueError:
+        raise InputError(f"{path}: --tokens expects whitespace-separated integer token ids") from None
+    return ids
+
+
+def _read_text(path: str, cap: int) -> str:
+    import stat
+
+    try:
+        st = os.stat(path)
+    except OSError as e:
+        raise InputError(f"{path}: cannot read ({e.strerror})") from None
+    if not stat.S_ISREG(st.st_mode):
+        raise InputError(f"{path}: not a regular file")
+    if st.st_size > cap:
+        raise InputError(f"{path}: {st.st_size} bytes is larger than the {cap}-byte cap")
+    with open(path, "rb") as f:
+        data = f.read(cap + 1)
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise InputError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+
+
+def _document(folder: str, text, tokens):
+    """(token ids, tokenizer or None) of the document to run."""
+    if (text is None) == (tokens is None):
+        raise click.UsageError("give exactly one of --text FILE or --tokens FILE")
+    if tokens is not None:
+        ids, tok = _read_tokens(tokens), None
+    else:
+        from ..tokenizer import load_tokenizer
+
+        tok = load_tokenizer(folder)
+        ids = tok.encode(_read_text(text, cap=1 << 28))
+    if not ids:
+        raise InputError("the document is empty (no tokens)")
+    return ids, tok
+
+
+@click.command("run")
+@click.argument("exported", type=click.Path())
+@click.option("--text", type=click.Path(), default=None, help="A UTF-8 text document (tokenized with the copied tokenizer).")
+@click.option("--tokens", type=click.Path(), default=None, help="A file of whitespace-separated token ids instead of --text.")
+@click.option("--generate", type=int, default=0, show_default=True, help="Greedy-generate N tokens after the document.")
+@click.option("--provider", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True,
+              help="onnxruntime execution provider (auto: CUDA when available).")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object (per-token losses included).")
+def run_cmd(exported, text, tokens, generate, provider, as_json):
+    """Stream a document through EXPORTED: per-token loss, perplexity, optional greedy continuation."""
+    import numpy as np
+
+    from exporters.runtime.session import ChunkSession
+    from exporters.runtime.stream import greedy_generate, perplexity, token_losses
+
+    if generate < 0:
+        raise click.UsageError("--generate must be >= 0")
+    session = ChunkSession(exported, provider=provider)
+    ids, tok = _document(session.folder, text, tokens)
+    arr = np.asarray([ids], dtype=np.int64)
+    losses = token_losses(session, arr)[0]
+    gen = greedy_generate(session, arr, generate)[0].tolist() if generate else []
+    result = {"provider": session.provider_note, "tokens": len(ids), "mean_loss": float(losses.mean()) if losses.size else None,
+              "perplexity": perplexity(losses), "generated_ids": gen}
+    if tok is not None and gen:
+        result["generated_text"] = tok.decode(gen)
+    if as_json:
+        result["losses"] = [round(float(x), 6) for x in losses]
+        click.echo(json.dumps(result))
+        return
+    click.echo(f"provider:   {result['provider']}")
+    click.echo(f"tokens:     {len(ids)}")
+    if losses.size:
+        click.echo(f"mean loss:  {result['mean_loss']:.4f} nats/token")
+        click.echo(f"perplexity: {result['perplexity']:.4f}")
+    if gen:
+        click.echo(f"generated:  {result.get('generated_text', ' '.join(map(str, gen)))}")
+
+
+@click.command("verify")
+@click.argument("exported", type=click.Path())
+@click.option("--against", type=click.Path(), default=None, help="Reference model (default: the source in the manifest).")
+@click.option("--chunks", type=int, default=16, show_default=True, help="Number of chained chunks to compare.")
+@click.option("--provider", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True,
+              help="onnxruntime execution provider (CUDA runs with TF32 off).")
+@click.option("--batch", type=int, default=1, show_default=True, help="Documents per chunk.")
+@click.option("--json", "as_json", is_flag=True, help="Print the full report as JSON.")
+def verify_cmd(exported, against, chunks, provider, batch, as_json):
+    """Compare EXPORTED with PyTorch chunk by chunk (logits and every state tensor); exit 6 beyond tolerance."""
+    from exporters.verify import format_table, verify
+    from ..errors import NumericError
+
+    try:
+        report = verify(exported, against=against, chunks=chunks, provider=provider, batch=batch)
+    except NumericError as e:
+        report = getattr(e, "report", None)
+        if report is not None:
+            click.echo(json.dumps(report.to_dict()) if as_json else format_table(report))
+        raise
+    click.echo(json.dumps(report.to_dict()) if as_json else format_table(report))
+
+
+COMMANDS = [export_onnx_cmd, run_cmd, verify_cmd]

@@ -180,7 +180,7 @@ class InPlaceTTTMLP(FastWeightModule):
         """V_hat [M, L, D] fp32 for M independent chunks t [M, L, D] (each zero-padded at both ends)."""
         w = _acc(self.ttt_conv.weight)
         v = F.conv1d(_acc(t).transpose(1, 2), w, padding=w.shape[-1] // 2, groups=w.shape[0]).transpose(1, 2)
-        return v @ _acc(self.ttt_proj.weight).T
+        return v @ _acc(self.ttt_proj.weight)
 
     def _target_input(self, x: torch.Tensor, ctx: StepContext) -> torch.Tensor:
         if self.target == "hidden_states":
@@ -215,33 +215,40 @@ class InPlaceTTTMLP(FastWeightModule):
         """Any step size: finish the pending chunk, then the parallel form over the rest.
 
         The slow part down_proj(Z) is computed once over the whole step (so a zero delta gives
-        exactly the base model's numbers); only the fast part is split at chunk boundaries."""
+        exactly the base model's numbers); only the fast part, in fp32 with autocast off, is split."""
         c, (b, t, d) = self.chunk_size, x.shape
         n = _common_position(ctx.position) % c
         delta = state["delta"]
         empty = x.new_zeros((b, 0, d), dtype=delta.dtype)
         px = state.get("pending_x", empty)
-        pt = state.get("pending_t", empty) if self.target == "input_embed" else None
-        if px.shape[1] != n or (pt is not None and pt.shape[1] != n):
+        pt = state.get("pending_t", empty) if self.target == "input_embed" else px
+        if px.shape[1] != n or pt.shape[1] != n:
             raise InputError(f"in-place TTT state holds {px.shape[1]} pending tokens but the position says {n} "
                              f"(chunk size {c}); start the document from a fresh state")
         tgt = self._target_input(x, ctx)
         z = self.hidden(x)  # [B, T, F]
-        slow, za, fast, k = self.down_proj(z), _acc(z), [], 0
-        if n:
-            k = min(t, c - n)
-            fast.append(za[:, :k] @ delta.transpose(1, 2))  # the W from before the (pending) chunk
-            if n + k < c:
-                pt = None if pt is None else torch.cat((pt, tgt.to(pt.dtype)), 1)
-                return slow + fast[0].to(z.dtype), self._pack(delta, torch.cat((px, x.to(px.dtype)), 1), pt)
-            zc = torch.cat((_acc(self.hidden(px.to(x.dtype))), za[:, :k]), 1)  # [B, C, F] the completed chunk
-            vc = self.targets(torch.cat((px if pt is None else pt, _acc(tgt[:, :k]).to(px.dtype)), 1))
+        k = min(t, c - n) if n else 0  # tokens that go into the pending chunk
+        zp = self.hidden(px.to(x.dtype)) if n and n + k == c else None  # its first n tokens' Z, once per chunk
+        with torch.autocast(device_type=x.device.type, enabled=False):
+            fast, delta = self._fast_part(_acc(z), tgt, delta, pt, zp, k)
+        keep = (n + t) % c  # the tokens of the chunk still incomplete after this step
+        new = {"delta": delta, "pending_x": torch.cat((px, x.to(px.dtype)), 1)[:, n + t - keep:]}
+        if self.target == "input_embed":
+            new["pending_t"] = torch.cat((pt, tgt.to(pt.dtype)), 1)[:, n + t - keep:]
+        return self.down_proj(z) + fast.to(z.dtype), new
+
+    def _fast_part(self, za, tgt, delta, pending_t, zp, k: int):
+        """Fast output [B, T, D] and the new delta: k tokens finishing a pending chunk (completed iff
+        ``zp``, the pending tokens' Z, is given), then the parallel form from a chunk boundary."""
+        head = za[:, :k] @ delta.transpose(1, 2)  # the W from before the (pending) chunk
+        if k and zp is None:
+            return head, delta
+        if k:
+            zc = torch.cat((_acc(zp), za[:, :k]), 1)  # [B, C, F] the completed chunk
+            vc = self.targets(torch.cat((pending_t, tgt[:, :k].to(pending_t.dtype)), 1))
             delta = delta + self.lr * (vc.transpose(1, 2) @ zc)
         o, delta = self._parallel(za[:, k:], tgt[:, k:], delta)
-        fast.append(o)
-        rest = k + (t - k) // c * c  # the tokens from here on wait for their chunk to fill
-        pt = None if pt is None else tgt[:, rest:].to(delta.dtype)
-        return slow + torch.cat(fast, 1).to(z.dtype), self._pack(delta, x[:, rest:].to(delta.dtype), pt)
+        return torch.cat((head, o), 1), delta
 
     def _parallel(self, za: torch.Tensor, tgt: torch.Tensor, delta: torch.Tensor):
         """Fast part Z (sum of earlier deltas)^T for za [B, L, F] (accumulation dtype) starting at a chunk
@@ -257,12 +264,6 @@ class InPlaceTTTMLP(FastWeightModule):
             fast.append(o.reshape(b, full, d))
         fast.append(za[:, full:] @ delta.transpose(1, 2))
         return torch.cat(fast, 1), delta
-
-    def _pack(self, delta, px, pt) -> State:
-        out = {"delta": delta, "pending_x": px}
-        if pt is not None:
-            out["pending_t"] = pt
-        return out
 
 
 def _acc(t: torch.Tensor) -> torch.Tensor:

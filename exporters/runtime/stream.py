@@ -1,0 +1,100 @@
+"""Stream documents of any length through a ChunkSession: per-token losses, perplexity, greedy generation.
+
+    doc [B, T] -> chunks of C (a shorter last one) -> logits per chunk -> log-softmax -> loss of token t+1
+
+Each call starts from a fresh state (one document per row; ``reset`` is a new state). Graphs with
+fixed chunks (in-place TTT) only ever see aligned chunks: generation re-runs the open partial chunk
+from a snapshot of the state at the last chunk boundary. numpy + onnxruntime only.
+"""
+from __future__ import annotations
+
+import math
+from typing import Iterator, List, Tuple
+
+import numpy as np
+
+from fwconvert.errors import InputError
+
+from .session import ChunkSession
+from .state import StateBuffers
+
+
+def iter_chunks(session: ChunkSession, ids: np.ndarray, state: StateBuffers = None) -> Iterator[Tuple[int, np.ndarray]]:
+    """(start, logits [B, c, V]) for consecutive chunks of ``ids [B, T]`` from a fresh (or given) state."""
+    ids = np.asarray(ids, dtype=np.int64)
+    if ids.ndim != 2 or ids.shape[1] < 1:
+        raise InputError(f"expected token ids of shape [batch, length >= 1], got {list(ids.shape)}")
+    state = state if state is not None else session.new_state(ids.shape[0])
+    c = session.chunk_size
+    for a in range(0, ids.shape[1], c):
+        yield a, session.step(ids[:, a:a + c], state)
+
+
+def _log_softmax(x: np.ndarray) -> np.ndarray:
+    x = x.astype(np.float64)
+    m = x.max(-1, keepdims=True)
+    return x - m - np.log(np.exp(x - m).sum(-1, keepdims=True))
+
+
+def token_losses(session: ChunkSession, ids: np.ndarray) -> np.ndarray:
+    """Cross-entropy (nats) of each token given the ones before it: [B, T-1]."""
+    ids = np.asarray(ids, dtype=np.int64)
+    out = np.zeros((ids.shape[0], max(ids.shape[1] - 1, 0)), dtype=np.float64)
+    for a, logits in iter_chunks(session, ids):
+        lp = _log_softmax(logits)  # [B, c, V]
+        c = lp.shape[1]
+        n = min(c, ids.shape[1] - 1 - a)  # positions a..a+n-1 predict tokens a+1..a+n
+        if n > 0:
+            tgt = ids[:, a + 1:a + 1 + n]
+            out[:, a:a + n] = -np.take_along_axis(lp[:, :n], tgt[..., None], -1)[..., 0]
+    return out
+
+
+def perplexity(losses: np.ndarray) -> float:
+    return float(math.exp(losses.mean())) if losses.size else float("nan")
+
+
+def _snapshot(session: ChunkSession, state: StateBuffers) -> StateBuffers:
+    copy = session.new_state(state.batch)
+    for name, value in state.cur.items():
+        arr = value.numpy()
+        copy.cur[name] = copy._put(arr)
+        if name in copy.spare:
+            copy.spare[name] = copy._put(np.zeros_like(arr))
+    return copy
+
+
+def greedy_generate(session: ChunkSession, ids: np.ndarray, n: int) -> np.ndarray:
+    """Append ``n`` greedy tokens to each row of the prompt ``ids [B, T]``; returns [B, n]."""
+    ids = np.asarray(ids, dtype=np.int64)
+    if n <= 0:
+        return np.zeros((ids.shape[0], 0), dtype=np.int64)
+    if not session.fixed_chunks:
+        state = session.new_state(ids.shape[0])
+        logits = None
+        for _, logits in iter_chunks(session, ids, state):
+            pass
+        out: List[np.ndarray] = []
+        for _ in range(n):
+            nxt = logits[:, -1].argmax(-1).astype(np.int64)[:, None]  # [B, 1]
+            out.append(nxt)
+            if len(out) < n:
+                logits = session.step(nxt, state)
+        return np.concatenate(out, 1)
+    return _generate_aligned(session, ids, n)
+
+
+def _generate_aligned(session: ChunkSession, ids: np.ndarray, n: int) -> np.ndarray:
+    c = session.chunk_size
+    boundary = session.new_state(ids.shape[0])
+    seq = ids
+    for _ in range(n):
+        done = (seq.shape[1] // c) * c if seq.shape[1] % c else seq.shape[1] - c
+        pos = int(boundary.position()[0])
+        while pos < done:  # commit full chunks into the boundary state
+            session.step(seq[:, pos:pos + c], boundary)
+            pos += c
+        logits = session.step(seq[:, pos:], _snapshot(session, boundary))  # the open chunk, re-run
+        nxt = logits[:, -1].argmax(-1).astype(np.int64)[:, None]
+        seq = np.concatenate((seq, nxt), 1)
+    return seq[:, ids.shape[1]:]

@@ -1,0 +1,166 @@
+"""Verify an exported folder against PyTorch, chunk by chunk with the state carried on both sides.
+
+    tokens --chunk k--> torch DecoderLM.step (fp32) ----> logits, state  \
+                    --> ChunkSession.step (onnxruntime) -> logits, state  -> max-abs, rel, greedy, per name
+
+Every output (logits and every state tensor) is compared after every chunk; anything beyond the
+tolerance of ``fwconvert.config.TOLERANCES`` is a NumericError (exit 6). The artifact is never touched.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Dict, List, Optional
+
+import numpy as np
+import torch
+
+from fwconvert.config import TOLERANCES
+from fwconvert.errors import InputError, NumericError
+from fwconvert.modeling.decoder import DecoderLM
+
+from .runtime.session import ChunkSession
+
+
+@dataclass
+class Row:
+    chunk: int
+    name: str
+    max_abs: float
+    rel: float
+    greedy: Optional[float] = None  # fraction of positions where argmax agrees (logits only)
+
+
+@dataclass
+class Report:
+    folder: str
+    provider: str
+    tolerance: float
+    chunk_size: int
+    chunks: int
+    rows: List[Row] = field(default_factory=list)
+
+    def worst(self) -> Row:
+        return max(self.rows, key=lambda r: (r.rel if math.isfinite(r.rel) else math.inf))
+
+    @property
+    def passed(self) -> bool:
+        return all(math.isfinite(r.rel) and r.rel <= self.tolerance for r in self.rows)
+
+    def to_dict(self) -> dict:
+        w = self.worst()
+        return {"folder": self.folder, "provider": self.provider, "tolerance": self.tolerance, "passed": self.passed,
+                "chunk_size": self.chunk_size, "chunks": self.chunks,
+                "worst": {"chunk": w.chunk, "name": w.name, "max_abs": w.max_abs, "rel": w.rel},
+                "rows": [vars(r) for r in self.rows]}
+
+
+def compare(a: np.ndarray, b: np.ndarray) -> tuple:
+    """(max |a-b|, ||a-b|| / ||b||) in float64; the norm floor 1e-6*sqrt(n) keeps all-zero references sane."""
+    a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
+    if a.shape != b.shape:
+        return math.inf, math.inf
+    d = a - b
+    if not np.isfinite(a).all():
+        return math.inf, math.inf
+    floor = 1e-6 * math.sqrt(max(b.size, 1))
+    return float(np.abs(d).max(initial=0.0)), float(np.linalg.norm(d) / max(np.linalg.norm(b), floor))
+
+
+def _align(ort: np.ndarray, ref: np.ndarray, key: str) -> np.ndarray:
+    """A fixed-size window KV state (zero padding in front) against torch's growing one: its last P slots."""
+    if key.startswith("past_key_values.") and ort.ndim == 4 and ort.shape[2] > ref.shape[2]:
+        return ort[:, :, ort.shape[2] - ref.shape[2]:]
+    return ort
+
+
+def _load_reference(session: ChunkSession, against) -> DecoderLM:
+    m = session.manifest
+    window = m.window if m.attention == "window" else None
+    if isinstance(against, DecoderLM):
+        model = against
+    else:
+        path = against or m.source
+        if not path:
+            raise InputError(f"{session.folder}: the manifest records no source model; pass --against MODEL")
+        import fwconvert
+
+        model = fwconvert.load(path, dtype=torch.float32, window=window)
+    if m.attention == "window" and model.window != window:
+        raise InputError(f"the export attends within a window of {window} but the reference model uses {model.window}")
+    if model.config.vocab_size != m.vocab_size:
+        raise InputError(f"vocab size differs: export {m.vocab_size}, reference model {model.config.vocab_size}")
+    return model.float().eval()
+
+
+def _tokens(session: ChunkSession, chunks: int, batch: int, seed: int, tokens) -> np.ndarray:
+    if tokens is not None:
+        ids = np.asarray(tokens, dtype=np.int64).reshape(batch, -1)
+    else:
+        n = chunks * session.chunk_size
+        ids = np.random.default_rng(seed).integers(0, session.manifest.vocab_size, size=(batch, n), dtype=np.int64)
+    return ids
+
+
+def _chunk_rows(k: int, lo: np.ndarray, lt: torch.Tensor, ort_state: Dict, ref_state: Dict) -> List[Row]:
+    ref = lt.float().numpy()
+    mx, rel = compare(lo, ref)
+    rows = [Row(k, "logits", mx, rel, float((lo.argmax(-1) == ref.argmax(-1)).mean()))]
+    for key, val in ort_state.items():
+        if key not in ref_state:
+            raise InputError(f"state {key!r} of the export does not exist in the reference model")
+        r = ref_state[key].float().numpy() if ref_state[key].is_floating_point() else ref_state[key].numpy()
+        mx, rel = compare(_align(val, r, key), r)
+        rows.append(Row(k, key, mx, rel))
+    return rows
+
+
+def verify(folder: str, against=None, chunks: int = 16, provider: str = "cpu", batch: int = 1, seed: int = 0,
+           tokens=None, threads: Optional[int] = None) -> Report:
+    """Run ``chunks`` chained chunks through both and return the Report (raises NumericError on failure)."""
+    if chunks < 1:
+        raise InputError(f"--chunks must be >= 1, got {chunks}")
+    session = ChunkSession(folder, provider=provider, use_tf32=False, threads=threads)
+    model = _load_reference(session, against)
+    key = "ort_fp32_vs_torch_fp32" if session.manifest.dtype == "fp32" else "ort_fp16_vs_torch_fp32"
+    report = Report(session.folder, session.provider_note, TOLERANCES[key].rel, session.chunk_size, 0)
+    ids = _tokens(session, chunks, batch, seed, tokens)
+    state = session.new_state(batch)
+    tstate = model.init_state(batch)
+    c = session.chunk_size
+    with torch.no_grad():
+        for k, a in enumerate(range(0, ids.shape[1], c)):
+            chunk = ids[:, a:a + c]
+            lo = session.step(chunk, state)
+            lt, tstate = model.step(torch.from_numpy(chunk), tstate)
+            report.rows.extend(_chunk_rows(k, lo, lt, state.to_numpy(), tstate))
+            report.chunks = k + 1
+    if not report.passed:
+        w = report.worst()
+        err = NumericError(f"verify failed: output {w.name!r} at chunk {w.chunk}: max abs {w.max_abs:.3g}, "
+                           f"max rel {w.rel:.3g} > tolerance {report.tolerance:g} ({key}); "
+                           f"the export is kept at {session.folder} but does not match PyTorch")
+        err.report = report
+        raise err
+    return report
+
+
+def format_table(report: Report) -> str:
+    """One line per chunk (first and last always; at most 12 lines): logits and the worst state tensor."""
+    by_chunk: Dict[int, List[Row]] = {}
+    for r in report.rows:
+        by_chunk.setdefault(r.chunk, []).append(r)
+    ks = sorted(by_chunk)
+    show = ks if len(ks) <= 12 else ks[:6] + ks[-6:]
+    lines = [f"{'chunk':>5}  {'logits max-abs':>14}  {'logits rel':>10}  {'greedy':>6}  {'worst state (rel)':<40}"]
+    for k in show:
+        rows = by_chunk[k]
+        lg = rows[0]
+        st = max(rows[1:], key=lambda r: r.rel, default=None)
+        worst = f"{st.name} {st.rel:.2e}" if st else "-"
+        lines.append(f"{k:>5}  {lg.max_abs:>14.3e}  {lg.rel:>10.3e}  {lg.greedy:>6.1%}  {worst:<40}")
+    w = report.worst()
+    verdict = "PASS" if report.passed else "FAIL"
+    lines.append(f"{verdict}: {report.chunks} chunks of {report.chunk_size} on {report.provider}; worst {w.name!r} "
+                 f"rel {w.rel:.3e} (tolerance {report.tolerance:g})")
+    return "\n".join(lines)

@@ -1,0 +1,113 @@
+"""Base-model fp32 export (tiny llama from a checkpoint through the CLI, tiny qwen3 from a DecoderLM) ->
+onnxruntime CPU -> verify over 16 chained chunks; C = 1 and P = 0; batch > 1; the graph's form; --force."""
+import json
+import os
+
+import numpy as np
+import onnx
+import pytest
+import torch
+
+from exporters.onnx.export import export_onnx
+from exporters.runtime.session import ChunkSession
+from exporters.verify import verify
+from fwconvert.cli.main import main
+from fwconvert.config import TOLERANCES
+from test_onnx_common import tiny_model
+from tiny import make_hf_model, rel_err, save_checkpoint
+
+TOL = TOLERANCES["ort_fp32_vs_torch_fp32"].rel
+
+
+def _cli(args, capsys):
+    with pytest.raises(SystemExit) as e:
+        main(args)
+    out = capsys.readouterr()
+    return e.value.code, out.out, out.err
+
+
+@pytest.fixture(scope="module")
+def llama_export(tmp_path_factory):
+    """llama exported from a saved checkpoint through the CLI (external data forced, to exercise it)."""
+    root = tmp_path_factory.mktemp("llama")
+    src = save_checkpoint(make_hf_model("llama"), str(root / "src"))
+    out = str(root / "onnx")
+    export_onnx(src, out, chunk_size=4, external_data=True)
+    return src, out
+
+
+@pytest.fixture(scope="module")
+def qwen3_export(tmp_path_factory):
+    model = tiny_model("qwen3")
+    out = export_onnx(model, str(tmp_path_factory.mktemp("qwen3") / "onnx"), chunk_size=5)
+    return model, out
+
+
+def test_verify_llama_16_chunks_cli(llama_export, capsys):
+    src, out = llama_export
+    code, stdout, err = _cli(["verify", out, "--chunks", "16", "--json"], capsys)
+    assert code == 0, err
+    rep = json.loads(stdout)
+    assert rep["passed"] and rep["chunks"] == 16 and rep["worst"]["rel"] <= TOL
+    names = {r["name"] for r in rep["rows"]}
+    assert {"logits", "position", "past_key_values.1.value"} <= names
+    assert os.path.isfile(os.path.join(out, "model.onnx.data"))
+
+
+def test_verify_qwen3_16_chunks_batch2(qwen3_export):
+    model, out = qwen3_export
+    rep = verify(out, against=model, chunks=16, batch=2)
+    assert rep.passed and rep.chunks == 16
+    last = [r for r in rep.rows if r.chunk == 15]
+    assert all(r.rel <= TOL for r in last) and last[0].greedy == 1.0
+
+
+@torch.no_grad()
+def test_chunk_one_and_empty_past_any_chunking(qwen3_export):
+    model, out = qwen3_export
+    s = ChunkSession(out, provider="cpu")
+    ids = torch.randint(0, 256, (3, 23), generator=torch.Generator().manual_seed(5))
+    ref = model(ids).numpy()
+    for pieces in ([1] * 23, [2, 1, 7, 1, 12], [23]):
+        st = s.new_state(3)
+        outs, a = [], 0
+        for n in pieces:
+            outs.append(s.step(ids[:, a:a + n].numpy(), st))
+            a += n
+        assert rel_err(torch.from_numpy(np.concatenate(outs, 1)), torch.from_numpy(ref)) <= TOL
+        assert st.position().tolist() == [23, 23, 23]
+        assert st.to_numpy()["past_key_values.0.key"].shape == (3, 2, 23, 24)
+
+
+def test_graph_form_and_manifest(llama_export):
+    _, out = llama_export
+    m = onnx.load(os.path.join(out, "model.onnx"), load_external_data=False)
+    assert m.ir_version <= 13
+    assert {(o.domain or "ai.onnx"): o.version for o in m.opset_import}["ai.onnx"] in range(18, 24)
+    assert not {n.op_type for n in m.graph.node} & {"Loop", "Scan", "If"}
+    for t in m.graph.initializer:
+        for e in t.external_data:
+            if e.key == "location":
+                assert e.value == "model.onnx.data"
+    dims = {i.name: [d.dim_param or d.dim_value for d in i.type.tensor_type.shape.dim] for i in m.graph.input}
+    assert dims["input_ids"] == ["batch", "chunk"]
+    assert dims["past_key_values.0.key"] == ["batch", 2, "past", 16]
+    man = json.load(open(os.path.join(out, "manifest.json")))
+    assert man["feeds"]["present.1.key"] == "past_key_values.1.key"
+    assert man["feeds"]["next_position"] == "position"
+    assert man["versions"]["ir_version"] == m.ir_version and man["attention"] == "full"
+    assert man["source"].endswith("src") and man["source_fingerprint"]
+    assert {"tokenizer.json"} <= set(man["tokenizer_files"]) or man["tokenizer_files"] == []
+
+
+def test_existing_output_refused_then_force_leaves_no_stale_data(llama_export, capsys):
+    src, out = llama_export
+    code, _, err = _cli(["export-onnx", src, "-o", out, "--chunk-size", "4"], capsys)
+    assert code == 4 and "already exists" in err
+    assert os.path.isfile(os.path.join(out, "model.onnx.data"))  # untouched
+    code, stdout, err = _cli(["export-onnx", src, "-o", out, "--chunk-size", "3", "--force"], capsys)
+    assert code == 0, err
+    assert sorted(os.listdir(out)) == sorted(["manifest.json", "model.onnx"] + json.load(open(os.path.join(out, "manifest.json")))["tokenizer_files"])
+    assert not [n for n in os.listdir(os.path.dirname(out)) if "staging" in n or ".old-" in n]
+    code, stdout, err = _cli(["verify", out, "--chunks", "3"], capsys)
+    assert code == 0 and "PASS" in stdout, err
