@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import tempfile
 import time
 from collections import Counter
 from typing import Callable, Optional
@@ -107,7 +108,8 @@ def _base_dtype(ck) -> torch.dtype:
 def _check_nonfinite(name: str, t: torch.Tensor, allow: bool) -> None:
     if not t.is_floating_point():
         return
-    bad = int((~torch.isfinite(t)).sum())
+    flat = t.detach().reshape(-1)
+    bad = sum(int((~torch.isfinite(part)).sum()) for part in flat.split(1 << 22))  # chunked: bounded extra memory
     if bad:
         if not allow:
             raise NumericError(f"tensor {name!r} has {bad} non-finite values (NaN/Inf); --allow-nonfinite writes it anyway")
@@ -164,9 +166,8 @@ def _plan(ck, new: dict, new_dtype: torch.dtype) -> dict:
 
 def _stream(ck, writer: ShardedSafetensorsWriter, names: list, allow_nonfinite: bool, bar) -> None:
     sleep_after = faults().get("sleep_after_tensor")
-    for i, (name, t) in enumerate(ck.iter_tensors(names, check_finite=not allow_nonfinite), 1):
-        if allow_nonfinite:
-            _check_nonfinite(name, t, True)
+    for i, (name, t) in enumerate(ck.iter_tensors(names, check_finite=False), 1):
+        _check_nonfinite(name, t, allow_nonfinite)  # our own, chunked check (the reader's whole-tensor one costs ~4x)
         writer.add(name, t)
         bar.update(1)
         if sleep_after is not None and str(i) == sleep_after:
@@ -205,12 +206,22 @@ def _convert(ck, out: Optional[str], fw, suffix: str, *, seed: int, force: bool,
 
 
 def _copy_tokenizer(ao: AtomicOutput, ck) -> None:
-    names = set()
-    for p in ck.tokenizer_files:
-        name = os.path.basename(p)
-        if name not in names and name not in ("config.json", "MANIFEST.json") and not name.endswith(".safetensors"):
-            ao.copy_file(name, p)
-            names.add(name)
+    """Copy the source's tokenizer files; a GGUF source's embedded vocabulary is exported as HF files."""
+    files = list(ck.tokenizer_files)
+    with tempfile.TemporaryDirectory(prefix="fwconvert-tok-") as tmp:
+        if not files and ck.kind == "gguf":
+            try:
+                from .tokenizer import export_tokenizer
+
+                files = export_tokenizer(ck.path, tmp)
+            except (InputError, ImportError) as e:
+                log.warning("Warning: no tokenizer written: %s", e)
+        names = set()
+        for p in files:
+            name = os.path.basename(p)
+            if name not in names and name not in ("config.json", "MANIFEST.json") and not name.endswith(".safetensors"):
+                ao.copy_file(name, p)
+                names.add(name)
 
 
 def add_fwl(src, out=None, *, size: Optional[int] = None, chunk_size: int = 256, config=None, force: bool = False,

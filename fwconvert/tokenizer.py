@@ -128,3 +128,15 @@ def load_tokenizer(path: str, vocab_size: Optional[int] = None) -> Tokenizer:
     if len(ggufs) == 1:
         return _from_gguf(os.path.join(folder, ggufs[0]))
     raise InputError(f"{folder}: no tokenizer found (expected tokenizer.json or a single .gguf file)")
+
+
+def export_tokenizer(path: str, folder: str) -> List[str]:
+    """Write the tokenizer of ``path`` (e.g. a GGUF file's vocabulary) as HF files into ``folder``.
+
+    Returns the written paths (tokenizer.json, tokenizer_config.json, ...), for a converted output
+    of a GGUF model, which has no tokenizer files to copy."""
+    tok = load_tokenizer(path)
+    if not tok._hf:
+        raise InputError(f"{path}: already has tokenizer files; copy them instead")
+    written = tok._tok.save_pretrained(folder)
+    return [os.path.abspath(p) for p in written if os.path.isfile(p)]

@@ -173,3 +173,35 @@ def test_kill_and_resume_is_bit_identical(tmp_path, fwl_folder):
     manifest = json.load(open(os.path.join(out, "MANIFEST.json")))
     assert manifest["calibration"]["seed"] == 0 and manifest["calibration"]["data"]["heldout"]
     assert not os.path.exists(ckpt.work_dir_for(out))  # cleaned after success
+
+
+def test_out_of_memory_is_exit_5_with_a_hint_and_checkpoints_kept(tmp_path, monkeypatch):
+    from fwconvert.errors import ResourceError
+
+    monkeypatch.setenv("FWCONVERT_TESTING", "1")
+    monkeypatch.setenv("FWCONVERT_FAULT", "oom_at_step:3")
+    c, _ = _calibrator(tmp_path, steps=4, save_every=2)
+    with pytest.raises(ResourceError, match="out of memory at step 3, batch 2 x 64.*--batch-size 1") as e:
+        c.run(progress=False)
+    assert e.value.exit_code == 5
+    assert ckpt.list_checkpoints(str(tmp_path / "work")) == ["step-00000002"]
+
+
+def test_fault_hooks_need_the_testing_flag(monkeypatch):
+    from fwconvert.calibrate.loop import parse_fault
+
+    monkeypatch.setenv("FWCONVERT_FAULT", "nan_at_step:3,kill_at_step:4")
+    monkeypatch.delenv("FWCONVERT_TESTING", raising=False)
+    assert parse_fault() == {}
+    monkeypatch.setenv("FWCONVERT_TESTING", "1")
+    assert parse_fault() == {"nan_at_step": 3, "kill_at_step": 4}
+
+
+def test_resume_refuses_a_checkpoint_of_another_run(tmp_path):
+    from fwconvert.errors import OutputError
+
+    c, _ = _calibrator(tmp_path, steps=2, save_every=2)
+    c.run(progress=False)
+    with pytest.raises(OutputError, match="does not match this run") as e:
+        ckpt.load_latest(str(tmp_path / "work"), "another-run", lambda m: None)
+    assert e.value.exit_code == 4

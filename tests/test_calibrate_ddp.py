@@ -2,6 +2,8 @@
 loss curve as one process with the whole batch, and only rank 0 writes."""
 import json
 import os
+import signal
+import socket
 import subprocess
 import sys
 
@@ -14,6 +16,12 @@ from fwconvert.config import FWLConfig
 from test_calibrate_support import REPO, save_tiny, write_token_docs
 
 
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 @pytest.mark.slow
 def test_two_process_gloo_matches_one_process(tmp_path):
     model = save_tiny(tmp_path / "fwl", FWLConfig(size=64, chunk_size=16))
@@ -22,12 +30,19 @@ def test_two_process_gloo_matches_one_process(tmp_path):
                     CalibrationSettings(steps=4, seq_len=64, batch_size=2, lr=3e-2, save_every=2), progress=False)
     out = str(tmp_path / "two")
     env = dict(os.environ, PYTHONPATH=REPO, OMP_NUM_THREADS="1")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "0",
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(_free_port()),
            "-m", "fwconvert", "calibrate", model, "--data", data, "-o", out, "--seq-len", "64", "--batch-size", "1",
            "--lr", "3e-2", "--steps", "4", "--save-every", "2", "--no-progress"]
-    r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
-    assert r.returncode == 0, r.stderr[-2000:]
-    assert r.stdout.count("calibrated 4 steps") == 1  # only rank 0 reports (and writes)
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    try:
+        stdout, stderr = proc.communicate(timeout=240)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)  # the launcher and both workers
+        proc.communicate()
+        pytest.fail("torchrun timed out")
+    assert proc.returncode == 0, stderr[-2000:]
+    assert stdout.count("calibrated 4 steps") == 1  # only rank 0 reports (and writes)
     rec = json.load(open(os.path.join(out, "MANIFEST.json")))["calibration"]
     assert rec["world_size"] == 2 and rec["data"] == one["data"]
     assert torch.allclose(torch.tensor(rec["losses"]), torch.tensor(one["losses"]), atol=1e-4, rtol=0)

@@ -120,6 +120,34 @@ def test_iter_tensors_streams_exact_bytes(tmp_path):
         list(ck.iter_tensors(names=["nope"]))
 
 
+@pytest.mark.timeout(120)
+def test_streaming_memory_is_one_tensor(tmp_path):
+    """4 shards x 16 MiB: iterating (with the finiteness check) grows peak RSS by about one tensor, not all."""
+    import subprocess
+    import sys
+
+    from badinputs import st_bytes
+
+    names = {}
+    for k in range(4):
+        shard = f"s{k}.safetensors"
+        write(tmp_path / shard, st_bytes({f"t{k}": np.full((4 << 20,), k, np.float32)}))
+        names[f"t{k}"] = shard
+    write(tmp_path / "model.safetensors.index.json", json.dumps({"weight_map": names}).encode())
+    code = ("import sys, torch\n"
+            "from fwconvert.checkpoint.safetensors_source import SafetensorsWeights as W\n"
+            "def hwm():  # this process's own peak RSS in KiB (ru_maxrss may inherit the parent's)\n"
+            "    return int([l for l in open('/proc/self/status') if l.startswith('VmHWM')][0].split()[1])\n"
+            "w = W.from_index(sys.argv[1], sys.argv[1] + '/model.safetensors.index.json')\n"
+            "r0 = hwm()\n"
+            "for n, t in w.iter_tensors():\n    assert bool(torch.isfinite(t).all())\n"
+            "print((hwm() - r0) // 1024)\n")
+    env = dict(os.environ, PYTHONPATH=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    r = subprocess.run([sys.executable, "-c", code, str(tmp_path)], capture_output=True, text=True, timeout=100, env=env)
+    assert r.returncode == 0, r.stderr
+    assert 10 <= int(r.stdout) < 40, f"peak RSS grew by {r.stdout.strip()} MiB for 64 MiB of 16 MiB tensors"
+
+
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_half_precision_dtypes_kept(tmp_path, dtype):
     cfg = tiny_config()
@@ -183,8 +211,6 @@ def word_tokenizer_json(vocab: dict, added=()) -> str:
 
 
 def _tok_folder(tmp_path, vocab_size=8, vocab=None, added=(("</s>", 1),)):
-    from fwconvert.tokenizer import load_tokenizer  # noqa: F401 - imported for the side effect check
-
     vocab = vocab or {"<unk>": 0, "</s>": 1, "hello": 2, "world": 3, "!": 4}
     d = tmp_path / "tok"
     write_config(d, tiny_config(vocab_size=vocab_size))

@@ -101,9 +101,10 @@ def test_absurd_config_fails_before_heavy_imports(tmp_path):
 
     d = single_file_model(tmp_path / "m")
     write_config(d, tiny_config(hidden_size=2 ** 40, num_hidden_layers=10 ** 6))
-    code = ("import resource, sys\nfrom fwconvert.cli.main import main\ntry:\n    main(['inspect', sys.argv[1]])\n"
-            "except SystemExit as e:\n    print(e.code, 'torch' in sys.modules, "
-            "resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024)\n")
+    # VmHWM is this process's own peak (ru_maxrss can inherit the forking parent's peak across exec)
+    code = ("import sys\nfrom fwconvert.cli.main import main\ntry:\n    main(['inspect', sys.argv[1]])\n"
+            "except SystemExit as e:\n    hwm = [l for l in open('/proc/self/status') if l.startswith('VmHWM')]\n"
+            "    print(e.code, 'torch' in sys.modules, int(hwm[0].split()[1]) // 1024)\n")
     env = dict(os.environ, PYTHONPATH=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     r = subprocess.run([sys.executable, "-c", code, d], capture_output=True, text=True, timeout=60, env=env)
     rc, torch_loaded, rss_mb = r.stdout.split()
@@ -362,3 +363,4 @@ def test_subprocess_clean_error(tmp_path):
                        timeout=50, env=env)
     assert r.returncode == 3 and r.stdout == ""
     assert r.stderr.startswith("Error: ") and "not a regular file" in r.stderr and "Traceback" not in r.stderr
+

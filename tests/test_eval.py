@@ -154,3 +154,12 @@ def test_cli_eval_ort_without_runtime_is_a_clean_error(calibrated, capsys):
 def test_phrase_docs_are_deterministic():
     a = phrase_doc(np.random.default_rng(1), 50)
     assert np.array_equal(a, phrase_doc(np.random.default_rng(1), 50)) and len(a) == 50
+
+
+def test_cli_eval_refuses_a_context_beyond_the_model(calibrated, capsys):
+    from fwconvert.cli.main import main
+
+    cal, _, data, _ = calibrated
+    with pytest.raises(SystemExit) as e:
+        main(["eval", cal, "--data", data, "--context", "100000"])
+    assert e.value.code == 3 and "max_position_embeddings" in capsys.readouterr().err

@@ -204,6 +204,23 @@ def test_converted_equals_base_and_has_gradient(family):
     assert bool((head.step_sizes.grad[4:].abs() > 0).all())  # η_γ, η_β move at conversion
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@torch.no_grad()
+def test_converted_half_model_is_bit_identical_and_keeps_fp32_state(dtype):
+    hf = make_hf_model("qwen3", seed=5)
+    cfg = parse_config(hf.config.to_dict(), "config")
+    base = load_tensors(build_model(cfg), hf.state_dict().items(), dtype=dtype)
+    conv = load_tensors(build_model(cfg), hf.state_dict().items(), dtype=dtype)
+    attach_fast_weights(conv, FWLConfig(size=cfg.hidden_size, chunk_size=4))
+    init_conversion_(conv.fwl_head, torch.Generator().manual_seed(0)).to(dtype)
+    ids = ids_for(2, 9, seed=15)
+    logits, state = conv.step(ids, conv.init_state(2))
+    assert logits.dtype == dtype and torch.equal(logits, base(ids))
+    fw_state = {k: v for k, v in state.items() if k.startswith("fast_weights.fwl.")}
+    assert len(fw_state) == 7 and all(v.dtype == torch.float32 for v in fw_state.values())
+    assert all(bool(torch.isfinite(v).all()) for v in fw_state.values()) and fw_state["fast_weights.fwl.sum_beta"].abs().sum() > 0
+
+
 def test_init_conversion_materialises_meta_head():
     hf = make_hf_model("llama", seed=2)
     cfg = parse_config(hf.config.to_dict(), "config")

@@ -119,6 +119,26 @@ def test_unsupported_gguf_architecture(tmp_path):
         open_checkpoint(str(tmp_path / "b.gguf"))
 
 
+def test_truncated_gguf_is_input_error(tmp_path):
+    hf = make_hf_model("llama", rope_scaling=None)
+    data = open(write_gguf(hf, str(tmp_path / "m.gguf")), "rb").read()
+    for cut in (1000, len(data) - 2000):
+        (tmp_path / "t.gguf").write_bytes(data[:-cut])
+        with pytest.raises(InputError, match="t.gguf: not a valid GGUF file"):
+            open_checkpoint(str(tmp_path / "t.gguf"))
+
+
+def test_nonfinite_gguf_tensor(tmp_path):
+    from fwconvert.errors import NumericError
+
+    hf = make_hf_model("llama", rope_scaling=None)
+    with torch.no_grad():
+        hf.model.layers[1].mlp.up_proj.weight[0, 0] = float("nan")
+    path = write_gguf(hf, str(tmp_path / "m.gguf"))
+    with pytest.raises(NumericError, match=r"'model.layers.1.mlp.up_proj.weight' has 1 non-finite"):
+        fwconvert.load(path)
+
+
 @pytest.mark.parametrize("data", [b"", b"GGUF", b"GGUF\x03\x00\x00\x00" + b"\xff" * 64, b"not a gguf file at all"])
 def test_corrupt_gguf_is_input_error(tmp_path, data):
     p = tmp_path / "x.gguf"
@@ -151,12 +171,16 @@ def transformers_gguf_model(path):
 @pytest.mark.smollm
 @pytest.mark.timeout(900)
 @torch.no_grad()
-def test_smollm_gguf_logits_match_transformers(smollm_gguf):
-    from fwconvert.tokenizer import load_tokenizer
+def test_smollm_gguf_logits_match_transformers(smollm_gguf, tmp_path):
+    from fwconvert.tokenizer import export_tokenizer, load_tokenizer
 
     tok = load_tokenizer(smollm_gguf)
     ids = torch.tensor([tok.encode(TEXT)[:64]])
     assert ids.shape[1] == 64 and tok.eos_token_id == 2
+    files = export_tokenizer(smollm_gguf, str(tmp_path))
+    assert str(tmp_path / "tokenizer.json") in files
+    exported = load_tokenizer(str(tmp_path), vocab_size=49152)
+    assert exported.encode(TEXT) == tok.encode(TEXT) and exported.decode(ids[0]) == tok.decode(ids[0])
     ours = fwconvert.load(smollm_gguf)(ids)
     ref = transformers_gguf_model(smollm_gguf)(ids).logits
     err = rel_err(ours, ref)

@@ -394,3 +394,9 @@ def test_bf16_model_keeps_fp32_state():
     out, state = _stream(model, ids, 3, state)
     assert state["fast_weights.layers.1.mlp.delta"].dtype == torch.float32
     assert rel_err(out.float(), model(ids).float()) < 2e-2
+    model = model.float()
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # the fast-weight math stays fp32 under autocast
+        _, auto = model.step(ids, model.init_state(1))
+    assert auto["fast_weights.layers.0.mlp.delta"].dtype == torch.float32
+    assert rel_err(auto["fast_weights.layers.0.mlp.delta"], model.step(ids, model.init_state(1))[1][
+        "fast_weights.layers.0.mlp.delta"]) < 5e-2

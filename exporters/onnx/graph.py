@@ -67,14 +67,14 @@ def export_program(model: DecoderLM, fixed_window: bool, dtype: str, *, opset: i
             first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             raise InputError(f"torch.onnx.export (dynamo) failed: {first}") from e
     prog.model.ir_version = ir_version
-    if dtype == "fp16":
-        model.float()
     return prog, (keys, shapes)
 
 
 def _to_fp16(model: DecoderLM) -> DecoderLM:
-    """Weights fp16; fast-weight mechanisms keep their state dtype (fp32) as they define it."""
-    return model.half()
+    """A copy with fp16 weights; fast-weight mechanisms keep their state dtype (fp32) as they define it."""
+    import copy
+
+    return copy.deepcopy(model).half()
 
 
 def _init_entry(model: DecoderLM, key: str, value: torch.Tensor, arrays: dict) -> dict:

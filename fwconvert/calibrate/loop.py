@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from ..errors import InputError, NumericError
+from ..errors import InputError, NumericError, ResourceError
 from . import checkpoint as ckpt
 from . import ddp
 from .data import WindowSampler
@@ -87,13 +87,14 @@ def sequence_loss(model: torch.nn.Module, ids: torch.Tensor, block: int = 1024) 
 
 
 def parse_fault() -> Dict[str, int]:
-    """Fault hooks for tests, honoured only with FWCONVERT_TESTING=1: nan_at_step:K, kill_at_step:K."""
+    """Fault hooks for tests, honoured only with FWCONVERT_TESTING=1: nan_at_step:K, kill_at_step:K,
+    oom_at_step:K (comma-separated; K counts updates from 1)."""
     if os.environ.get("FWCONVERT_TESTING") != "1":
         return {}
     out = {}
     for item in filter(None, os.environ.get("FWCONVERT_FAULT", "").split(",")):
         kind, _, k = item.partition(":")
-        if kind in ("nan_at_step", "kill_at_step") and k.isdigit():
+        if kind in ("nan_at_step", "kill_at_step", "oom_at_step") and k.isdigit():
             out[kind] = int(k)
     return out
 
@@ -108,6 +109,36 @@ def seed_everything(seed: int, device: torch.device) -> dict:
     if device.type == "cuda":
         flags["cuda_matmul_allow_tf32"] = torch.backends.cuda.matmul.allow_tf32 = False
     return flags
+
+
+class _DeferredSigterm:
+    """Within the block, SIGTERM only sets ``received``; ``deliver()`` runs the previous handler."""
+
+    def __init__(self):
+        self.received, self._old = False, None
+
+    def __enter__(self):
+        import threading
+
+        if threading.current_thread() is threading.main_thread():
+            self._old = signal.signal(signal.SIGTERM, self._on_term)
+        return self
+
+    def _on_term(self, signum, frame):
+        self.received = True
+
+    def deliver(self):
+        old, self._old = self._old, None
+        signal.signal(signal.SIGTERM, old if old is not None else signal.SIG_DFL)
+        if callable(old):
+            old(signal.SIGTERM, None)
+        else:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    def __exit__(self, *exc):
+        if self._old is not None:
+            signal.signal(signal.SIGTERM, self._old)
+        return False
 
 
 class Calibrator:
@@ -167,6 +198,22 @@ class Calibrator:
 
     def _update(self) -> float:
         """Forward, backward, clip, step; returns the global mean loss (NaN when skipped)."""
+        try:
+            return self._update_inner()
+        except torch.cuda.OutOfMemoryError:
+            self.opt.zero_grad(set_to_none=True)
+            where = str(self.device)
+            if self.device.type == "cuda":
+                torch.cuda.empty_cache()
+                where += f", {torch.cuda.get_device_properties(self.device).total_memory / 2**30:.0f} GiB"
+            b = self.s.batch_size
+            hint = f"try --batch-size {b // 2}" if b > 1 else "try a shorter --seq-len"
+            raise ResourceError(f"GPU out of memory at step {self.step + 1}, batch {b} x {self.s.seq_len} on {where}; "
+                                f"{hint} (checkpoints kept in {self.work_dir})") from None
+
+    def _update_inner(self) -> float:
+        if self.faults.get("oom_at_step") == self.step + 1:
+            raise torch.cuda.OutOfMemoryError("injected by FWCONVERT_FAULT")
         ids = self._batch()
         self.opt.zero_grad(set_to_none=True)
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.device.type == "cuda"):
@@ -201,30 +248,38 @@ class Calibrator:
 
     # -- the run ----------------------------------------------------------------------------------
     def run(self, progress: bool = True) -> dict:
-        """Train from the current step to ``settings.steps``; returns the calibration record."""
+        """Train from the current step to ``settings.steps``; returns the calibration record.
+
+        SIGTERM is deferred to the end of the update in flight: a checkpoint of that step is written,
+        then the previous handler runs (the CLI's: exit 143)."""
         from tqdm import tqdm
 
         bar = tqdm(total=self.s.steps, initial=self.step, file=sys.stderr, disable=not (progress and self.dist.main),
                    desc="calibrate", dynamic_ncols=True, mininterval=1.0)
         start, start_tokens = time.perf_counter(), self.tokens
         self.model.train()
-        try:
-            while self.step < self.s.steps:
-                loss = self._update()
-                self.sched.step()
-                self.step += 1
-                self.losses.append(loss)
-                rate = (self.tokens - start_tokens) / max(time.perf_counter() - start, 1e-9)
-                bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{rate:,.0f}", refresh=False)
-                bar.update(1)
-                if self.step % self.s.save_every == 0 or self.step == self.s.steps:
-                    self._save()
-                if self.faults.get("kill_at_step") == self.step:  # after that step's checkpoint, if any
-                    sys.stdout.flush(), sys.stderr.flush()
-                    os.kill(os.getpid(), signal.SIGKILL)
-        finally:
-            bar.close()
-            self.model.eval()
+        with _DeferredSigterm() as term:
+            try:
+                while self.step < self.s.steps:
+                    loss = self._update()
+                    self.sched.step()
+                    self.step += 1
+                    self.losses.append(loss)
+                    rate = (self.tokens - start_tokens) / max(time.perf_counter() - start, 1e-9)
+                    bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{rate:,.0f}", refresh=False)
+                    bar.update(1)
+                    stop = not ddp.all_true(self.dist, not term.received, self.device) if self.dist.active else term.received
+                    if stop or self.step % self.s.save_every == 0 or self.step == self.s.steps:
+                        self._save()
+                    if stop:
+                        self.log(f"terminated: checkpoint of step {self.step} written in {self.work_dir}; --resume continues")
+                        term.deliver()
+                    if self.faults.get("kill_at_step") == self.step:  # after that step's checkpoint, if any
+                        sys.stdout.flush(), sys.stderr.flush()
+                        os.kill(os.getpid(), signal.SIGKILL)
+            finally:
+                bar.close()
+                self.model.eval()
         elapsed = time.perf_counter() - start
         return {"steps": self.step, "losses": self.losses, "skipped_steps": self.skipped,
                 "tokens": self.tokens, "tokens_per_second": (self.tokens - start_tokens) / max(elapsed, 1e-9),

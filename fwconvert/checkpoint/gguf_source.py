@@ -144,7 +144,7 @@ class GGUFWeights:
             except Exception as e:  # noqa: BLE001 - malformed tensor data in an untrusted file
                 raise InputError(f"{self.path}: tensor {short_repr(t.name)} cannot be dequantized ({e})") from None
             w = w.reshape(tuple(int(s) for s in reversed(t.shape)))
-            if False:
+            if self.arch == "llama" and config is not None:
                 if ".self_attn.q_proj." in name:
                     w = unpermute_rows(w, config.num_attention_heads)
                 elif ".self_attn.k_proj." in name:

@@ -136,6 +136,10 @@ def _has_safetensors(folder: str) -> bool:
     return any(n.endswith((".safetensors", INDEX_NAME)) for n in os.listdir(folder))
 
 
+def _has_gguf(folder: str) -> bool:
+    return any(n.endswith(".gguf") for n in os.listdir(folder))
+
+
 def open_checkpoint(path: str, config_path: Optional[str] = None, allow_unexpected: bool = False) -> Checkpoint:
     """Open ``path`` header-only: resolve files, parse and validate config and every tensor header."""
     path = os.path.abspath(str(path))
@@ -146,7 +150,7 @@ def open_checkpoint(path: str, config_path: Optional[str] = None, allow_unexpect
     explicit = _load_config(config_path, "config") if config_path else None
     if stat.S_ISDIR(st.st_mode):
         folder, cfg_file = path, os.path.join(path, "config.json")
-        if explicit is None and (os.path.lexists(cfg_file) or _has_safetensors(path)):
+        if explicit is None and (_has_safetensors(path) or (os.path.lexists(cfg_file) and not _has_gguf(path))):
             explicit = _load_config(cfg_file, "config")  # validated before any header is read
         if explicit is not None:
             parse_config(explicit[0], explicit[1])

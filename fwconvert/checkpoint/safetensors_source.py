@@ -36,6 +36,8 @@ def read_index(folder: str, index_path: str) -> Tuple[Dict[str, str], Optional[i
     out, resolved = {}, {}
     for name, shard in wm.items():
         key = f"weight_map[{short_repr(name)}]"
+        if not isinstance(shard, str):
+            raise InputError(f"{index_path}: {key} -> {short_repr(shard)} is not a file name")
         if shard not in resolved:
             real = resolve_in_folder(folder, shard, index_path, key)
             if shard.lower().endswith(PICKLE_SUFFIXES):

@@ -114,7 +114,7 @@ def eval_cmd(model, data, ext, context, min_tokens, chunk_size, runtime, base, b
         if not torch.cuda.is_available():
             raise InputError(f"--device {device}: no CUDA device is available")
     ev.bucket_edges(context)
-    vocab, tok_src = _vocab_and_tokenizer_source(model, base, runtime)
+    vocab, tok_src = _vocab_and_tokenizer_source(model, base, runtime, context)
     docs = load_documents(list(data), vocab, lambda: _tokenizer(tok_src), exts=_exts(ext))
     docs = ev.select_documents(docs, context, split, ev.heldout_keys(model), min_tokens, max_docs)
     dt = DTYPES[dtype]
@@ -143,14 +143,17 @@ def eval_cmd(model, data, ext, context, min_tokens, chunk_size, runtime, base, b
     _print_eval(result, as_json)
 
 
-def _vocab_and_tokenizer_source(model, base, runtime):
+def _vocab_and_tokenizer_source(model, base, runtime, context):
+    """(vocab size, folder whose tokenizer reads text data); refuses a context beyond the model's."""
     from ..checkpoint import open_checkpoint
 
-    if runtime == "ort":
-        if not base:
-            raise InputError("--runtime ort needs --base (the checkpoint that gives the vocabulary and tokenizer)")
-        return open_checkpoint(base).config.vocab_size, base
-    return open_checkpoint(model).config.vocab_size, model
+    if runtime == "ort" and not base:
+        raise InputError("--runtime ort needs --base (the checkpoint that gives the vocabulary and tokenizer)")
+    src = base if runtime == "ort" else model
+    cfg = open_checkpoint(src).config
+    if context > cfg.max_position_embeddings:
+        raise InputError(f"--context {context} is longer than {src}'s max_position_embeddings {cfg.max_position_embeddings}")
+    return cfg.vocab_size, src
 
 
 def _tokenizer(path):

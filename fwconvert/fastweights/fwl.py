@@ -12,7 +12,8 @@ calibration then learns γ, β, η and the dense weights (∂loss/∂γ, ∂loss
 The per-token gradient signals δ are written by hand (the spec's formulas) and the fast outputs are strictly
 causal linear attention (query = fast-path layer input, key = slow-path layer input, value = δ), computed with
 mixed chunk attention (exclusive cumulative sum of per-chunk KᵀV + an intra-chunk quadratic term; a ragged last
-chunk is zero-padded). No per-position weights are ever built. Keys are shifted by one: key j of a step is
+chunk is zero-padded). Bias sums ride along as a constant-1 key feature (query η_b), and the LN affine sums Γ, Β
+are the same attention with unit queries and keys (no cumsum kernels). No per-position weights are ever built. Keys are shifted by one: key j of a step is
 the position whose label y is input token j of this step, i.e. the carried last position of the previous step
 (``pending_x``, weight 0 at document start) followed by positions 0..T-2; query t then sees keys j ≤ t, which
 is exactly s < t in absolute positions. State (per sequence, fp32; float64 when the model runs in float64)::
@@ -21,6 +22,11 @@ is exactly s < t in absolute positions. State (per sequence, fp32; float64 when 
     sum_gamma [B,S] = Σ δh_s ⊙ x̂_s  sum_beta [B,S] = Σ δh_s   pending_x [B,D] (last position, label not yet seen)
 
 ``pending_x`` is read and returned on every path, the export (``ctx.aligned``) path included.
+Checkpoint keys: ``fwl_head.fc1.weight`` [H, D], ``fc1.bias`` [H], ``fc2.weight`` [S, H], ``fc2.bias`` [S],
+``norm.weight`` (γ) [S], ``norm.bias`` (β) [S], ``step_sizes`` [6]. The head computes in fp32 whatever the model
+dtype, except the three V-sized products with U, which run in U's dtype (as the base LM head does) with
+fp32 results; it adds r to h in fp32 before casting back, so r = 0 leaves the logits bit-identical.
+Cost per token: three V-sized products with U (slow logits, δh = δlogit U, output logits) plus the block.
 """
 from __future__ import annotations
 
@@ -86,37 +92,49 @@ def causal_linear_attention(q, k, v, prefix, chunk: Optional[int]) -> torch.Tens
 def slow_signals(p: Dict[str, torch.Tensor], xk, labels, weights, U, normalizer: float, eps: float) -> Dict[str, torch.Tensor]:
     """Slow-path activations and per-token gradient signals δ at the slow weights ``p`` (math layout).
 
-    xk [B, T, D] key positions, labels [B, T] their next tokens, weights [B, T] (0: no loss), U [V, D]."""
+    xk [B, T, D] key positions, labels [B, T] their next tokens, weights [B, T] (0: no loss), U [V, D] (the
+    products with U run in U's dtype; everything else in xk's dtype)."""
     z1 = xk @ p["w1"] + p["b1"]  # [B, T, H]
     a = torch.relu(z1).square()
     xh, rstd = layer_norm(a @ p["w2"] + p["b2"], eps)  # [B, T, S]
-    logits = (xk + p["gamma"] * xh + p["beta"]) @ U.t()  # [B, T, V]
-    onehot = F.one_hot(labels, U.shape[0]).to(logits.dtype)
-    dlogit = (torch.softmax(logits, -1) - onehot) * (weights / normalizer)[..., None]
-    dh = dlogit @ U  # [B, T, S]
+    logits = F.linear((xk + p["gamma"] * xh + p["beta"]).to(U.dtype), U).to(xk.dtype)  # [B, T, V]
+    scale = (weights / normalizer)[..., None]  # [B, T, 1]
+    probs = (torch.softmax(logits, -1) * scale).to(U.dtype)
+    dh = (probs @ U).to(xk.dtype) - scale * U[labels].to(xk.dtype)  # δlogit U = (p - onehot(y)) U w/N: [B, T, S]
     dxh = dh * p["gamma"]
     d2 = rstd * (dxh - dxh.mean(-1, keepdim=True) - xh * (dxh * xh).mean(-1, keepdim=True))  # LayerNorm backward
     d1 = (d2 @ p["w2"].t()) * 2.0 * torch.relu(z1)  # squared-ReLU backward
     return {"a": a, "xh": xh, "dh": dh, "d1": d1, "d2": d2}
 
 
+def _dense_update(eta_w, eta_b, q, k, delta, sum_w, sum_b, chunk):
+    """η_W (q_t·M + Σ_{s<t} (q_t·k_s) δ_s) + η_b (Σδ + Σ_{s<t} δ_s) as ONE linear attention: the bias sum is a
+    constant-1 key feature, the step sizes scale the query: query [η_W q, η_b], key [k, 1], prefix [M; Σδ]."""
+    one = torch.ones_like(q[..., :1])  # [B, T, 1]
+    query = torch.cat((eta_w * q, eta_b * one), -1)  # [B, T, dk+1]
+    key = torch.cat((k, torch.ones_like(k[..., :1])), -1)
+    prefix = torch.cat((sum_w, sum_b[:, None]), 1)  # [B, dk+1, dv]
+    return causal_linear_attention(query, key, delta, prefix, chunk)
+
+
 def fast_residual(p, eta, x, xk, sig, sums: State, eps: float, chunk: Optional[int]):
     """The block at the fast weights θ_t for every query position of x [B, T, D]; returns (r, new sums)."""
-    cum = {  # inclusive cumulative sums over keys, starting from the carried sums: [B, T, ·]
-        "sum_b1": sums["sum_b1"][:, None] + sig["d1"].cumsum(1),
-        "sum_b2": sums["sum_b2"][:, None] + sig["d2"].cumsum(1),
-        "sum_gamma": sums["sum_gamma"][:, None] + (sig["dh"] * sig["xh"]).cumsum(1),
-        "sum_beta": sums["sum_beta"][:, None] + sig["dh"].cumsum(1),
-    }
-    m1 = causal_linear_attention(x, xk, sig["d1"], sums["sum_w1"], chunk)  # [B, T, H]
-    z1 = x @ p["w1"] + p["b1"] - eta[0] * m1 - eta[1] * cum["sum_b1"]
+    d1, d2, dh, s = sig["d1"], sig["d2"], sig["dh"], sig["dh"].shape[-1]
+    z1 = x @ p["w1"] + p["b1"] - _dense_update(eta[0], eta[1], x, xk, d1, sums["sum_w1"], sums["sum_b1"], chunk)
     a = torch.relu(z1).square()  # fast-path activations are layer 2's queries
-    m2 = causal_linear_attention(a, sig["a"], sig["d2"], sums["sum_w2"], chunk)  # [B, T, S]
-    xh, _ = layer_norm(a @ p["w2"] + p["b2"] - eta[2] * m2 - eta[3] * cum["sum_b2"], eps)
-    r = (p["gamma"] - eta[4] * cum["sum_gamma"]) * xh + (p["beta"] - eta[5] * cum["sum_beta"])
-    new = {k: v[:, -1] for k, v in cum.items()}
-    new["sum_w1"] = sums["sum_w1"] + xk.transpose(1, 2) @ sig["d1"]  # [B, D, H]
-    new["sum_w2"] = sums["sum_w2"] + sig["a"].transpose(1, 2) @ sig["d2"]  # [B, H, S]
+    z2 = a @ p["w2"] + p["b2"] - _dense_update(eta[2], eta[3], a, sig["a"], d2, sums["sum_w2"], sums["sum_b2"], chunk)
+    xh, _ = layer_norm(z2, eps)
+    one = torch.ones_like(x[..., :1])  # [B, T, 1]: the LN affine sums are linear attention with unit q and k
+    values = torch.cat((dh * sig["xh"], dh), -1)  # [B, T, 2S]
+    carried = torch.cat((sums["sum_gamma"], sums["sum_beta"]), -1)[:, None]  # [B, 1, 2S]
+    gb = causal_linear_attention(one, one, values, carried, chunk)  # [B, T, 2S]: Γ_t, Β_t
+    r = (p["gamma"] - eta[4] * gb[..., :s]) * xh + (p["beta"] - eta[5] * gb[..., s:])
+    new = {"sum_w1": sums["sum_w1"] + xk.transpose(1, 2) @ d1,  # [B, D, H]
+           "sum_b1": sums["sum_b1"] + d1.sum(1),
+           "sum_w2": sums["sum_w2"] + sig["a"].transpose(1, 2) @ d2,  # [B, H, S]
+           "sum_b2": sums["sum_b2"] + d2.sum(1),
+           "sum_gamma": sums["sum_gamma"] + values[..., :s].sum(1),
+           "sum_beta": sums["sum_beta"] + dh.sum(1)}
     return r, new
 
 
@@ -150,14 +168,13 @@ class FWLHead(FastWeightModule):
         """h [B, T, D] final normed hidden states of this step -> (logits [B, T, V], new state)."""
         cdt = torch.promote_types(h.dtype, torch.float32)  # the head computes in fp32 (fp64 for fp64 models)
         x = h.to(cdt)
-        U = unembed_weight.to(cdt)  # [V, D]
         st = {k: v.to(cdt) for k, v in state.items()}
         t = x.shape[1]
         xk = torch.cat((st["pending_x"][:, None], x), 1)[:, :t]  # [B, T, D]: key j's label is input_ids[:, j]
         later = torch.arange(t, device=x.device)[None, :] > 0  # [1, T]
         weights = (later | (ctx.position > 0)[:, None]).to(cdt)  # [B, T]: 0 only for a pending slot at position 0
         p = self.slow_params(cdt)
-        sig = slow_signals(p, xk, ctx.input_ids, weights, U, float(self.fw.normalizer), self.fw.eps)
+        sig = slow_signals(p, xk, ctx.input_ids, weights, unembed_weight, float(self.fw.normalizer), self.fw.eps)
         chunk = None if ctx.aligned else self.fw.chunk_size
         r, new = fast_residual(p, self.step_sizes.to(cdt), x, xk, sig, st, self.fw.eps, chunk)
         new["pending_x"] = x[:, -1]
@@ -170,10 +187,11 @@ def init_conversion_(head: FWLHead, generator: Optional[torch.Generator] = None,
     """Conversion values: dense weights ~ N(0, std) (non-zero, so calibration has directions to use), biases,
     γ, β and all step sizes 0 (so the converted model's logits equal the base model's exactly).
     A head still on the meta device is first materialised on the generator's device (default cpu)."""
+    gen_device = generator.device if generator is not None else torch.device("cpu")
     if any(p.is_meta for p in head.parameters()):
-        head.to_empty(device=generator.device if generator is not None else "cpu")
-    for lin in (head.fc1, head.fc2):
-        w = torch.empty(lin.weight.shape, dtype=torch.float32, device=lin.weight.device)
+        head.to_empty(device=gen_device)
+    for lin in (head.fc1, head.fc2):  # drawn on the generator's device: the same values wherever the head lives
+        w = torch.empty(lin.weight.shape, dtype=torch.float32, device=gen_device)
         lin.weight.copy_(w.normal_(0.0, std, generator=generator))
         lin.bias.zero_()
     head.norm.weight.zero_()
