@@ -89,7 +89,7 @@ def new_tensors(cfg: ModelConfig, fw, seed: int) -> dict:
                 continue
             if v.is_meta:
                 raise RuntimeError(f"internal: init_conversion_ left {prefix + k} uninitialised")
-            out[prefix + k] = v.detach().to(torch.float32).clone()
+            out[prefix + k] = v.detach().to(torch.float32)  # the module is dropped on return: no copy needed
     return out
 
 
@@ -143,25 +143,23 @@ def _inputs(ck) -> list:
     return [ck.path, *ck.data_files, *ck.tokenizer_files]
 
 
-def _consistent(ck, fw, new: dict, plan: dict) -> None:
-    """The output's keys and shapes are exactly what ``build_model(cfg, fw)`` will ask for."""
+def _plan(ck, fw, new_dtype: torch.dtype) -> tuple:
+    """({name: (shape, nbytes)} of the whole output, {name: shape} of the new tensors), from headers and a
+    meta-device model only: nothing is allocated. Refuses a layout the loader would not accept."""
     from .modeling import build_model, expected_shapes
 
     want = expected_shapes(build_model(ck.config, fw))
-    have = {k: tuple(v[0]) for k, v in plan.items()}
-    if want != have:
-        diff = sorted(set(want) ^ set(have)) or sorted(k for k in want if want[k] != have[k])
-        raise RuntimeError(f"internal: converted tensors do not match the model layout: {diff[:10]}")
-
-
-def _plan(ck, new: dict, new_dtype: torch.dtype) -> dict:
     plan = {}
     for name, (shape, dt) in ck.specs.items():
         if not name.endswith(IGNORED_TENSOR_SUFFIXES):
             plan[name] = (tuple(shape), _nbytes(shape, "F32" if ck.kind == "gguf" else dt))
-    for name, t in new.items():
-        plan[name] = (tuple(t.shape), t.numel() * torch.empty((), dtype=new_dtype).element_size())
-    return plan
+    new_shapes = {k: v for k, v in want.items() if k not in plan}
+    item = torch.empty((), dtype=new_dtype).element_size()
+    plan.update({k: (v, math.prod(v) * item) for k, v in new_shapes.items()})
+    if {k: v[0] for k, v in plan.items()} != want:
+        diff = sorted(set(want) ^ set(plan)) or sorted(k for k in want if want[k] != plan[k][0])
+        raise RuntimeError(f"internal: converted tensors do not match the model layout: {diff[:10]}")
+    return plan, new_shapes
 
 
 def _stream(ck, writer: ShardedSafetensorsWriter, names: list, allow_nonfinite: bool, bar) -> None:
@@ -176,16 +174,17 @@ def _stream(ck, writer: ShardedSafetensorsWriter, names: list, allow_nonfinite: 
 
 def _convert(ck, out: Optional[str], fw, suffix: str, *, seed: int, force: bool, allow_nonfinite: bool,
              progress: Optional[Callable], flags: dict) -> str:
-    new = new_tensors(ck.config, fw, seed)
     new_dtype = _base_dtype(ck)
-    plan = _plan(ck, new, new_dtype)
-    _consistent(ck, fw, new, plan)
+    plan, new_shapes = _plan(ck, fw, new_dtype)
     out = os.path.abspath(os.fspath(out)) if out is not None else default_output(ck.path, suffix)
     estimate = sum(nb for _, nb in plan.values()) + sum(os.path.getsize(p) for p in ck.tokenizer_files) + (1 << 20)
-    out = preflight(out, _inputs(ck), force, estimate)
+    out = preflight(out, _inputs(ck), force, estimate)  # before anything heavy is built or read
+    new = new_tensors(ck.config, fw, seed)
+    if {k: tuple(v.shape) for k, v in new.items()} != new_shapes:
+        raise RuntimeError(f"internal: new tensors {sorted(new)} differ from the layout's {sorted(new_shapes)}")
     bar = progress(len(plan)) if progress is not None else _NoProgress()
     try:
-        with AtomicOutput(out, force=force, inputs=_inputs(ck), estimate_bytes=estimate) as ao:
+        with AtomicOutput(out, force=force, inputs=_inputs(ck), estimate_bytes=estimate, preflighted=True) as ao:
             writer = ShardedSafetensorsWriter(ao, plan)
             base_names = [n for n in plan if n not in new]
             _stream(ck, writer, base_names, allow_nonfinite, bar)
@@ -292,7 +291,7 @@ def save_model(model, out, *, source=None, force: bool = False, extra_manifest: 
     inputs = _inputs(source) if source is not None else []
     estimate = sum(nb for _, nb in plan.values()) + (1 << 20)
     out = preflight(out, inputs, force, estimate)
-    with AtomicOutput(out, force=force, inputs=inputs, estimate_bytes=estimate) as ao:
+    with AtomicOutput(out, force=force, inputs=inputs, estimate_bytes=estimate, preflighted=True) as ao:
         writer = ShardedSafetensorsWriter(ao, plan)
         for name, t in state.items():
             writer.add(name, t)

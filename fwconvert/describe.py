@@ -84,7 +84,8 @@ def describe(path: str, config_path: Optional[str] = None, allow_unexpected: boo
         "dtypes": dict(sorted(Counter(d for _, d in loaded.values()).items())),
         "kv_cache_floats_per_token": kv_per_token,
         "layout": {"kind": ck.kind, "files": files, "total_bytes": sum(f["bytes"] for f in files),
-                   "num_tensors": len(ck.specs), "tokenizer_files": [os.path.basename(p) for p in ck.tokenizer_files]},
+                   "num_tensors": len(ck.specs), "tokenizer_files": [os.path.basename(p) for p in ck.tokenizer_files],
+                   "tokenizer_embedded": ck.tokenizer_embedded},
         "config_source": ck.config_source,
         "fast_weights": _fast_weights_info(model, ck.fast_weights),
     }

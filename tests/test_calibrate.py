@@ -205,3 +205,17 @@ def test_resume_refuses_a_checkpoint_of_another_run(tmp_path):
     with pytest.raises(OutputError, match="does not match this run") as e:
         ckpt.load_latest(str(tmp_path / "work"), "another-run", lambda m: None)
     assert e.value.exit_code == 4
+
+
+def test_manifest_is_strict_json_even_with_a_skipped_step(tmp_path, fwl_folder, monkeypatch):
+    from fwconvert.calibrate.run import calibrate
+    from fwconvert.config import load_json_strict
+
+    monkeypatch.setenv("FWCONVERT_TESTING", "1")
+    monkeypatch.setenv("FWCONVERT_FAULT", "nan_at_step:1")
+    model, data = fwl_folder
+    s = CalibrationSettings(seq_len=64, batch_size=1, steps=2, save_every=2, skip_nonfinite=1)
+    calibrate(model, [data], str(tmp_path / "o"), s, progress=False)
+    rec = load_json_strict(str(tmp_path / "o" / "MANIFEST.json"))["calibration"]
+    assert rec["losses"][0] is None and rec["skipped_steps"] == [1]
+    assert rec["data"]["train"]["documents"] + len(rec["data"]["heldout"]) == 6

@@ -335,6 +335,11 @@ def test_hostile_tensor_names(tmp_path, capsys, name):
     assert len(err) < 2000
 
 
+def test_staging_folder_is_refused(tmp_path, capsys):
+    d = single_file_model(tmp_path / ".out.fwconvert-partial-123-abc")
+    inspect_error(capsys, tmp_path, d, "unfinished fwconvert output")
+
+
 # -- 16: non-finite weights -----------------------------------------------------------------------------
 def test_nonfinite_weight_is_numeric_error(tmp_path):
     import fwconvert

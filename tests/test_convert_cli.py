@@ -201,3 +201,27 @@ def test_sigkill_after_shard_leaves_only_staging_and_next_run_reports_it(tmp_pat
     monkeypatch.delenv("FWCONVERT_FAULT")
     code, _, err = run_cli(capsys, "add-fwl", src, "-o", tmp_path / "out")
     assert code == 0 and "Warning:" in err and left[0] in err
+
+
+def test_enospc_at_shard_exit_5_old_output_kept(tmp_path, capsys, src, monkeypatch):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "model.safetensors").write_bytes(b"previous version")
+    before = tree(out)
+    monkeypatch.setenv("FWCONVERT_TESTING", "1")
+    monkeypatch.setenv("FWCONVERT_FAULT", "enospc_at:model.safetensors")
+    code, _, err = run_cli(capsys, "add-fwl", src, "-o", out, "--force")
+    assert code == 5 and "model.safetensors: no space left" in err and "bytes free" in err and no_traceback(err)
+    assert tree(out) == before and staging_left(tmp_path) == []
+
+
+def test_planted_symlink_in_old_output_is_never_followed(tmp_path, capsys, src):
+    victim = tmp_path / "victim.bin"
+    victim.write_bytes(b"victim")
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "model.safetensors").symlink_to(victim)
+    code, _, err = run_cli(capsys, "add-fwl", src, "-o", out, "--force")
+    assert code == 0, err
+    assert victim.read_bytes() == b"victim"
+    assert not (out / "model.safetensors").is_symlink() and (out / "model.safetensors").stat().st_size > 1000

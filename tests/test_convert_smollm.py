@@ -12,6 +12,8 @@ from tiny import rel_err
 TEXT_IDS = [1, 504, 3458, 282, 253, 1345, 28, 216, 9744, 30, 4144, 1009, 314, 690, 17, 1247, 30]
 
 
+@pytest.mark.smollm
+@pytest.mark.slow
 @pytest.mark.timeout(900)
 def test_smollm_converted_equals_base(tmp_path, smollm_gguf):
     ids = torch.tensor([TEXT_IDS * 4])  # 68 tokens

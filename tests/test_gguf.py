@@ -33,7 +33,8 @@ def permute_rows(w, n_head):
 GGUF_NAMES = {"model.embed_tokens": "token_embd", "model.norm": "output_norm", "lm_head": "output"}
 BLOCK = {"input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm", "self_attn.q_proj": "attn_q",
          "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v", "self_attn.o_proj": "attn_output",
-         "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up", "mlp.down_proj": "ffn_down"}
+         "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up", "mlp.down_proj": "ffn_down",
+         "self_attn.q_norm": "attn_q_norm", "self_attn.k_norm": "attn_k_norm"}
 
 
 def to_gguf_name(name):
@@ -44,10 +45,12 @@ def to_gguf_name(name):
     return f"blk.{i}.{BLOCK[rest]}.{suffix}"
 
 
-def write_gguf(hf, path, tied=False):
-    """A llama GGUF (F32 tensors) from a transformers model, permuting q/k the way llama.cpp does."""
+def write_gguf(hf, path, tied=False, arch="llama"):
+    """A GGUF (F32 tensors) from a transformers model; for llama, q/k rows permuted the way llama.cpp does."""
     c = hf.config
-    w = gguf.GGUFWriter(path, "llama")
+    w = gguf.GGUFWriter(path, arch)
+    if arch == "qwen3":
+        w.add_key_length(c.head_dim)
     w.add_context_length(c.max_position_embeddings)
     w.add_embedding_length(c.hidden_size)
     w.add_block_count(c.num_hidden_layers)
@@ -62,7 +65,9 @@ def write_gguf(hf, path, tied=False):
         if tied and name == "lm_head.weight":
             continue
         a = t.detach().numpy().astype(np.float32)
-        if ".q_proj." in name:
+        if arch != "llama":
+            pass
+        elif ".q_proj." in name:
             a = permute_rows(a, c.num_attention_heads)
         elif ".k_proj." in name:
             a = permute_rows(a, c.num_key_value_heads)
@@ -106,6 +111,41 @@ def test_synthetic_gguf_matches_source_model(tmp_path, tied):
     m = fwconvert.load(str(tmp_path))  # a folder holding exactly one .gguf
     ids = torch.randint(0, 256, (1, 30), generator=torch.Generator().manual_seed(0))
     assert rel_err(m(ids), hf(ids).logits) <= TOLERANCES["torch_fp32_vs_transformers"].rel
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("arch", ["qwen2", "qwen3"])
+def test_synthetic_qwen_gguf(tmp_path, arch):
+    """qwen2 (q/k/v biases) and qwen3 (q/k norms, head_dim from attention.key_length): no row permutation."""
+    hf = make_hf_model(arch, max_position_embeddings=512)
+    path = write_gguf(hf, str(tmp_path / "m.gguf"), arch=arch)
+    ck = open_checkpoint(path)
+    assert ck.config.family == arch and ck.config.head_dim == (24 if arch == "qwen3" else 16)
+    m = fwconvert.load(path)
+    ids = torch.randint(0, 256, (1, 30), generator=torch.Generator().manual_seed(0))
+    assert rel_err(m(ids), hf(ids).logits) <= TOLERANCES["torch_fp32_vs_transformers"].rel
+
+
+@pytest.mark.parametrize("key,value,needle", [
+    ("llama.block_count", [1, 2], "'llama.block_count' must hold a single value"),
+    ("llama.embedding_length", 2 ** 40, "'hidden_size' = 1099511627776 is outside the supported range"),
+    ("llama.attention.head_count", "four", "'num_attention_heads' must be an integer"),
+])
+def test_bad_gguf_metadata(tmp_path, key, value, needle):
+    w = gguf.GGUFWriter(str(tmp_path / "b.gguf"), "llama")
+    good = {"llama.block_count": 2, "llama.embedding_length": 8, "llama.attention.head_count": 2,
+            "llama.feed_forward_length": 8, key: value}
+    for k, v in good.items():
+        vtype = gguf.GGUFValueType.UINT64 if isinstance(v, int) else gguf.GGUFValueType.get_type(v)
+        w.add_key_value(k, v, vtype, sub_type=gguf.GGUFValueType.UINT32)
+    w.add_tensor("token_embd.weight", np.zeros((4, 8), np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    with pytest.raises(InputError, match="b.gguf") as e:
+        open_checkpoint(str(tmp_path / "b.gguf"))
+    assert needle in str(e.value)
 
 
 def test_unsupported_gguf_architecture(tmp_path):

@@ -123,6 +123,7 @@ def test_gguf_inspect(tmp_path, capsys, no_data_reads):
     assert rc == 0 and info["layout"]["kind"] == "gguf" and info["tie_word_embeddings"] is True
     assert info["num_parameters"] == sum(p.numel() for p in hf.parameters())
     assert info["dtypes"] == {"F32": len(hf.state_dict()) - 1}
+    assert info["layout"]["tokenizer_embedded"] is True  # write_gguf adds a token list
 
 
 def test_config_option_for_bare_file(tmp_path, capsys):

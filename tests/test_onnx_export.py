@@ -26,11 +26,23 @@ def _cli(args, capsys):
     return e.value.code, out.out, out.err
 
 
+def _write_char_tokenizer(path):
+    """A 256-entry word-level tokenizer over single characters (a-z, space, ...) for --text tests."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    vocab = {chr(i): i for i in range(256)}
+    vocab["[UNK]"] = vocab.pop(chr(0))
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Split("", behavior="isolated")
+    tok.save(path)
+
+
 @pytest.fixture(scope="module")
 def llama_export(tmp_path_factory):
     """llama exported from a saved checkpoint through the CLI (external data forced, to exercise it)."""
     root = tmp_path_factory.mktemp("llama")
     src = save_checkpoint(make_hf_model("llama"), str(root / "src"))
+    _write_char_tokenizer(os.path.join(src, "tokenizer.json"))
     out = str(root / "onnx")
     export_onnx(src, out, chunk_size=4, external_data=True)
     return src, out
@@ -97,7 +109,8 @@ def test_graph_form_and_manifest(llama_export):
     assert man["feeds"]["next_position"] == "position"
     assert man["versions"]["ir_version"] == m.ir_version and man["attention"] == "full"
     assert man["source"].endswith("src") and man["source_fingerprint"]
-    assert {"tokenizer.json"} <= set(man["tokenizer_files"]) or man["tokenizer_files"] == []
+    assert man["tokenizer_files"] == ["tokenizer.json"]
+    assert os.path.isfile(os.path.join(out, "tokenizer.json"))
 
 
 def test_existing_output_refused_then_force_leaves_no_stale_data(llama_export, capsys):
@@ -111,3 +124,37 @@ def test_existing_output_refused_then_force_leaves_no_stale_data(llama_export, c
     assert not [n for n in os.listdir(os.path.dirname(out)) if "staging" in n or ".old-" in n]
     code, stdout, err = _cli(["verify", out, "--chunks", "3"], capsys)
     assert code == 0 and "PASS" in stdout, err
+
+
+@torch.no_grad()
+def test_run_cli_losses_perplexity_and_generation(qwen3_export, tmp_path, capsys):
+    model, out = qwen3_export
+    ids = torch.randint(0, 256, (1, 17), generator=torch.Generator().manual_seed(9))
+    f = tmp_path / "doc.txt"
+    f.write_text(" ".join(map(str, ids[0].tolist())) + "\n")
+    code, stdout, err = _cli(["run", out, "--tokens", str(f), "--generate", "4", "--provider", "cpu", "--json"], capsys)
+    assert code == 0, err
+    res = json.loads(stdout)
+    lp = torch.log_softmax(model(ids)[0, :-1].double(), -1)
+    want = -lp.gather(-1, ids[0, 1:, None])[:, 0]
+    assert np.allclose(res["losses"], want.numpy(), atol=1e-4)
+    assert abs(res["perplexity"] - float(want.mean().exp())) <= 1e-4 * res["perplexity"]
+    seq = ids
+    for _ in range(4):
+        seq = torch.cat((seq, model(seq)[:, -1:].argmax(-1)), 1)
+    assert res["generated_ids"] == seq[0, 17:].tolist()
+    assert "CPU" in res["provider"]
+    f.write_text("1 2 x")
+    code, _, err = _cli(["run", out, "--tokens", str(f)], capsys)
+    assert code == 3 and "whitespace-separated integer" in err
+
+
+def test_run_cli_text_with_copied_tokenizer(llama_export, tmp_path, capsys):
+    _, out = llama_export
+    f = tmp_path / "doc.txt"
+    f.write_text("hello fast weights")
+    code, stdout, err = _cli(["run", out, "--text", str(f), "--generate", "3", "--provider", "cpu", "--json"], capsys)
+    assert code == 0, err
+    res = json.loads(stdout)
+    assert res["tokens"] == len("hello fast weights") and len(res["losses"]) == res["tokens"] - 1
+    assert len(res["generated_text"]) >= 1 and res["perplexity"] > 1

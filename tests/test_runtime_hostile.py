@@ -209,3 +209,40 @@ def test_cli_verify_hostile_exit_3(tmp_path, capsys):
     assert e.value.code == 3
     err = capsys.readouterr().err
     assert err.startswith("Error:") and "not a plain file name" in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize("edit,match", [
+    (lambda d: d.update(chunking={}), "chunk_size must be positive"),
+    (lambda d: d.update(graph="../model.onnx"), "plain file name"),
+    (lambda d: d.update(surprise=1), "not a valid manifest"),
+    (lambda d: d["state"][1].update(shape=[4, 4]), "needs a 'batch' axis"),
+    (lambda d: d.update(state=[d["state"][1]]), "no 'position' state"),
+])
+def test_malformed_manifest_refused(tmp_path, edit, match):
+    d = _folder(tmp_path)
+    man = json.loads((d / "manifest.json").read_text())
+    edit(man)
+    (d / "manifest.json").write_text(json.dumps(man))
+    with pytest.raises(InputError, match=match):
+        ChunkSession(str(d), provider="cpu")
+
+
+def test_symlinked_manifest_refused(tmp_path):
+    d = _folder(tmp_path)
+    os.rename(d / "manifest.json", tmp_path / "elsewhere.json")
+    os.symlink(tmp_path / "elsewhere.json", d / "manifest.json")
+    with pytest.raises(InputError, match="symbolic link"):
+        ChunkSession(str(d), provider="cpu")
+
+
+def test_initial_value_from_array_file(tmp_path):
+    init = {"kind": "array", "file": "initial_state.npz", "array": "fast_weights.m.s"}
+    m = _manifest()
+    m.state[1].init = init
+    d = _folder(tmp_path, manifest=m)
+    np.savez(d / "initial_state.npz", **{"fast_weights.m.s": np.full((1, S), 2.0, np.float32)})
+    s = ChunkSession(str(d), provider="cpu")
+    assert s.new_state(3).to_numpy()["fast_weights.m.s"].tolist() == [[2.0] * S] * 3
+    os.remove(d / "initial_state.npz")
+    with pytest.raises(InputError, match="missing or not a regular file"):
+        s.new_state(1)

@@ -235,3 +235,19 @@ def test_sharded_writer_refuses_unplanned_or_missing(tmp_path):
                 w.add("c", torch.zeros(2))
             w.close()
     assert os.listdir(tmp_path) == []
+
+
+def test_files_written_by_other_tools_into_staging_are_hashed(tmp_path):
+    """An exporter may save straight into ``ao.staging`` (e.g. onnx.save with external data)."""
+    with W.AtomicOutput(tmp_path / "out") as ao:
+        with open(os.path.join(ao.staging, "model.onnx"), "wb") as f:
+            f.write(b"graph")
+        os.mkdir(os.path.join(ao.staging, "sub"))
+        with open(os.path.join(ao.staging, "sub", "data.bin"), "wb") as f:
+            f.write(b"data")
+        W.write_safetensors(ao, "small.safetensors", {"a": torch.arange(4.0)})
+    man = json.loads((tmp_path / "out" / "MANIFEST.json").read_text())["files"]
+    assert man["model.onnx"]["sha256"] == hashlib.sha256(b"graph").hexdigest()
+    assert man["sub/data.bin"] == {"sha256": hashlib.sha256(b"data").hexdigest(), "size": 4}
+    with safe_open(str(tmp_path / "out" / "small.safetensors"), "pt") as h:
+        assert torch.equal(h.get_tensor("a"), torch.arange(4.0))

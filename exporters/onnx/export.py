@@ -8,6 +8,7 @@ flow, ORT load and a one-step parity check) and renamed into place at the end.
 """
 from __future__ import annotations
 
+import copy
 import json
 import os
 import shutil
@@ -41,12 +42,13 @@ def _prepare_out(out: str, force: bool) -> str:
     return out
 
 
-def _load(model_or_path, window: Optional[int], attention: str):
-    """(fp32 DecoderLM, opened checkpoint or None, source string or None)."""
+def _load(model_or_path, window: Optional[int], attention: Optional[str]):
+    """(fp32 DecoderLM, opened checkpoint or None, source string or None). A given DecoderLM is copied
+    when it must change (dtype or window), so the caller's model is never modified."""
     if isinstance(model_or_path, DecoderLM):
         model = model_or_path
-        if attention == "window" and model.window is None:
-            model.window = window
+        if {p.dtype for p in model.parameters()} != {torch.float32}:
+            model = copy.deepcopy(model).float()
         return model, None, None
     import fwconvert
     from fwconvert.checkpoint import open_checkpoint
@@ -63,6 +65,8 @@ def _resolve_attention(model: DecoderLM, attention: Optional[str], window: Optio
     if attention not in ("full", "window"):
         raise InputError(f"--attention must be 'full' or 'window', got {attention!r}")
     if attention == "full":
+        if window is not None:
+            raise InputError(f"--window {window} needs --attention window")
         if native is not None:
             raise InputError(f"the model attends within a sliding window of {native}; export it with --attention window")
         return "full", None
@@ -87,13 +91,25 @@ def _chunk_size(model: DecoderLM, chunk_size: Optional[int]) -> tuple:
     return chunk_size, False
 
 
-def _copy_tokenizer(ck, staging: str) -> list:
+def _copy_tokenizer(ck, staging: str) -> tuple:
+    """(copied tokenizer file names, eos id): the files beside the checkpoint, or for a GGUF source its
+    embedded vocabulary written out as tokenizer.json (so the export needs nothing else)."""
     names = []
     for f in (getattr(ck, "tokenizer_files", None) or []):
         name = os.path.basename(f)
         shutil.copyfile(f, os.path.join(staging, name))
         names.append(name)
-    return names
+    if names or ck is None or getattr(ck, "kind", None) != "gguf":
+        return names, None
+    from fwconvert.tokenizer import load_tokenizer
+
+    tok = load_tokenizer(ck.path)
+    backend = getattr(tok, "_tok", None)  # transformers tokenizer built from the GGUF vocabulary
+    if backend is None or not hasattr(backend, "save_pretrained"):
+        return names, tok.eos_token_id
+    before = set(os.listdir(staging))
+    backend.save_pretrained(staging)
+    return sorted(set(os.listdir(staging)) - before), tok.eos_token_id
 
 
 def _install(staging: str, out: str) -> None:
@@ -109,22 +125,24 @@ def _install(staging: str, out: str) -> None:
 
 def export_onnx(model_or_path: Union[str, os.PathLike, DecoderLM], out: str, *, chunk_size: Optional[int] = None,
                 attention: Optional[str] = None, window: Optional[int] = None, dtype: str = "fp32",
-                force: bool = False, external_data: Optional[bool] = None, log=None) -> str:
+                force: bool = False, external_data: Optional[bool] = None) -> str:
     """Export ``model_or_path`` (a checkpoint path or a DecoderLM) to the folder ``out``; returns ``out``."""
     if dtype not in ("fp32", "fp16"):
         raise InputError(f"--dtype must be fp32 or fp16, got {dtype!r}")
     out = _prepare_out(out, force)
-    model, ck, source = _load(model_or_path, window, attention or ("window" if window else None))
+    model, ck, source = _load(model_or_path, window, attention or ("window" if window is not None else None))
     attention, window = _resolve_attention(model, attention, window)
-    model.window = window
+    if model.window != window:  # never modify the caller's model
+        model = copy.deepcopy(model)
+        model.window = window
     chunk, fixed = _chunk_size(model, chunk_size)
-    model = model.float().eval()
+    model.eval()
     staging = tempfile.mkdtemp(prefix=f".{os.path.basename(out)}.staging-", dir=os.path.dirname(out))
     umask = os.umask(0)
     os.umask(umask)
     os.chmod(staging, 0o777 & ~umask)
     try:
-        prog, layout = export_program(model, attention == "window", dtype, opset=OPSET, ir_version=IR_VERSION, log=log)
+        prog, layout = export_program(model, attention == "window", dtype, opset=OPSET, ir_version=IR_VERSION)
         n_bytes = sum(p.numel() * p.element_size() for p in model.parameters()) // (2 if dtype == "fp16" else 1)
         use_ext = n_bytes > EXTERNAL_DATA_BYTES if external_data is None else external_data
         graph_path = os.path.join(staging, GRAPH_NAME)
@@ -132,7 +150,8 @@ def export_onnx(model_or_path: Union[str, os.PathLike, DecoderLM], out: str, *, 
         manifest = build_manifest(model, layout, staging, dtype=dtype, attention=attention, window=window,
                                   chunk=chunk, fixed=fixed, opset=OPSET, ir_version=IR_VERSION)
         manifest.external_data = GRAPH_NAME + ".data" if use_ext else None
-        manifest.tokenizer_files = _copy_tokenizer(ck, staging)
+        manifest.tokenizer_files, eos = _copy_tokenizer(ck, staging)
+        manifest.eos_token_id = eos if eos is not None else getattr(model.config, "raw", {}).get("eos_token_id")
         manifest.source = source
         manifest.source_fingerprint = ck.fingerprint() if ck is not None else None
         manifest.fast_weights = fast_weights_to_dict(model.fast_weights)

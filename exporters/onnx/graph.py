@@ -46,7 +46,7 @@ def _dynamic_shapes(keys, shapes, chunk_dynamic: bool):
     return (ids, tuple(rest))
 
 
-def export_program(model: DecoderLM, fixed_window: bool, dtype: str, *, opset: int, ir_version: int, log=None):
+def export_program(model: DecoderLM, fixed_window: bool, dtype: str, *, opset: int, ir_version: int):
     """(ONNXProgram, (keys, shapes)) for ``model`` (fp32 on entry; cast to fp16 here if asked)."""
     keys, shapes = state_layout(model, fixed_window, aligned=True)
     state = _example_state(model, keys, fixed_window)
@@ -107,7 +107,10 @@ def build_manifest(model: DecoderLM, layout, staging: str, *, dtype: str, attent
                                dtype=_np_dtype(dt), init=_init_entry(model, k, init[k], arrays)))
     if arrays:
         np.savez(os.path.join(staging, INITIAL_STATE_NAME), **arrays)
+    from exporters.runtime.precheck import ort_version
+
     versions = {"fwconvert": fwconvert.__version__, "torch": torch.__version__, "onnx": onnx.__version__,
+                "onnxruntime": ort_version(),
                 "onnxscript": onnxscript.__version__, "opset": opset, "ir_version": ir_version, "exporter": "dynamo"}
     return Manifest(graph=GRAPH_NAME, vocab_size=model.config.vocab_size, dtype=dtype, attention=attention,
                     window=window, chunking=chunk_rule(chunk, fixed), state=specs,

@@ -177,7 +177,7 @@ def _read_graph(path: str) -> bytes:
         return f.read()
 
 
-def _ort_version() -> str:
+def ort_version() -> str:
     from importlib import metadata
 
     for dist in ("onnxruntime-gpu", "onnxruntime"):
@@ -201,7 +201,7 @@ def check_graph_file(path: str) -> int:
     except _Malformed as e:
         raise InputError(f"{path}: not a valid ONNX model ({e})") from None
     if ir > MAX_IR_VERSION:
-        raise InputError(f"{path}: IR version {ir} is newer than onnxruntime {_ort_version()} supports "
+        raise InputError(f"{path}: IR version {ir} is newer than onnxruntime {ort_version()} supports "
                          f"(IR version <= {MAX_IR_VERSION}); re-export with fwconvert export-onnx")
     for name, dims, dtype, ext, loc in infos:
         if loc == 1 or ext:

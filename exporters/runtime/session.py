@@ -15,7 +15,7 @@ import numpy as np
 from fwconvert.config import load_json_strict
 from fwconvert.errors import InputError
 
-from ..onnx.io_spec import BATCH, MANIFEST_NAME, Manifest
+from ..onnx.io_spec import BATCH, MANIFEST_NAME, PAST, Manifest
 from .feeds import ORT_TYPES, check_feeds, check_manifest_against_graph
 from .precheck import check_graph_file
 from .state import StateBuffers
@@ -27,19 +27,47 @@ def load_manifest(folder: str) -> Manifest:
         raise InputError(f"{folder}: not a folder (expected an exported folder with {MANIFEST_NAME})")
     if not os.path.lexists(path):
         raise InputError(f"{folder}: no {MANIFEST_NAME} (not an fwconvert export, or an interrupted one)")
+    if os.path.islink(path):
+        raise InputError(f"{path}: is a symbolic link; refusing to follow it")
     raw = load_json_strict(path)
     try:
         m = Manifest.from_dict(raw)
-    except (TypeError, KeyError) as e:
-        raise InputError(f"{path}: not a valid manifest ({e})") from None
-    if os.path.basename(m.graph) != m.graph or m.graph in ("", ".", ".."):
-        raise InputError(f"{path}: graph {m.graph!r} must be a plain file name inside the folder")
+        problem = _manifest_problem(m)
+    except (TypeError, KeyError, AttributeError, ValueError) as e:
+        raise InputError(f"{path}: not a valid manifest ({type(e).__name__}: {e})") from None
+    if problem:
+        raise InputError(f"{path}: not a valid manifest ({problem})")
     return m
+
+
+def _is_int(x, lo: int = 0) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool) and x >= lo
+
+
+def _manifest_problem(m: Manifest) -> Optional[str]:
+    """What is wrong with a parsed manifest, or None."""
+    if not isinstance(m.graph, str) or os.path.basename(m.graph) != m.graph or m.graph in ("", ".", ".."):
+        return f"graph {m.graph!r} must be a plain file name inside the folder"
+    if not _is_int(m.vocab_size, 1) or not _is_int(m.chunking.get("chunk_size"), 1):
+        return "vocab_size and chunking.chunk_size must be positive integers"
+    if m.attention not in ("full", "window") or m.dtype not in ("fp32", "fp16"):
+        return f"attention {m.attention!r} / dtype {m.dtype!r} not understood"
+    for s in m.state:
+        if not all(isinstance(n, str) for n in (s.key, s.input, s.output)) or not isinstance(s.shape, list):
+            return f"state entry {s.key!r} is malformed"
+        if BATCH not in s.shape or not all(_is_int(d) or d in (BATCH, PAST) for d in s.shape):
+            return f"state {s.input!r}: shape {s.shape} needs a 'batch' axis and integer or 'past' dims"
+        if s.dtype not in ("float32", "float16", "float64", "int64", "int32") or not isinstance(s.init, dict):
+            return f"state {s.input!r}: dtype {s.dtype!r} or init {s.init!r} not understood"
+    if not any(s.key == "position" for s in m.state):
+        return "no 'position' state"
+    return None
 
 
 def _providers(provider: str, use_tf32: bool):
     import onnxruntime as ort
 
+    ort.set_default_logger_severity(3)  # a missing CUDA runtime is reported by us, not as an ORT warning
     have_cuda = "CUDAExecutionProvider" in ort.get_available_providers()
     if provider == "cuda" and not have_cuda:
         raise InputError("--provider cuda: this onnxruntime has no CUDA execution provider")

@@ -28,7 +28,9 @@ def _initial_array(spec: StateSpec, batch: int, folder: str) -> np.ndarray:
     if kind == "zeros":
         return np.zeros(dims, dtype=spec.dtype)
     if kind in ("copy", "array"):
-        path = os.path.join(folder, os.path.basename(spec.init.get("file", "")))
+        path = os.path.join(folder, os.path.basename(str(spec.init.get("file", ""))))
+        if os.path.islink(path) or not os.path.isfile(path):
+            raise InputError(f"{path}: initial value file of state {spec.input!r} is missing or not a regular file")
         try:
             with np.load(path, allow_pickle=False) as z:
                 one = z[spec.init["array"]]

@@ -13,6 +13,7 @@ import random
 import signal
 import sys
 import time
+import warnings
 from dataclasses import asdict, dataclass
 from typing import Callable, Dict, Optional
 
@@ -262,7 +263,9 @@ class Calibrator:
             try:
                 while self.step < self.s.steps:
                     loss = self._update()
-                    self.sched.step()
+                    with warnings.catch_warnings():  # a skipped update still uses up its schedule slot
+                        warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step")
+                        self.sched.step()
                     self.step += 1
                     self.losses.append(loss)
                     rate = (self.tokens - start_tokens) / max(time.perf_counter() - start, 1e-9)

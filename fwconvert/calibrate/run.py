@@ -7,6 +7,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
 import os
 import shutil
 from typing import Callable, Optional, Sequence
@@ -61,6 +62,12 @@ def _doc_list(docs):
     return [{"name": d.name, "key": d.key, "tokens": int(len(d.ids))} for d in docs]
 
 
+def _doc_summary(docs) -> dict:
+    """The training documents in a few bytes (the manifest stays small for thousands of files)."""
+    keys = hashlib.sha256("\n".join(d.key for d in docs).encode()).hexdigest()
+    return {"documents": len(docs), "tokens": int(sum(len(d.ids) for d in docs)), "keys_sha256": keys}
+
+
 def _prepare_data(model_path, ck, data, exts, settings, heldout):
     def tokenizer():
         from ..tokenizer import load_tokenizer
@@ -111,7 +118,8 @@ def calibrate(model_path: str, data: Sequence[str], out: str, settings: Calibrat
         record = calib.run(progress=progress)
         record.update(seed=settings.seed, flags=flags, baseline=baseline, baseline_layers=layers,
                       source=os.path.abspath(model_path), source_fingerprint=ck.fingerprint(),
-                      data={"train": _doc_list(train), "heldout": _doc_list(held)}, run_id=rid)
+                      data={"train": _doc_summary(train), "heldout": _doc_list(held)}, run_id=rid,
+                      losses=[round(x, 6) if math.isfinite(x) else None for x in record["losses"]])
         if dist.main:
             model = model.cpu()
             cast_to_source_dtypes(model, ck.specs)

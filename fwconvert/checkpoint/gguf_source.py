@@ -58,9 +58,12 @@ def unpermute_rows(w, n_head: int):
     return w.reshape(n_head, dim, 2, *w.shape[1:]).swapaxes(2, 1).reshape(w.shape)
 
 
-def _scalar(field):
+def _scalar(field, path: str):
+    """The single value of a GGUF metadata field (int, float, bool or str); InputError otherwise."""
     import numpy as np
 
+    if len(field.types) != 1 or len(field.data) != 1:
+        raise InputError(f"{path}: GGUF metadata key {field.name!r} must hold a single value")
     v = field.parts[field.data[0]]
     if field.types[0].name == "STRING":
         return bytes(v).decode("utf-8", errors="replace")
@@ -95,26 +98,31 @@ class GGUFWeights:
         f = self.reader.fields.get(key)
         if f is None:
             raise InputError(f"{self.path}: GGUF metadata key {key!r} is missing")
-        return _scalar(f)
+        return _scalar(f, self.path)
 
     def raw_config(self) -> dict:
         """An HF-style config dict, as transformers builds it from the GGUF metadata."""
         fields, arch = self.reader.fields, self.arch
-        name = _scalar(fields["general.name"]) if "general.name" in fields else ""
+        name = _scalar(fields["general.name"], self.path) if "general.name" in fields else ""
         model_type = "mistral" if arch == "llama" and "mistral" in name else arch
         raw = {"model_type": model_type, "architectures": [f"{model_type.capitalize()}ForCausalLM"]}
         for key, hf in {**CONFIG_KEYS, **EXTRA_KEYS[arch]}.items():
             if f"{arch}.{key}" in fields:
-                raw[hf] = _scalar(fields[f"{arch}.{key}"])
+                raw[hf] = _scalar(fields[f"{arch}.{key}"], self.path)
         for key, hf in TOKEN_KEYS.items():
             if key in fields:
-                raw[hf] = _scalar(fields[key])
+                raw[hf] = _scalar(fields[key], self.path)
         if "vocab_size" not in raw and "tokenizer.ggml.tokens" in fields:
             raw["vocab_size"] = len(fields["tokenizer.ggml.tokens"].data)
         raw["tie_word_embeddings"] = "lm_head.weight" not in self.tensors
         if arch == "qwen2":
             raw["use_sliding_window"] = False
         return raw
+
+    @property
+    def has_tokenizer(self) -> bool:
+        """Whether the file embeds a vocabulary (``load_tokenizer`` can build a tokenizer from it)."""
+        return "tokenizer.ggml.tokens" in self.reader.fields
 
     @property
     def data_files(self) -> List[str]:

@@ -79,11 +79,12 @@ def stat_regular(path: str, what: str = "file") -> os.stat_result:
 
 
 def open_regular(path: str, what: str = "file") -> int:
-    """An O_RDONLY fd of regular file ``path``: stat, open non-blocking, then fstat must match."""
+    """An O_RDONLY fd of regular file ``path``: stat, then open its real path non-blocking and without
+    following a link swapped in meanwhile, then fstat must match the stat."""
     st = stat_regular(path, what)
-    flags = os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0)
+    flags = os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0) | getattr(os, "O_NOFOLLOW", 0)
     try:
-        fd = os.open(path, flags)
+        fd = os.open(os.path.realpath(path), flags)
     except OSError as e:
         raise InputError(f"{path}: cannot open {what} ({e.strerror})") from None
     fst = os.fstat(fd)

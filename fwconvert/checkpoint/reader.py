@@ -20,6 +20,7 @@ from .infer import INFERRED_NOTE, infer_raw_config
 from .paths import resolve_in_folder, short_repr
 from .safetensors_source import INDEX_NAME, PICKLE_REFUSAL, PICKLE_SUFFIXES, SINGLE_NAME, SafetensorsWeights
 
+PARTIAL_TAG = ".fwconvert-partial-"  # staging folders of checkpoint/writer.py: never read as a model
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
                    "vocab.json", "merges.txt", "added_tokens.json", "chat_template.jinja")
 
@@ -42,6 +43,7 @@ class Checkpoint:
         self.specs: Dict[str, Tuple[Tuple[int, ...], str]] = weights.specs()
         self.data_files = weights.data_files
         self.tokenizer_files = _tokenizer_files(folder) if folder else []
+        self.tokenizer_embedded = kind == "gguf" and weights.has_tokenizer  # load_tokenizer(path) works
 
     def _ignorable(self, name: str, expected) -> bool:
         if name.endswith(IGNORED_TENSOR_SUFFIXES):
@@ -70,15 +72,13 @@ class Checkpoint:
 
     def iter_tensors(self, names=None, check_finite: bool = True) -> Iterator[Tuple[str, "object"]]:
         """(name, torch.Tensor), read one tensor at a time; NumericError on NaN/Inf when check_finite."""
-        import torch
-
         if self.kind == "gguf":
             it = self._weights.iter_tensors(names, config=self.config)
         else:
             it = self._weights.iter_tensors(names)
         for name, t in it:
             if check_finite and t.is_floating_point():
-                bad = int((~torch.isfinite(t)).sum())
+                bad = _count_nonfinite(t)
                 if bad:
                     where = self._weights.location[name] if self.kind != "gguf" else self.path
                     raise NumericError(f"{where}: tensor {short_repr(name)} has {bad} non-finite values (NaN/Inf)")
@@ -91,6 +91,18 @@ class Checkpoint:
         for part in self._weights.fingerprint_parts():
             h.update(part)
         return h.hexdigest()
+
+
+def _count_nonfinite(t, block: int = 1 << 20) -> int:
+    """Non-finite values of ``t``, checked in blocks so the temporaries stay small."""
+    import torch
+
+    flat, bad = t.reshape(-1), 0
+    for a in range(0, flat.numel(), block):
+        ok = torch.isfinite(flat[a:a + block])
+        if not bool(ok.all()):
+            bad += int((~ok).sum())
+    return bad
 
 
 def _tokenizer_files(folder: str):
@@ -147,6 +159,8 @@ def open_checkpoint(path: str, config_path: Optional[str] = None, allow_unexpect
         st = os.stat(path)
     except OSError as e:
         raise InputError(f"{path}: model path not found ({e.strerror})") from None
+    if PARTIAL_TAG in os.path.basename(path):
+        raise InputError(f"{path}: an unfinished fwconvert output (staging folder); rerun the command or remove it")
     explicit = _load_config(config_path, "config") if config_path else None
     if stat.S_ISDIR(st.st_mode):
         folder, cfg_file = path, os.path.join(path, "config.json")

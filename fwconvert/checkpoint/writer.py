@@ -99,7 +99,7 @@ def check_disk(path: str, need: int) -> None:
         raise ResourceError(f"{path}: not enough disk space: {need} bytes needed, {free} bytes free")
 
 
-def preflight(out, inputs=(), force=False, estimate_bytes=0) -> str:
+def preflight(out, inputs=(), force=False, estimate_bytes=0, report_leftovers=True) -> str:
     """Refuse an unsafe output before heavy work; returns the absolute output path.
 
     Refusals: out exists without ``force`` or is not a folder (4), is a symlink (4), overlaps an input (4);
@@ -124,7 +124,7 @@ def preflight(out, inputs=(), force=False, estimate_bytes=0) -> str:
             raise ResourceError(f"{parent}: cannot create the output's parent folder ({e.strerror})") from None
     _probe_writable(pdir)
     check_disk(pdir, int(estimate_bytes))
-    for p in leftovers(out):
+    for p in leftovers(out) if report_leftovers else ():
         log.warning("Warning: leftover from an earlier interrupted run: %s (not reused; delete it when done)", p)
     return out
 
@@ -240,8 +240,9 @@ class AtomicOutput:
     On any exception (KeyboardInterrupt and other BaseExceptions included) the staging folder is removed
     and the previous output, if any, is untouched."""
 
-    def __init__(self, out, force: bool = False, inputs=(), estimate_bytes: int = 0):
+    def __init__(self, out, force: bool = False, inputs=(), estimate_bytes: int = 0, preflighted: bool = False):
         self.force, self.inputs, self.estimate_bytes = force, tuple(inputs), int(estimate_bytes)
+        self.preflighted = preflighted  # the caller ran preflight() already: re-check, but report leftovers once
         self.out, self.parent, self.name = _split_out(out)
         self.staging = None
         self.files: dict = {}
@@ -250,7 +251,7 @@ class AtomicOutput:
 
     # -- staging ---------------------------------------------------------------------------------
     def __enter__(self) -> "AtomicOutput":
-        self.out = preflight(self.out, self.inputs, self.force, self.estimate_bytes)
+        self.out = preflight(self.out, self.inputs, self.force, self.estimate_bytes, not self.preflighted)
         self.parent = os.path.dirname(self.out)
         tag = f".{self.name}{PARTIAL_TAG}{os.getpid()}-{secrets.token_hex(4)}"
         self.staging = os.path.join(self.parent, tag)

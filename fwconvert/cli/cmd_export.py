@@ -64,7 +64,7 @@ def _read_text(path: str, cap: int) -> str:
         raise InputError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
 
 
-def _document(folder: str, text, tokens):
+def _document(folder: str, text, tokens, vocab_size: int):
     """(token ids, tokenizer or None) of the document to run."""
     if (text is None) == (tokens is None):
         raise click.UsageError("give exactly one of --text FILE or --tokens FILE")
@@ -73,7 +73,7 @@ def _document(folder: str, text, tokens):
     else:
         from ..tokenizer import load_tokenizer
 
-        tok = load_tokenizer(folder)
+        tok = load_tokenizer(folder, vocab_size=vocab_size)
         ids = tok.encode(_read_text(text, cap=1 << 28))
     if not ids:
         raise InputError("the document is empty (no tokens)")
@@ -98,7 +98,7 @@ def run_cmd(exported, text, tokens, generate, provider, as_json):
     if generate < 0:
         raise click.UsageError("--generate must be >= 0")
     session = ChunkSession(exported, provider=provider)
-    ids, tok = _document(session.folder, text, tokens)
+    ids, tok = _document(session.folder, text, tokens, session.manifest.vocab_size)
     arr = np.asarray([ids], dtype=np.int64)
     losses = token_losses(session, arr)[0]
     gen = greedy_generate(session, arr, generate)[0].tolist() if generate else []

@@ -35,7 +35,8 @@ def format_description(info: dict) -> str:
     rows += [("", f"{f['path']} ({_human_bytes(f['bytes'])})") for f in lay["files"][:8]]
     if len(lay["files"]) > 8:
         rows.append(("", f"... {len(lay['files']) - 8} more"))
-    rows.append(("tokenizer", ", ".join(lay["tokenizer_files"]) or "(none beside it)"))
+    tok = ", ".join(lay["tokenizer_files"]) or ("embedded in the GGUF file" if lay["tokenizer_embedded"] else "(none beside it)")
+    rows.append(("tokenizer", tok))
     fw = info["fast_weights"]
     if fw is None:
         rows.append(("fast weights", "none (plain model)"))

@@ -67,13 +67,34 @@ def calibrate_cmd(model, data, ext, out, steps, seq_len, batch_size, lr, warmup,
                    f"documents; wrote {out}")
 
 
-def _ort_runner(folder: str, device: str):
-    """(step, init_state) over an exported ONNX folder, from ``exporters.runtime`` (imported lazily)."""
+def _ort_runner(folder: str, device: str, chunk: int):
+    """(step, init_state) over an exported ONNX folder via ``exporters.runtime`` (imported lazily: the
+    ``fwconvert`` package itself never imports ``exporters``). The state lives in ORT buffers."""
+    import numpy as np
+    import torch
+
     try:
-        from exporters.runtime import open_runner  # (step, init_state) with torch tensors in and out
+        from exporters.runtime.session import ChunkSession
     except ImportError:
-        raise InputError("--runtime ort: exporters.runtime.open_runner is not available in this build") from None
-    return open_runner(folder, device=device)
+        raise InputError("--runtime ort: exporters.runtime is not available in this installation") from None
+    sess = ChunkSession(folder, provider="cuda" if device.startswith("cuda") else "cpu")
+    if sess.fixed_chunks and chunk != sess.chunk_size:
+        raise InputError(f"--chunk-size {chunk}: {folder} takes chunks of exactly {sess.chunk_size} tokens "
+                         f"(use --chunk-size {sess.chunk_size})")
+
+    def step(ids, state):
+        logits = sess.step(np.ascontiguousarray(ids.cpu().numpy(), dtype=np.int64), state)
+        return torch.from_numpy(logits), state
+
+    return step, sess.new_state
+
+
+def _ort_vocab(folder: str) -> int:
+    try:
+        from exporters.runtime.session import load_manifest
+    except ImportError:
+        raise InputError("--runtime ort: exporters.runtime is not available in this installation") from None
+    return int(load_manifest(folder).vocab_size)
 
 
 @click.command("eval")
@@ -84,7 +105,7 @@ def _ort_runner(folder: str, device: str):
 @click.option("--min-tokens", default=None, type=int, help="Skip documents shorter than this (default: --context).")
 @click.option("--chunk-size", default=512, show_default=True, type=int, help="Tokens per streaming step.")
 @click.option("--runtime", default="torch", show_default=True, type=click.Choice(["torch", "ort"]),
-              help="ort: MODEL is an exported ONNX folder run by onnxruntime.")
+              help="ort: MODEL is an exported ONNX folder (export-onnx) run by onnxruntime.")
 @click.option("--base", "base", default=None, type=click.Path(), help="Also evaluate this base model.")
 @click.option("--baseline", "baseline", default=None, type=click.Path(), help="Also evaluate this calibrated baseline.")
 @click.option("--dynamic-eval", is_flag=True, help="Also run dynamic evaluation of the base model (--base, else "
@@ -120,7 +141,7 @@ def eval_cmd(model, data, ext, context, min_tokens, chunk_size, runtime, base, b
     dt = DTYPES[dtype]
     runners, primary = {}, None
     if runtime == "ort":
-        runners["onnx"] = _ort_runner(model, device)
+        runners["onnx"] = _ort_runner(model, device, chunk_size)
     else:
         primary = ev.load_eval_model(model, device, dt)
         runners[ev.model_name(primary)] = ev.torch_runner(primary)
@@ -147,13 +168,12 @@ def _vocab_and_tokenizer_source(model, base, runtime, context):
     """(vocab size, folder whose tokenizer reads text data); refuses a context beyond the model's."""
     from ..checkpoint import open_checkpoint
 
-    if runtime == "ort" and not base:
-        raise InputError("--runtime ort needs --base (the checkpoint that gives the vocabulary and tokenizer)")
-    src = base if runtime == "ort" else model
-    cfg = open_checkpoint(src).config
+    if runtime == "ort":
+        return _ort_vocab(model), model
+    cfg = open_checkpoint(model).config
     if context > cfg.max_position_embeddings:
-        raise InputError(f"--context {context} is longer than {src}'s max_position_embeddings {cfg.max_position_embeddings}")
-    return cfg.vocab_size, src
+        raise InputError(f"--context {context} is longer than {model}'s max_position_embeddings {cfg.max_position_embeddings}")
+    return cfg.vocab_size, model
 
 
 def _tokenizer(path):

@@ -5,6 +5,8 @@ The state is a flat ``dict`` of tensors::
 
     position                      [B]                 int64, tokens seen so far
     past_key_values.{i}.key|value [B, H_kv, P, hd]    growing, or the last W-1 keys with a window
+                                                      (``init_state(fixed_window=True)``: always W-1 slots,
+                                                      zero padding at negative positions, never attended)
     fast_weights.{owner}.{name}   (mechanism-defined)  see fastweights/base.py
 
     past state --> step(input_ids [B, C]) --> logits [B, C, V], present state

@@ -1,0 +1,29 @@
+"""``fwconvert eval --runtime ort`` streams an exported graph through onnxruntime and gets the same
+perplexity by position as the torch model it came from."""
+import json
+
+import pytest
+
+from fwconvert.config import FWLConfig
+from test_calibrate_support import save_tiny, write_token_docs
+
+
+@pytest.mark.slow
+def test_ort_eval_matches_torch_eval(tmp_path, capsys):
+    from exporters.onnx.export import export_onnx
+    from fwconvert.cli.main import main
+
+    model = save_tiny(tmp_path / "fwl", FWLConfig(size=64, chunk_size=16))
+    onnx_dir = export_onnx(model, str(tmp_path / "onnx"))
+    data = write_token_docs(tmp_path / "data", n=2, length=200)
+    results = {}
+    for runtime, path in (("torch", model), ("ort", onnx_dir)):
+        capsys.readouterr()
+        with pytest.raises(SystemExit) as e:
+            main(["eval", path, "--data", data, "--context", "128", "--chunk-size", "32", "--runtime", runtime, "--json"])
+        assert e.value.code == 0
+        results[runtime] = json.loads(capsys.readouterr().out)
+    t, o = results["torch"], results["ort"]
+    assert o["documents"] == t["documents"] == 2
+    assert o["perplexity"] == pytest.approx(t["perplexity"], rel=1e-4)
+    assert o["by_position"] == pytest.approx(t["by_position"], rel=1e-4)

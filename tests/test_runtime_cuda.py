@@ -1,0 +1,32 @@
+"""CUDA execution provider (skipped without a GPU): state stays on the device (IO binding, ping-pong),
+fp32 with TF32 off within 1e-4 of torch fp32, fp16 within 1e-2; base, FWL and in-place tiny models."""
+import pytest
+import torch
+
+from exporters.onnx.export import export_onnx
+from exporters.runtime.session import ChunkSession
+from exporters.verify import verify
+from test_onnx_common import tiny_model
+
+
+def _cuda_ep() -> bool:
+    import onnxruntime as ort
+
+    return torch.cuda.is_available() and "CUDAExecutionProvider" in ort.get_available_providers()
+
+
+pytestmark = pytest.mark.skipif(not _cuda_ep(), reason="needs a CUDA GPU and onnxruntime-gpu's CUDA provider")
+
+
+@pytest.mark.parametrize("kind", ["base", "fwl", "inplace"])
+@pytest.mark.parametrize("dtype", ["fp32", "fp16"])
+def test_cuda_verify(tmp_path, kind, dtype):
+    model = tiny_model("qwen3", kind, seed=4)
+    out = export_onnx(model, str(tmp_path / "onnx"), chunk_size=8, dtype=dtype)
+    s = ChunkSession(out, provider="cuda")
+    assert s.device == "cuda" and "TF32 off" in s.provider_note
+    st = s.new_state(2)
+    assert all(v.device_name().lower() == "cuda" for v in st.cur.values())
+    rep = verify(out, against=model, chunks=16, provider="cuda", batch=2)
+    assert rep.passed, rep.worst()
+    print(kind, dtype, rep.worst())
