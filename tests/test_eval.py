@@ -163,3 +163,13 @@ def test_cli_eval_refuses_a_context_beyond_the_model(calibrated, capsys):
     with pytest.raises(SystemExit) as e:
         main(["eval", cal, "--data", data, "--context", "100000"])
     assert e.value.code == 3 and "max_position_embeddings" in capsys.readouterr().err
+
+
+def test_cli_eval_split_from_another_folder(calibrated, capsys):
+    from fwconvert.cli.main import main
+
+    cal, base, data, rec = calibrated
+    with pytest.raises(SystemExit) as e:  # base has no calibration record; the split comes from cal
+        main(["eval", base, "--data", data, "--context", "128", "--split-from", cal, "--json"])
+    assert e.value.code == 0
+    assert json.loads(capsys.readouterr().out)["documents"] == len(rec["data"]["heldout"])

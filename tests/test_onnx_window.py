@@ -54,11 +54,14 @@ def test_window_matches_torch_window_model(window_export):
     assert np.allclose(last2[:, -1], got[:, -1], atol=1e-5)
 
 
-def test_window_full_attention_refused_for_window_model(window_export, tmp_path, capsys):
+def test_bad_attention_options_refused(window_export, tmp_path, capsys):
     src, _ = window_export
     with pytest.raises(SystemExit) as e:
         main(["export-onnx", src, "-o", str(tmp_path / "x"), "--attention", "window"])
     assert e.value.code == 3 and "--window" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as e:
+        main(["export-onnx", src, "-o", str(tmp_path / "x"), "--attention", "full", "--window", "4"])
+    assert e.value.code == 3 and "needs --attention window" in capsys.readouterr().err
     assert not os.path.exists(tmp_path / "x")
 
 
@@ -88,3 +91,20 @@ def test_perturbed_initializer_fails_verify(window_export, tmp_path, capsys):
         main(["verify", out, "--chunks", "16", "--json"])
     assert e.value.code == 0
     assert json.loads(capsys.readouterr().out)["passed"]
+
+
+def test_failed_export_keeps_previous_output(window_export, monkeypatch):
+    src, out = window_export
+    before = sorted(os.listdir(out))
+    stamp = os.stat(os.path.join(out, "model.onnx")).st_mtime_ns
+
+    def boom(*a, **k):
+        from fwconvert.errors import NumericError
+        raise NumericError("injected failure after the graph was written")
+
+    monkeypatch.setattr("exporters.onnx.export.smoke_check", boom)
+    with pytest.raises(Exception, match="injected failure"):
+        export_onnx(src, out, chunk_size=4, attention="window", window=W, force=True)
+    assert sorted(os.listdir(out)) == before
+    assert os.stat(os.path.join(out, "model.onnx")).st_mtime_ns == stamp
+    assert not [n for n in os.listdir(os.path.dirname(out)) if "staging" in n or ".old-" in n]

@@ -4,6 +4,7 @@
 """
 from __future__ import annotations
 
+import logging
 import os
 import warnings
 from typing import Dict, List
@@ -57,6 +58,7 @@ def export_program(model: DecoderLM, fixed_window: bool, dtype: str, *, opset: i
     wrapper = ChunkStep(model, keys, aligned=True).eval()
     names_in = ["input_ids"] + [input_name(k) for k in keys]
     names_out = ["logits"] + [output_name(k) for k in keys]
+    logging.getLogger("torch.onnx._internal.exporter._registration").setLevel(logging.ERROR)  # torchvision notes
     with warnings.catch_warnings(), torch.no_grad():
         warnings.simplefilter("ignore")
         try:

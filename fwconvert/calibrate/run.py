@@ -10,7 +10,7 @@ import json
 import math
 import os
 import shutil
-from typing import Callable, Optional, Sequence
+from typing import Callable, Sequence
 
 import torch
 

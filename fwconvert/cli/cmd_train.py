@@ -114,6 +114,8 @@ def _ort_vocab(folder: str) -> int:
 @click.option("--dynamic-eval-lr", default=None, type=float, help="Adam lr (default: 1e-4 all, 3e-4 down_proj).")
 @click.option("--split", default="auto", show_default=True, type=click.Choice(["auto", "heldout", "all"]),
               help="auto: the held-out documents when MODEL's manifest records a calibration split.")
+@click.option("--split-from", default=None, type=click.Path(),
+              help="Read the calibration split from this model folder instead of MODEL (e.g. for an ONNX export).")
 @click.option("--max-docs", default=None, type=int, help="Evaluate at most N documents.")
 @click.option("--batch-size", default=1, show_default=True, type=int, help="Documents streamed together.")
 @click.option("--device", default="cpu", show_default=True)
@@ -121,7 +123,7 @@ def _ort_vocab(folder: str) -> int:
 @click.option("--plot", default=None, type=click.Path(), help="Write a PNG of loss against position.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
 def eval_cmd(model, data, ext, context, min_tokens, chunk_size, runtime, base, baseline, dynamic_eval,
-             dynamic_eval_params, dynamic_eval_lr, split, max_docs, batch_size, device, dtype, plot, as_json):
+             dynamic_eval_params, dynamic_eval_lr, split, split_from, max_docs, batch_size, device, dtype, plot, as_json):
     """Perplexity by position over long documents, streamed in chunks with the state carried."""
     from .. import evaluate as ev
     from ..calibrate.data import load_documents
@@ -135,11 +137,12 @@ def eval_cmd(model, data, ext, context, min_tokens, chunk_size, runtime, base, b
         if not torch.cuda.is_available():
             raise InputError(f"--device {device}: no CUDA device is available")
     ev.bucket_edges(context)
-    vocab, tok_src = _vocab_and_tokenizer_source(model, base, runtime, context)
+    vocab, tok_src = _vocab_and_tokenizer_source(model, runtime, context)
     docs = load_documents(list(data), vocab, lambda: _tokenizer(tok_src), exts=_exts(ext))
-    docs = ev.select_documents(docs, context, split, ev.heldout_keys(model), min_tokens, max_docs)
+    docs = ev.select_documents(docs, context, split, ev.heldout_keys(split_from or model), min_tokens,
+                               max_docs)
     dt = DTYPES[dtype]
-    runners, primary = {}, None
+    runners = {}
     if runtime == "ort":
         runners["onnx"] = _ort_runner(model, device, chunk_size)
     else:
@@ -164,7 +167,7 @@ def eval_cmd(model, data, ext, context, min_tokens, chunk_size, runtime, base, b
     _print_eval(result, as_json)
 
 
-def _vocab_and_tokenizer_source(model, base, runtime, context):
+def _vocab_and_tokenizer_source(model, runtime, context):
     """(vocab size, folder whose tokenizer reads text data); refuses a context beyond the model's."""
     from ..checkpoint import open_checkpoint
 
