@@ -39,11 +39,16 @@ def _imports(path):
                 yield node.module or ""
 
 
+# The CLI is the top of the house: it may import anything (lazily, inside commands).
+EXEMPT = (os.path.join("fwconvert", "cli") + os.sep,)
+
+
 def _files(where):
     full = os.path.join(ROOT, where)
     if os.path.isfile(full):
         return [full]
-    return [os.path.join(d, f) for d, _, fs in os.walk(full) for f in fs if f.endswith(".py")]
+    files = [os.path.join(d, f) for d, _, fs in os.walk(full) for f in fs if f.endswith(".py")]
+    return [f for f in files if not os.path.relpath(f, ROOT).startswith(EXEMPT)]
 
 
 @pytest.mark.parametrize("where,banned", list(FORBIDDEN.items()) + [(k, tuple(b for b in v if b != ".")) for k, v in LAYERS.items()])

@@ -5,9 +5,11 @@ Loading streams tensors (one shard at a time from the checkpoint reader) straigh
 """
 from __future__ import annotations
 
+import contextlib
 from typing import Iterable, Optional, Tuple
 
 import torch
+from torch import nn
 
 from ..config import FWLConfig, InPlaceTTTConfig, ModelConfig
 from ..errors import InputError
@@ -36,7 +38,32 @@ def attach_fast_weights(model: DecoderLM, fast_weights) -> DecoderLM:
     return model
 
 
+@contextlib.contextmanager
+def _parameters_on_meta():
+    """Create every new parameter on the meta device (no memory, no init cost).
+
+    Cheaper than ``with torch.device("meta")``, whose function mode imports torch._dynamo (seconds per process)."""
+    orig = nn.Module.register_parameter
+
+    def register(module, name, param):
+        orig(module, name, param)
+        if param is not None and param.device.type != "meta":
+            p = module._parameters[name]
+            module._parameters[name] = nn.Parameter(p.to("meta"), requires_grad=p.requires_grad)
+
+    nn.Module.register_parameter = register
+    try:
+        yield
+    finally:
+        nn.Module.register_parameter = orig
+
+
 def build_model(cfg: ModelConfig, fast_weights=None, window: Optional[int] = None, device="meta") -> DecoderLM:
+    if str(device) == "meta":
+        with _parameters_on_meta():
+            model = DecoderLM(cfg, window=window)
+            attach_fast_weights(model, fast_weights)
+        return model
     with torch.device(device):
         model = DecoderLM(cfg, window=window)
         attach_fast_weights(model, fast_weights)
