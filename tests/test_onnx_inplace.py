@@ -12,7 +12,6 @@ from exporters.verify import verify
 from fwconvert.config import TOLERANCES
 from fwconvert.errors import InputError
 from test_onnx_common import tiny_model
-from tiny import rel_err
 
 TOL = TOLERANCES["ort_fp32_vs_torch_fp32"].rel
 

@@ -18,7 +18,7 @@ from typing import Optional, Union
 import torch
 
 from fwconvert.config import TOLERANCES, fast_weights_to_dict
-from fwconvert.errors import InputError, NumericError, OutputError
+from fwconvert.errors import InputError, OutputError
 from fwconvert.modeling.decoder import DecoderLM
 
 from .graph import build_manifest, check_graph, export_program, smoke_check
@@ -167,4 +167,4 @@ def export_onnx(model_or_path: Union[str, os.PathLike, DecoderLM], out: str, *, 
     return out
 
 
-__all__ = ["export_onnx", "OPSET", "IR_VERSION", "NumericError"]
+__all__ = ["export_onnx", "OPSET", "IR_VERSION"]

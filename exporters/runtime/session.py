@@ -8,7 +8,7 @@ numpy + onnxruntime only (no torch).
 from __future__ import annotations
 
 import os
-from typing import Dict, Optional
+from typing import Optional
 
 import numpy as np
 

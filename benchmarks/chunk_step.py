@@ -1,0 +1,161 @@
+"""Chunk-step time on the GPU, side by side in one run: transformers eager and torch.compile on the base
+model vs our exported base / FWL / in-place graphs on onnxruntime CUDA (state on the device, IO binding).
+
+    python benchmarks/chunk_step.py --gguf SmolLM2.gguf --graph base=DIR --graph fwl=DIR --graph ttt=DIR \
+        --out-md results.md --out-json results.json
+
+Times one C-token chunk from an empty past (median of --iters after warm-up; the device is synchronised
+around every call) and the streaming of one long document in C-token chunks (tokens/s).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import time
+
+import numpy as np
+
+from common import chunk_floor_ms, markdown_table, measured_rates, time_fn
+
+
+def transformers_model(gguf: str, torch):
+    import transformers
+
+    m = transformers.AutoModelForCausalLM.from_pretrained(os.path.dirname(gguf), gguf_file=os.path.basename(gguf),
+                                                          torch_dtype=torch.bfloat16)
+    return m.to("cuda").eval()
+
+
+def bench_torch(model, batch, chunk, vocab, torch, iters):
+    ids = torch.randint(0, vocab, (batch, chunk), device="cuda")
+
+    def run():
+        with torch.no_grad():
+            model(input_ids=ids, use_cache=False)
+
+    return time_fn(run, 5, iters, torch.cuda.synchronize)
+
+
+def stream_torch(model, ids, chunk, torch):
+    """Eager transformers streaming with its KV cache; returns tokens/s."""
+    def run():
+        past = None
+        with torch.no_grad():
+            for a in range(0, ids.shape[1], chunk):
+                out = model(input_ids=ids[:, a:a + chunk], past_key_values=past, use_cache=True)
+                past = out.past_key_values
+    run()
+    torch.cuda.synchronize()
+    t = time.perf_counter()
+    run()
+    torch.cuda.synchronize()
+    return ids.numel() / (time.perf_counter() - t)
+
+
+def bench_graph(folder, batch, chunk, iters, device="cuda"):
+    """One chunk from an empty past with the state bound on the device; the run alone is timed."""
+    from exporters.runtime.session import ChunkSession
+
+    sess = ChunkSession(folder, provider=device)
+    assert sess.device == device, sess.provider_note
+    state = sess.new_state(batch)
+    ids = np.random.default_rng(0).integers(0, sess.manifest.vocab_size, (batch, chunk), dtype=np.int64)
+    b = sess.sess.io_binding()
+    b.bind_ortvalue_input("input_ids", state._put(ids))
+    for name, value in state.cur.items():
+        b.bind_ortvalue_input(name, value)
+    b.bind_output("logits", device, 0)
+    for s in state.specs:
+        if state.fixed[s.input]:
+            b.bind_ortvalue_output(s.output, state.spare[s.input])
+        else:
+            b.bind_output(s.output, device, 0)
+    b.synchronize_inputs()
+    return time_fn(lambda: sess.sess.run_with_iobinding(b), 5, iters, b.synchronize_outputs)
+
+
+def stream_graph(folder, ids, chunk, device="cuda"):
+    from exporters.runtime.session import ChunkSession
+
+    sess = ChunkSession(folder, provider=device)
+
+    def run():
+        state = sess.new_state(ids.shape[0])
+        for a in range(0, ids.shape[1], chunk):
+            sess.step(ids[:, a:a + chunk], state, fetch=False)
+        return state
+
+    run()
+    t = time.perf_counter()
+    st = run()
+    st.position()  # device -> host: waits for the last step
+    return ids.size / (time.perf_counter() - t)
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--gguf", required=True)
+    ap.add_argument("--graph", action="append", default=[], help="NAME=EXPORTED_FOLDER (fp16 graphs)")
+    ap.add_argument("--chunk", type=int, default=512)
+    ap.add_argument("--batches", type=int, nargs="+", default=[1, 8])
+    ap.add_argument("--iters", type=int, default=30)
+    ap.add_argument("--doc", default=None, help="a long text file for the streaming measurement")
+    ap.add_argument("--doc-tokens", type=int, default=8192)
+    ap.add_argument("--out-md", required=True)
+    ap.add_argument("--out-json", required=True)
+    args = ap.parse_args()
+    import torch
+
+    rates = measured_rates(torch)
+    hf = transformers_model(args.gguf, torch)
+    cfg = hf.config.to_dict()
+    vocab = cfg["vocab_size"]
+    compiled = torch.compile(hf)
+    rows, results = [], {"device": torch.cuda.get_device_name(0), "torch": torch.__version__, "date": time.strftime("%Y-%m-%d"),
+                         "rates": rates, "chunk": args.chunk, "step_ms": {}, "stream_tokens_per_s": {}}
+    import onnxruntime
+
+    results["onnxruntime"] = onnxruntime.__version__
+    graphs = dict(g.split("=", 1) for g in args.graph)
+    for batch in args.batches:
+        floor = chunk_floor_ms(cfg, batch, args.chunk, 0, rates)
+        times = {"transformers eager (bf16)": bench_torch(hf, batch, args.chunk, vocab, torch, args.iters),
+                 "torch.compile (bf16)": bench_torch(compiled, batch, args.chunk, vocab, torch, args.iters)}
+        for name, folder in graphs.items():
+            times[f"ours: {name} graph (ORT CUDA fp16)"] = bench_graph(folder, batch, args.chunk, args.iters)
+        base_ms = next((v for k, v in times.items() if k.startswith("ours: base")), None)
+        for path, ms in times.items():
+            rows.append({"path": path, "batch": batch, "ms/chunk": f"{ms:.2f}", "× floor": f"{ms / floor['floor_ms']:.1f}",
+                         "× our base graph": f"{ms / base_ms:.2f}" if base_ms else ""})
+        results["step_ms"][str(batch)] = {**times, "floor_ms": floor["floor_ms"]}
+    if args.doc:
+        from fwconvert.tokenizer import load_tokenizer
+
+        tok = load_tokenizer(args.gguf)
+        ids_list = tok.encode(open(args.doc, encoding="utf-8").read())[: args.doc_tokens]
+        ids_np = np.asarray([ids_list], dtype=np.int64)
+        stream = {"transformers eager (bf16)": stream_torch(hf, torch.tensor(ids_np, device="cuda"), args.chunk, torch)}
+        for name, folder in graphs.items():
+            stream[f"ours: {name} graph (ORT CUDA fp16)"] = stream_graph(folder, ids_np, args.chunk)
+        results["stream_tokens_per_s"] = stream
+        results["stream_tokens"] = int(ids_np.shape[1])
+    md = [f"Device: {results['device']}; torch {torch.__version__}; onnxruntime {results['onnxruntime']}; "
+          f"{platform.python_version()}; {results['date']}. Chunk C = {args.chunk}, empty past, median of {args.iters}.",
+          f"Measured: bf16 matmul {rates['matmul_flops'] / 1e12:.0f} TFLOP/s, copy {rates['copy_bytes_per_s'] / 1e12:.2f} TB/s.", "",
+          markdown_table(rows, ["path", "batch", "ms/chunk", "× floor", "× our base graph"])]
+    if results["stream_tokens_per_s"]:
+        eager = results["stream_tokens_per_s"]["transformers eager (bf16)"]
+        md += ["", f"Streaming one {results['stream_tokens']}-token document in {args.chunk}-token chunks (batch 1, KV cache growing):", "",
+               markdown_table([{"path": k, "tokens/s": f"{v:,.0f}", "× eager": f"{v / eager:.1f}"}
+                               for k, v in results["stream_tokens_per_s"].items()], ["path", "tokens/s", "× eager"])]
+    with open(args.out_md, "w") as f:
+        f.write("\n".join(md) + "\n")
+    with open(args.out_json, "w") as f:
+        json.dump(results, f, indent=2)
+    print("\n".join(md))
+
+
+if __name__ == "__main__":
+    main()

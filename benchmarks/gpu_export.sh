@@ -1,0 +1,22 @@
+#!/usr/bin/env bash
+# On the GPU machine, after gpu_calibrate.sh: export base / FWL / in-place graphs (fp32 and fp16, C = 512),
+# verify them on the CUDA provider, check fp16 perplexity on an 8k-token document, then the chunk-step benchmark.
+set -uo pipefail
+export PYTHONPATH=/tmp/fw-site:$PWD PYTHONUNBUFFERED=1
+G=/tmp/fw-assets/SmolLM2-135M-Instruct.Q4_1.gguf; W=/tmp/w; OUT=${OUT:-/tmp/out}; PART=${PART:-all}
+t() { local s=$SECONDS; echo "+ $*"; "$@"; local rc=$?; echo "  (rc $rc, $((SECONDS - s)) s)"; return $rc; }
+DOC=$(python3 -c "import sysconfig, os; print(os.path.join(sysconfig.get_paths()['stdlib'], 'typing.py'))")
+if [ "$PART" = all ] || [ "$PART" = export ]; then
+  for m in fwl ttt; do
+    for d in fp32 fp16; do t python3 -m fwconvert export-onnx $W/$m-cal -o $W/$m-$d --chunk-size 512 --dtype $d --force; done
+    t python3 -m fwconvert verify $W/$m-fp32 --provider cuda --chunks 16 --json > "$OUT/verify-$m-fp32.json"; tail -c 600 "$OUT/verify-$m-fp32.json"; echo
+    t python3 -m fwconvert verify $W/$m-fp16 --provider cuda --chunks 16 --json > "$OUT/verify-$m-fp16.json"; tail -c 600 "$OUT/verify-$m-fp16.json"; echo
+    t python3 benchmarks/ppl_check.py $W/$m-cal $W/$m-fp16 "$DOC" | tee "$OUT/ppl-$m-fp16.json"
+  done
+  t python3 -m fwconvert export-onnx "$G" -o $W/base-fp16 --chunk-size 512 --dtype fp16 --force \
+    || t python3 -m fwconvert export-onnx $W/fwl-baseline -o $W/base-fp16 --chunk-size 512 --dtype fp16 --force
+fi
+if [ "$PART" = all ] || [ "$PART" = bench ]; then
+  cd benchmarks && t python3 chunk_step.py --gguf "$G" --graph base=$W/base-fp16 --graph fwl=$W/fwl-fp16 --graph ttt=$W/ttt-fp16 \
+     --doc "$DOC" --out-md "$OUT/chunk-step.md" --out-json "$OUT/chunk-step.json"
+fi
