@@ -7,13 +7,13 @@ G=/tmp/fw-assets/SmolLM2-135M-Instruct.Q4_1.gguf; W=/tmp/w; OUT=${OUT:-/tmp/out}
 t() { local s=$SECONDS; echo "+ $*"; "$@"; local rc=$?; echo "  (rc $rc, $((SECONDS - s)) s)"; return $rc; }
 DOC=$(python3 -c "import sysconfig, os; print(os.path.join(sysconfig.get_paths()['stdlib'], 'typing.py'))")
 if [ "$PART" = all ] || [ "$PART" = export ]; then
-  for m in fwl ttt; do
+  for m in ${MODELS:-fwl ttt}; do
     for d in fp32 fp16; do t python3 -m fwconvert export-onnx $W/$m-cal -o $W/$m-$d --chunk-size 512 --dtype $d --force; done
     t python3 -m fwconvert verify $W/$m-fp32 --provider cuda --chunks 16 --json > "$OUT/verify-$m-fp32.json"; tail -c 600 "$OUT/verify-$m-fp32.json"; echo
     t python3 -m fwconvert verify $W/$m-fp16 --provider cuda --chunks 16 --json > "$OUT/verify-$m-fp16.json"; tail -c 600 "$OUT/verify-$m-fp16.json"; echo
     t python3 benchmarks/ppl_check.py $W/$m-cal $W/$m-fp16 "$DOC" | tee "$OUT/ppl-$m-fp16.json"
   done
-  t python3 -m fwconvert export-onnx "$G" -o $W/base-fp16 --chunk-size 512 --dtype fp16 --force \
+  [ "${BASE:-1}" = 1 ] && t python3 -m fwconvert export-onnx "$G" -o $W/base-fp16 --chunk-size 512 --dtype fp16 --force \
     || t python3 -m fwconvert export-onnx $W/fwl-baseline -o $W/base-fp16 --chunk-size 512 --dtype fp16 --force
 fi
 if [ "$PART" = all ] || [ "$PART" = bench ]; then
