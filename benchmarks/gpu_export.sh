@@ -13,8 +13,10 @@ if [ "$PART" = all ] || [ "$PART" = export ]; then
     t python3 -m fwconvert verify $W/$m-fp16 --provider cuda --chunks 16 --json > "$OUT/verify-$m-fp16.json"; tail -c 600 "$OUT/verify-$m-fp16.json"; echo
     t python3 benchmarks/ppl_check.py $W/$m-cal $W/$m-fp16 "$DOC" | tee "$OUT/ppl-$m-fp16.json"
   done
-  [ "${BASE:-1}" = 1 ] && t python3 -m fwconvert export-onnx "$G" -o $W/base-fp16 --chunk-size 512 --dtype fp16 --force \
-    || t python3 -m fwconvert export-onnx $W/fwl-baseline -o $W/base-fp16 --chunk-size 512 --dtype fp16 --force
+  if [ "${BASE:-1}" = 1 ]; then
+    t python3 -m fwconvert export-onnx "$G" -o $W/base-fp16 --chunk-size 512 --dtype fp16 --force \
+      || t python3 -m fwconvert export-onnx $W/fwl-baseline -o $W/base-fp16 --chunk-size 512 --dtype fp16 --force
+  fi
 fi
 if [ "$PART" = all ] || [ "$PART" = bench ]; then
   cd benchmarks && t python3 chunk_step.py --gguf "$G" --graph base=$W/base-fp16 --graph fwl=$W/fwl-fp16 --graph ttt=$W/ttt-fp16 \
