@@ -68,7 +68,9 @@ def _with_tensors(edit):
 
 def _index_traversal(tmp):
     os.mkfifo(tmp / "x.safetensors")  # opening it would hang (the test has a timeout)
-    return sharded_model(tmp / "in", index_edit=lambda ix: ix["weight_map"].update({"model.norm.weight": "../x.safetensors"}))
+    def edit(index):
+        index["weight_map"]["model.norm.weight"] = "../x.safetensors"
+    return sharded_model(tmp / "in", index_edit=edit)
 
 
 def _pickle_only(tmp):
@@ -102,31 +104,37 @@ def _bad_dtype_file(tmp):
     return d
 
 
-# name -> (builder, expected exit code per command; a command missing from the dict is not applicable)
+# name -> (builder, expected exit code per command (a command missing from the dict is not applicable),
+#          a text the one-line message must contain: the file, key or tensor at fault)
 ALL3 = {c: EXIT_INPUT for c in MODEL_CMDS}
 CASES = {
-    "path_missing": (lambda tmp: str(tmp / "nope"), ALL3),
-    "config_missing": (_config_missing, ALL3),
-    "config_truncated": (_config_text('{"model_type": "llama", "hidden_size": 1'), ALL3),
-    "config_dup_key": (_config_text('{"model_type": "llama", "model_type": "llama"}'), ALL3),
-    "config_nan": (_config_text('{"model_type": "llama", "rms_norm_eps": NaN}'), ALL3),
-    "config_deep": (_config_text("[" * 100000 + "]" * 100000), ALL3),
-    "hidden_huge": (_config_values(hidden_size=2 ** 40), ALL3),
-    "hidden_bool": (_config_values(hidden_size=True), ALL3),
-    "heads_not_dividing": (_config_values(num_attention_heads=5), ALL3),
-    "model_type_bert": (_config_values(model_type="bert"), ALL3),
-    "st_empty": (_shard_bytes(b""), ALL3),
-    "st_header_too_long": (_shard_bytes(struct.pack("<Q", 1000) + b"{}"), ALL3),
-    "st_trailing": (_shard_bytes(st_bytes(small_tensors(), trailing=b"PK\x03\x04")), ALL3),
+    "path_missing": (lambda tmp: str(tmp / "nope"), ALL3, 'nope'),
+    "config_missing": (_config_missing, ALL3, 'config.json'),
+    "config_truncated": (_config_text('{"model_type": "llama", "hidden_size": 1'), ALL3, 'config.json'),
+    "config_dup_key": (_config_text('{"model_type": "llama", "model_type": "llama"}'), ALL3,
+                       "duplicate key 'model_type'"),
+    "config_nan": (_config_text('{"model_type": "llama", "rms_norm_eps": NaN}'), ALL3, 'NaN'),
+    "config_deep": (_config_text("[" * 100000 + "]" * 100000), ALL3, 'config.json'),
+    "hidden_huge": (_config_values(hidden_size=2 ** 40), ALL3, 'hidden_size'),
+    "hidden_bool": (_config_values(hidden_size=True), ALL3, 'hidden_size'),
+    "heads_not_dividing": (_config_values(num_attention_heads=5), ALL3, 'divide'),
+    "model_type_bert": (_config_values(model_type="bert"), ALL3, 'bert'),
+    "st_empty": (_shard_bytes(b""), ALL3, 'model.safetensors'),
+    "st_header_too_long": (_shard_bytes(struct.pack("<Q", 1000) + b"{}"), ALL3, 'model.safetensors'),
+    "st_trailing": (_shard_bytes(st_bytes(small_tensors(), trailing=b"PK\x03\x04")), ALL3, 'trailing bytes'),
     "st_overlap": (_shard_bytes(raw_st({"a": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]},
-                                        "b": {"dtype": "F32", "shape": [2], "data_offsets": [4, 12]}}, bytes(12))), ALL3),
-    "dtype_not_allowed": (_bad_dtype_file, ALL3),
-    "tensor_missing": (_with_tensors(lambda t: t.pop("model.layers.1.mlp.down_proj.weight")), ALL3),
-    "tensor_unexpected": (_with_tensors(lambda t: t.update({"extra.weight": np.zeros(2, np.float32)})), ALL3),
-    "index_traversal": (_index_traversal, ALL3),
-    "pickle_only": (_pickle_only, ALL3),
-    "fifo_shard": (_fifo_shard, ALL3),
-    "nonfinite_weight": (_with_tensors(_nan), {"add-fwl": EXIT_NUMERIC, "mark-fast": EXIT_NUMERIC}),
+                                        "b": {"dtype": "F32", "shape": [2], "data_offsets": [4, 12]}}, bytes(12))),
+                   ALL3, 'overlaps'),
+    "dtype_not_allowed": (_bad_dtype_file, ALL3, 'model.norm.weight'),
+    "tensor_missing": (_with_tensors(lambda t: t.pop("model.layers.1.mlp.down_proj.weight")), ALL3,
+                       "model.layers.1.mlp.down_proj.weight"),
+    "tensor_unexpected": (_with_tensors(lambda t: t.update({"extra.weight": np.zeros(2, np.float32)})), ALL3,
+                          "extra.weight"),
+    "index_traversal": (_index_traversal, ALL3, "weight_map['model.norm.weight']"),
+    "pickle_only": (_pickle_only, ALL3, 'pickle'),
+    "fifo_shard": (_fifo_shard, ALL3, 'not a regular file'),
+    "nonfinite_weight": (_with_tensors(_nan), {c: EXIT_NUMERIC for c in WRITERS},
+                         "model.norm.weight"),
 }
 
 
@@ -167,17 +175,18 @@ def _argv(cmd, src, out):
     return [cmd, src, *MODEL_CMDS[cmd]] + (["-o", out] if cmd in WRITERS else [])
 
 
-SWEEP = [(name, cmd) for name, (_, codes) in CASES.items() for cmd in MODEL_CMDS if cmd in codes]
+SWEEP = [(name, cmd) for name, (_, codes, _) in CASES.items() for cmd in MODEL_CMDS if cmd in codes]
 
 
 @pytest.mark.timeout(60)
 @pytest.mark.parametrize("name,cmd", SWEEP, ids=[f"{n}-{c}" for n, c in SWEEP])
 def test_sweep_inprocess(tmp_path, name, cmd):
-    build, codes = CASES[name]
+    build, codes, needle = CASES[name]
     src = build(tmp_path)
     before = tree_snapshot(tmp_path)
     code, out, err = run_inproc(_argv(cmd, src, tmp_path / "out"))
     check_clean_error(code, out, err, codes[cmd])
+    assert needle in err, (needle, err)
     assert tree_snapshot(tmp_path) == before, "a failed command wrote or changed files"
 
 
@@ -215,7 +224,8 @@ def test_success_writes_only_the_output(tmp_path, cmd):
 
 EXPORT_OVERLAP_BUG = ("exporters/onnx/export.py _prepare_out does not check that --out overlaps the input: "
                       "`fwconvert export-onnx SRC -o SRC --force` exits 0 and replaces the source model folder with "
-                      "the export (model.safetensors and config.json are gone); `-o SRC/sub` exits 0 and writes inside the input")
+                      "the export (model.safetensors and config.json are gone); `-o SRC/sub` exits 0 and writes "
+                      "inside the input")
 CONFLICTS = [(cmd, where) for cmd in WRITERS for where in ("exists", "same", "inside")]
 
 
@@ -223,8 +233,15 @@ CONFLICTS = [(cmd, where) for cmd in WRITERS for where in ("exists", "same", "in
 @pytest.mark.parametrize("cmd,where", [
     pytest.param(c, w, marks=pytest.mark.xfail(strict=True, reason=EXPORT_OVERLAP_BUG))
     if c == "export-onnx" and w != "exists" else (c, w) for c, w in CONFLICTS], ids=[f"{c}-{w}" for c, w in CONFLICTS])
-def test_output_conflicts(tmp_path, cmd, where):
-    """An existing --out without --force, or --out equal to / inside the input: exit 4, nothing touched."""
+def test_output_conflicts(tmp_path, monkeypatch, cmd, where):
+    """An existing --out without --force, or --out equal to / inside the input: exit 4, nothing touched.
+    The graph export itself is stubbed to fail loudly: the refusal must come from the preflight."""
+    import exporters.onnx.export as E
+
+    def heavy(*a, **k):
+        raise RuntimeError("the ONNX export started before the output path was checked")
+
+    monkeypatch.setattr(E, "export_program", heavy)
     src = single_file_model(tmp_path / "in")
     (tmp_path / "out").mkdir()
     (tmp_path / "out" / "keep.txt").write_text("precious")
@@ -233,6 +250,23 @@ def test_output_conflicts(tmp_path, cmd, where):
     code, out, err = run_inproc(_argv(cmd, src, out_path) + ([] if where == "exists" else ["--force"]))
     check_clean_error(code, out, err, EXIT_OUTPUT)
     assert tree_snapshot(tmp_path) == before
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+@pytest.mark.xfail(strict=True, reason="reliability test 17: exporters/onnx/export.py casts to fp16 without counting "
+                   "overflows; a weight of 1e5 is caught only later by the smoke check as 'exported graph "
+                   "disagrees with torch on its first step: logits rel nan' (exit 6, but the tensor and the "
+                   "overflow count are not named)")
+def test_fp16_export_overflow_is_named(tmp_path):
+    t = tiny_tensors(tiny_config())
+    t["model.layers.0.mlp.up_proj.weight"][0, :3] = [1e5, -1e5, 7e4]
+    src = single_file_model(tmp_path / "in", tensors=t)
+    before = tree_snapshot(tmp_path)
+    code, out, err = run_inproc(["export-onnx", src, "-o", tmp_path / "out", "--dtype", "fp16"])
+    check_clean_error(code, out, err, EXIT_NUMERIC)
+    assert tree_snapshot(tmp_path) == before
+    assert "overflow" in err and "model.layers.0.mlp.up_proj.weight" in err and "3" in err, err
 
 
 def _manifest():
@@ -290,11 +324,12 @@ SUBPROCESS = [("config_missing", "inspect"), ("st_trailing", "inspect"), ("nonfi
 @pytest.mark.timeout(180)
 @pytest.mark.parametrize("name,cmd", SUBPROCESS, ids=[f"{n}-{c}" for n, c in SUBPROCESS])
 def test_sweep_subprocess(tmp_path, name, cmd):
-    build, codes = CASES[name]
+    build, codes, needle = CASES[name]
     src = build(tmp_path)
     before = tree_snapshot(tmp_path)
     code, out, err = run_subprocess(_argv(cmd, src, tmp_path / "out"))
     check_clean_error(code, out, err, codes[cmd])
+    assert needle in err, (needle, err)
     assert tree_snapshot(tmp_path) == before
 
 

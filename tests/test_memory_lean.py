@@ -27,7 +27,8 @@ print(r.returncode, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 102
 """
 BASELINE = "import fwconvert.cli.main, fwconvert.convert, torch, safetensors.torch; torch.zeros(1) + 1"
 MERGE_ALL = ("import sys, os, torch, safetensors.torch as S; d = sys.argv[1]; "
-             "sd = {k: v for f in sorted(os.listdir(d)) if f.endswith('.safetensors') for k, v in S.load_file(os.path.join(d, f)).items()}; "
+             "files = [os.path.join(d, f) for f in sorted(os.listdir(d)) if f.endswith('.safetensors')]; "
+             "sd = {k: v for f in files for k, v in S.load_file(f).items()}; "
              "sd = {k: v.clone() for k, v in sd.items()}; "
              "torch.zeros(1) + 1")
 

@@ -60,3 +60,12 @@ def test_step_does_not_mutate_state():
     before = {k: v.clone() for k, v in s1.items()}
     m.step(torch.tensor([[4]]), s1)
     assert all(torch.equal(before[k], s1[k]) for k in before)
+
+
+def test_half_keeps_rotary_frequencies_fp32():
+    """An fp16 cast must not round inv_freq (it moved rope angles by radians at position 8k)."""
+    from fwconvert.modeling.rope import inverse_frequencies
+
+    m = _ours(make_hf_model("llama")).half()
+    assert m.inv_freq.dtype == torch.float32
+    assert torch.equal(m.inv_freq, inverse_frequencies(m.config))

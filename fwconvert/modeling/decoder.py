@@ -155,6 +155,14 @@ class DecoderLM(nn.Module):
         """Recompute non-persistent buffers (after building on the meta device)."""
         self.inv_freq = inverse_frequencies(self.config).to(self.model.norm.weight.device)
 
+    def _apply(self, fn, recurse=True):
+        # .half()/.to(dtype) must not round the rotary frequencies: an fp16 inv_freq puts the angle at
+        # position 8k off by radians (keys drifted 10% by position 8k in an fp16 export before this).
+        out = super()._apply(fn, recurse)
+        if self.inv_freq.dtype != torch.float32:
+            self.inv_freq = inverse_frequencies(self.config).to(self.inv_freq.device)
+        return out
+
     @property
     def unembed_weight(self) -> torch.Tensor:  # [V, D]
         return self.model.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
