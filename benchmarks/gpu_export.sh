@@ -9,8 +9,10 @@ DOC=$(python3 -c "import sysconfig, os; print(os.path.join(sysconfig.get_paths()
 if [ "$PART" = all ] || [ "$PART" = export ]; then
   for m in ${MODELS:-fwl ttt}; do
     for d in fp32 fp16; do t python3 -m fwconvert export-onnx $W/$m-cal -o $W/$m-$d --chunk-size 512 --dtype $d --force; done
-    t python3 -m fwconvert verify $W/$m-fp32 --provider cuda --chunks 16 --json > "$OUT/verify-$m-fp32.json"; tail -c 600 "$OUT/verify-$m-fp32.json"; echo
-    t python3 -m fwconvert verify $W/$m-fp16 --provider cuda --chunks 16 --json > "$OUT/verify-$m-fp16.json"; tail -c 600 "$OUT/verify-$m-fp16.json"; echo
+    for d in fp32 fp16; do
+      python3 -m fwconvert verify $W/$m-$d --provider cuda --chunks 16 --json > "$OUT/verify-$m-$d.json"
+      echo "verify $m $d: rc $?"; python3 -m fwconvert verify $W/$m-$d --provider cuda --chunks 16 | tail -3
+    done
     t python3 benchmarks/ppl_check.py $W/$m-cal $W/$m-fp16 "$DOC" | tee "$OUT/ppl-$m-fp16.json"
   done
   if [ "${BASE:-1}" = 1 ]; then
