@@ -222,17 +222,11 @@ def test_success_writes_only_the_output(tmp_path, cmd):
     assert os.path.isfile(tmp_path / "out" / "config.json")
 
 
-EXPORT_OVERLAP_BUG = ("exporters/onnx/export.py _prepare_out does not check that --out overlaps the input: "
-                      "`fwconvert export-onnx SRC -o SRC --force` exits 0 and replaces the source model folder with "
-                      "the export (model.safetensors and config.json are gone); `-o SRC/sub` exits 0 and writes "
-                      "inside the input")
 CONFLICTS = [(cmd, where) for cmd in WRITERS for where in ("exists", "same", "inside")]
 
 
 @pytest.mark.timeout(60)
-@pytest.mark.parametrize("cmd,where", [
-    pytest.param(c, w, marks=pytest.mark.xfail(strict=True, reason=EXPORT_OVERLAP_BUG))
-    if c == "export-onnx" and w != "exists" else (c, w) for c, w in CONFLICTS], ids=[f"{c}-{w}" for c, w in CONFLICTS])
+@pytest.mark.parametrize("cmd,where", CONFLICTS, ids=[f"{c}-{w}" for c, w in CONFLICTS])
 def test_output_conflicts(tmp_path, monkeypatch, cmd, where):
     """An existing --out without --force, or --out equal to / inside the input: exit 4, nothing touched.
     The graph export itself is stubbed to fail loudly: the refusal must come from the preflight."""

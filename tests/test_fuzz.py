@@ -198,9 +198,6 @@ def test_random_config_dicts_parse_config():
     check()
 
 
-@pytest.mark.xfail(strict=True, raises=TypeError, reason="fwconvert/families/__init__.py family_of looks up "
-                   "FAMILIES.get(model_type) without checking the type: a list/dict model_type (or base_model_type) "
-                   "raises TypeError 'unhashable type' instead of InputError (exit 1 instead of 3)")
 def test_unhashable_model_type_is_input_error():
     from fwconvert.families import parse_config
 

@@ -182,7 +182,11 @@ def test_fault_hooks_need_the_testing_flag(monkeypatch):
     assert W.faults() == {"after_shard": "1"}
 
 
-def test_leftover_staging_is_reported_not_reused(tmp_path, caplog):
+def test_leftover_staging_is_reported_not_reused(tmp_path, caplog, monkeypatch):
+    import logging
+
+    # the CLI turns propagation off once a command has run in this process; caplog listens at the root
+    monkeypatch.setattr(logging.getLogger("fwconvert"), "propagate", True)
     old = tmp_path / ".out.fwconvert-partial-1-dead"
     old.mkdir()
     (old / "model.safetensors").write_bytes(b"partial")

@@ -29,17 +29,11 @@ IR_VERSION = 10  # onnx 1.23 writes 14 by default; onnxruntime 1.31 accepts <= 1
 EXTERNAL_DATA_BYTES = 1_800_000_000  # below protobuf's 2 GiB limit, with headroom for the graph
 
 
-def _prepare_out(out: str, force: bool) -> str:
-    out = os.path.abspath(out)
-    if os.path.lexists(out):
-        if not force:
-            raise OutputError(f"{out}: already exists (use --force to replace it)")
-        if not os.path.isdir(out) or os.path.islink(out):
-            raise OutputError(f"{out}: exists and is not a folder; refusing to replace it")
-    parent = os.path.dirname(out)
-    if not os.path.isdir(parent):
-        raise OutputError(f"{parent}: parent folder does not exist")
-    return out
+def _prepare_out(out: str, force: bool, source=None) -> str:
+    """The one output preflight of fwconvert (exists/--force, symlink, overlap with the input, writable, disk)."""
+    from fwconvert.checkpoint.writer import preflight
+
+    return preflight(out, inputs=[source] if source is not None else (), force=force)
 
 
 def _load(model_or_path, window: Optional[int], attention: Optional[str]):
@@ -129,7 +123,8 @@ def export_onnx(model_or_path: Union[str, os.PathLike, DecoderLM], out: str, *, 
     """Export ``model_or_path`` (a checkpoint path or a DecoderLM) to the folder ``out``; returns ``out``."""
     if dtype not in ("fp32", "fp16"):
         raise InputError(f"--dtype must be fp32 or fp16, got {dtype!r}")
-    out = _prepare_out(out, force)
+    source_path = None if isinstance(model_or_path, DecoderLM) else os.path.abspath(str(model_or_path))
+    out = _prepare_out(out, force, source_path)
     model, ck, source = _load(model_or_path, window, attention or ("window" if window is not None else None))
     attention, window = _resolve_attention(model, attention, window)
     if model.window != window:  # never modify the caller's model

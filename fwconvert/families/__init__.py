@@ -24,6 +24,8 @@ def family_of(raw: dict, source: str):
             if isinstance(archs, list) and any(a in fam.architectures for a in archs):
                 return fam
         raise InputError(f"{source}: field 'model_type' is missing (supported: {', '.join(FAMILIES)})")
+    if not isinstance(mtype, str):
+        raise InputError(f"{source}: model_type must be a string, got {mtype!r} (supported: {', '.join(FAMILIES)})")
     fam = FAMILIES.get(mtype)
     if fam is None:
         raise InputError(f"{source}: model_type {mtype!r} is not supported (supported: {', '.join(FAMILIES)})")
