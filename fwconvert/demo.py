@@ -111,7 +111,7 @@ def demo_stages(base: str, out: str, data: str) -> List[List[str]]:
         ["mark-fast", base, "-o", ttt, "--layers", "every:2", "--chunk-size", "64"],
         ["inspect", ttt],
         ["calibrate", fwl, "--data", data, "-o", cal, "--steps", "30", "--seq-len", "512", "--batch-size", "2",
-         "--device", "cpu", "--seed", "0"],
+         "--device", "cpu", "--seed", "0", "--no-progress"],
         ["export-onnx", cal, "-o", onnx_fwl, "--chunk-size", "64"],
         ["verify", onnx_fwl, "--chunks", "8", "--provider", "cpu"],
         ["export-onnx", ttt, "-o", onnx_ttt, "--chunk-size", "64"],
