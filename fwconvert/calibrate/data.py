@@ -10,12 +10,12 @@ from __future__ import annotations
 
 import hashlib
 import os
-import stat
 from dataclasses import dataclass
 from typing import Callable, List, Optional, Sequence
 
 import numpy as np
 
+from ..checkpoint.paths import stat_regular
 from ..errors import InputError
 
 TOKEN_SUFFIXES = (".tokens.npy", ".tokens.bin")
@@ -38,14 +38,7 @@ class Document:
 
 
 def _regular_file(path: str, cap: int) -> int:
-    try:
-        st = os.stat(path)
-    except FileNotFoundError:
-        raise InputError(f"{path}: data file not found") from None
-    except OSError as e:
-        raise InputError(f"{path}: cannot read data ({e.strerror})") from None
-    if not stat.S_ISREG(st.st_mode):
-        raise InputError(f"{path}: not a regular file (data must be regular files or folders)")
+    st = stat_regular(path, "data file")
     if st.st_size > cap:
         raise InputError(f"{path}: {st.st_size} bytes is larger than the {cap}-byte cap for one data file")
     return st.st_size
