@@ -18,7 +18,7 @@ from typing import Optional, Union
 import torch
 
 from fwconvert.config import TOLERANCES, fast_weights_to_dict
-from fwconvert.errors import InputError, OutputError
+from fwconvert.errors import InputError
 from fwconvert.modeling.decoder import DecoderLM
 
 from .graph import build_manifest, check_graph, export_program, smoke_check

@@ -12,6 +12,7 @@ import signal
 import sys
 import tempfile
 import traceback
+from typing import NoReturn
 
 import click
 
@@ -66,7 +67,7 @@ def _log_traceback() -> str:
     return path
 
 
-def _error(message: str, code: int) -> "NoReturn":  # noqa: F821
+def _error(message: str, code: int) -> NoReturn:
     lines = str(message).strip().splitlines() or ["(no message)"]
     click.echo("Error: " + "\n  ".join(lines[:4]), err=True)
     sys.exit(code)
