@@ -46,18 +46,24 @@ def parse_json_strict(text: str | bytes, source: str) -> Any:
         raise InputError(f"{source}: invalid JSON: nested too deeply") from None
 
 
-def load_json_strict(path: str, cap: int = JSON_SIZE_CAP) -> Any:
-    """Read a small JSON file: regular file only, size-capped before reading, strictly parsed."""
+def stat_regular(path: str, what: str = "file") -> os.stat_result:
+    """stat (following links) and require a regular file; never opens anything (a FIFO cannot hang us)."""
     import stat
 
     try:
         st = os.stat(path)
     except FileNotFoundError:
-        raise InputError(f"{path}: file not found") from None
+        raise InputError(f"{path}: {what} not found") from None
     except OSError as e:
-        raise InputError(f"{path}: cannot read ({e.strerror})") from None
+        raise InputError(f"{path}: cannot access {what} ({e.strerror})") from None
     if not stat.S_ISREG(st.st_mode):
-        raise InputError(f"{path}: not a regular file")
+        raise InputError(f"{path}: not a regular file ({what})")
+    return st
+
+
+def load_json_strict(path: str, cap: int = JSON_SIZE_CAP) -> Any:
+    """Read a small JSON file: regular file only, size-capped before reading, strictly parsed."""
+    st = stat_regular(path, "JSON file")
     if st.st_size > cap:
         raise InputError(f"{path}: {st.st_size} bytes is larger than the {cap}-byte cap for JSON files")
     try:

@@ -11,6 +11,7 @@ import os
 import stat
 from pathlib import PurePosixPath, PureWindowsPath
 
+from ..config import stat_regular  # noqa: F401 - the one regular-file check, re-exported here
 from ..errors import InputError
 
 NAME_MAX = 255
@@ -65,17 +66,6 @@ def resolve_in_folder(folder: str, name: str, source: str, key: str) -> str:
     raise InputError(f"{source}: {key} -> {short_repr(name)} resolves outside the model folder ({real})")
 
 
-def stat_regular(path: str, what: str = "file") -> os.stat_result:
-    """stat (following links) and require a regular file; never opens anything."""
-    try:
-        st = os.stat(path)
-    except FileNotFoundError:
-        raise InputError(f"{path}: {what} not found") from None
-    except OSError as e:
-        raise InputError(f"{path}: cannot access {what} ({e.strerror})") from None
-    if not stat.S_ISREG(st.st_mode):
-        raise InputError(f"{path}: not a regular file ({what})")
-    return st
 
 
 def open_regular(path: str, what: str = "file") -> int:

@@ -46,14 +46,9 @@ def _read_tokens(path: str) -> list:
 
 
 def _read_text(path: str, cap: int) -> str:
-    import stat
+    from ..config import stat_regular
 
-    try:
-        st = os.stat(path)
-    except OSError as e:
-        raise InputError(f"{path}: cannot read ({e.strerror})") from None
-    if not stat.S_ISREG(st.st_mode):
-        raise InputError(f"{path}: not a regular file")
+    st = stat_regular(path, "input file")
     if st.st_size > cap:
         raise InputError(f"{path}: {st.st_size} bytes is larger than the {cap}-byte cap")
     with open(path, "rb") as f:
