@@ -85,6 +85,13 @@ def test_trainable_sets_and_the_baseline_recipe():
     with pytest.raises(Exception, match="no fast-weight parameters"):
         select_trainable(plain, "fast", base_parameter_names(cfg))
     assert set(select_trainable(plain, "fast", base_parameter_names(cfg), [1])) == {"model.layers.1.mlp.down_proj.weight"}
+    # fast+baseline: the fast parameters plus exactly the W_down set the baseline trains; the baseline's own set
+    # is the same with either mode, so the two runs share every trained slow parameter
+    layers = baseline_layers(cfg, TTT, count_new_parameters(cfg, TTT))
+    both = set(select_trainable(model, "fast+baseline", base_parameter_names(cfg), layers))
+    wdown = {f"model.layers.{i}.mlp.down_proj.weight" for i in layers}
+    assert both == names | wdown and wdown <= set(dict(model.named_parameters()))
+    assert set(select_trainable(plain, "fast+baseline", base_parameter_names(cfg), layers)) == wdown
 
 
 def test_same_seed_identical_different_seed_differs(tmp_path):

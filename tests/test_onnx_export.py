@@ -113,6 +113,19 @@ def test_graph_form_and_manifest(llama_export):
     assert os.path.isfile(os.path.join(out, "tokenizer.json"))
 
 
+def test_graph_uses_fused_ort_attention_and_norms(llama_export, qwen3_export):
+    """The export rewrites attention to com.microsoft.MultiHeadAttention (fp32 softmax in fp16 graphs, fewer
+    kernels) and residual+RMSNorm to SkipSimplifiedLayerNormalization; no ONNX-domain contrib op is left (the
+    onnx checker would reject it). qwen3's per-head q/k norms stay standard ops."""
+    for out, layers in ((llama_export[1], 2), (qwen3_export[1], 2)):
+        m = onnx.load(os.path.join(out, "model.onnx"), load_external_data=False)
+        ops = [(n.domain or "ai.onnx", n.op_type) for n in m.graph.node]
+        assert ops.count(("com.microsoft", "MultiHeadAttention")) == layers
+        assert ops.count(("com.microsoft", "SkipSimplifiedLayerNormalization")) == 2 * layers
+        assert not {"Softmax", "SimplifiedLayerNormalization"} & {op for _, op in ops}
+        onnx.checker.check_model(os.path.join(out, "model.onnx"), full_check=True)
+
+
 def test_existing_output_refused_then_force_leaves_no_stale_data(llama_export, capsys):
     src, out = llama_export
     code, _, err = _cli(["export-onnx", src, "-o", out, "--chunk-size", "4"], capsys)

@@ -3,6 +3,8 @@
 fast        the parameters of the fast-weight modules that are not in the base checkpoint
             (FWL head weights and step sizes; in-place TTT ``ttt_conv``/``ttt_proj``)
 fast+norms  plus every RMSNorm weight
+fast+baseline  plus the plain parameters ``--baseline`` trains (W_down of the layers below), so that a
+            fast-weight model and its baseline train the same slow parameters and differ only by the fast weights
 all         every parameter
 
 ``--baseline`` drops the fast weights and calibrates the plain base model with the same recipe. Its
@@ -20,7 +22,7 @@ from torch import nn
 from ..config import InPlaceTTTConfig, ModelConfig
 from ..errors import InputError
 
-MODES = ("fast", "fast+norms", "all")
+MODES = ("fast", "fast+norms", "fast+baseline", "all")
 
 
 def base_parameter_names(cfg: ModelConfig) -> set:
@@ -68,8 +70,10 @@ def select_trainable(model: nn.Module, mode: str, base_names: set,
     named = dict(model.named_parameters())
     if mode == "all":
         chosen = set(named)
-    elif baseline_layer_ids is not None:
+    elif baseline_layer_ids is not None and (mode == "fast+baseline" or not (set(named) - base_names)):
+        # the baseline (no new parameters), or a fast-weight model trained with the baseline's plain set
         chosen = {f"model.layers.{i}.mlp.down_proj.weight" for i in baseline_layer_ids}
+        chosen |= {n for n in named if n not in base_names}
     else:
         chosen = {n for n in named if n not in base_names}
         if not chosen:

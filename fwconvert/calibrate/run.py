@@ -101,7 +101,7 @@ def calibrate(model_path: str, data: Sequence[str], out: str, settings: Calibrat
         flags = seed_everything(settings.seed, dev)
         model = load_for_calibration(ck, baseline, dev)
         layers = None
-        if baseline:
+        if baseline or settings.train == "fast+baseline":
             layers = baseline_layers(ck.config, ck.fast_weights, count_new_parameters(ck.config, ck.fast_weights))
         trainable = select_trainable(model, settings.train, base_parameter_names(ck.config), layers)
         extra = {"baseline": baseline, "world_size": dist.world, "device_type": dev.type}

@@ -34,8 +34,10 @@ def _exts(ext: str):
 @click.option("--batch-size", default=1, show_default=True, type=int, help="Windows per update per process.")
 @click.option("--lr", default=1e-3, show_default=True, type=float, help="Peak AdamW learning rate.")
 @click.option("--warmup", default=None, type=int, help="Warmup updates (default: 5% of --steps).")
-@click.option("--train", "train", default="fast", show_default=True, type=click.Choice(["fast", "fast+norms", "all"]),
-              help="fast: the new fast-weight parameters; fast+norms: plus RMSNorm weights; all: everything.")
+@click.option("--train", "train", default="fast", show_default=True, type=click.Choice(["fast", "fast+norms", "fast+baseline", "all"]),
+              help="fast: the new fast-weight parameters; fast+norms: plus RMSNorm weights; fast+baseline: plus the "
+                   "W_down matrices --baseline trains (the fast model and its baseline then train the same slow "
+                   "parameters); all: everything.")
 @click.option("--device", default="cpu", show_default=True, help="cpu or cuda (cuda:N).")
 @click.option("--resume", is_flag=True, help="Continue from the newest complete checkpoint of this run.")
 @click.option("--seed", default=0, show_default=True, type=int, help="Seed of data order, split and initialisation.")
