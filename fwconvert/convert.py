@@ -3,7 +3,9 @@
 Conversions validate every option and the output path before writing, then STREAM: each original tensor's
 bytes are copied unchanged (one input shard at a time, original dtype), the new tensors come from the
 mechanism's own module + ``init_conversion_`` (so the converted model equals the base model), then
-config.json, tokenizer files and MANIFEST.json, all through ``checkpoint.writer.AtomicOutput``.
+config.json, tokenizer files and MANIFEST.json, all through ``checkpoint.writer.AtomicOutput``
+(``checkpoint.resume.ResumableOutput`` for add-fwl / mark-fast: a staging journal, and ``resume=True`` continues
+an interrupted run, keeping its complete shards; the result is bit-identical to an uninterrupted run).
 """
 from __future__ import annotations
 
@@ -20,7 +22,10 @@ import torch
 from .config import FWLConfig, InPlaceTTTConfig, ModelConfig, fast_weights_to_dict
 from .errors import InputError, NumericError
 from .families import FWCONVERT_MODEL_TYPE, FAMILIES, IGNORED_TENSOR_SUFFIXES, expected_tensors
-from .checkpoint.writer import ST_DTYPES, AtomicOutput, ShardedSafetensorsWriter, faults, preflight
+from .checkpoint import shards
+from .checkpoint.resume import ResumableOutput, run_identity
+from .checkpoint.shards import ST_DTYPES, ShardedSafetensorsWriter
+from .checkpoint.writer import AtomicOutput, faults, preflight
 
 log = logging.getLogger("fwconvert")
 
@@ -173,29 +178,35 @@ def _stream(ck, writer: ShardedSafetensorsWriter, names: list, allow_nonfinite: 
 
 
 def _convert(ck, out: Optional[str], fw, suffix: str, *, seed: int, force: bool, allow_nonfinite: bool,
-             progress: Optional[Callable], flags: dict) -> str:
+             progress: Optional[Callable], flags: dict, resume: bool = False) -> str:
     new_dtype = _base_dtype(ck)
     plan, new_shapes = _plan(ck, fw, new_dtype)
     out = os.path.abspath(os.fspath(out)) if out is not None else default_output(ck.path, suffix)
     estimate = sum(nb for _, nb in plan.values()) + sum(os.path.getsize(p) for p in ck.tokenizer_files) + (1 << 20)
-    out = preflight(out, _inputs(ck), force, estimate)  # before anything heavy is built or read
+    # before anything heavy is built or read; leftovers are reported (or resumed) by ResumableOutput
+    out = preflight(out, _inputs(ck), force, estimate, report_leftovers=False)
     new = new_tensors(ck.config, fw, seed)
     if {k: tuple(v.shape) for k, v in new.items()} != new_shapes:
         raise RuntimeError(f"internal: new tensors {sorted(new)} differ from the layout's {sorted(new_shapes)}")
-    bar = progress(len(plan)) if progress is not None else _NoProgress()
+    fingerprint, shard_bytes = ck.fingerprint(), shards.DEFAULT_SHARD_BYTES
+    identity = run_identity(fingerprint, flags, plan, shard_bytes)
+    bar = _NoProgress()
     try:
-        with AtomicOutput(out, force=force, inputs=_inputs(ck), estimate_bytes=estimate, preflighted=True) as ao:
-            writer = ShardedSafetensorsWriter(ao, plan)
-            base_names = [n for n in plan if n not in new]
-            _stream(ck, writer, base_names, allow_nonfinite, bar)
+        with ResumableOutput(out, identity, resume=resume, force=force, inputs=_inputs(ck),
+                             estimate_bytes=estimate) as ao:
+            writer = ShardedSafetensorsWriter(ao, plan, max_shard_bytes=shard_bytes, resume=ao)
+            todo = [n for n in plan if writer.wanted(n)]  # all, unless resumed shards are kept
+            bar = progress(len(todo)) if progress is not None else bar
+            _stream(ck, writer, [n for n in todo if n not in new], allow_nonfinite, bar)
             for name, t in new.items():
-                writer.add(name, t.to(new_dtype))
-                bar.update(1)
+                if writer.wanted(name):
+                    writer.add(name, t.to(new_dtype))
+                    bar.update(1)
             writer.close()
             ao.write_json("config.json", converted_config(ck.raw_config, ck.config.family, fw))
             _copy_tokenizer(ao, ck)
             ao.manifest.update(
-                source=ck.path, source_kind=ck.kind, input_fingerprint=ck.fingerprint(), flags=flags, seed=int(seed),
+                source=ck.path, source_kind=ck.kind, input_fingerprint=fingerprint, flags=flags, seed=int(seed),
                 fast_weights=fast_weights_to_dict(fw), new_tensors=sorted(new), new_tensor_dtype=str(new_dtype).split(".")[-1],
                 original_tensors=("dequantized from GGUF and stored as F32 (no original safetensors bytes to copy)"
                                   if ck.kind == "gguf" else "copied byte-identical in their original dtype"))
@@ -224,8 +235,12 @@ def _copy_tokenizer(ao: AtomicOutput, ck) -> None:
 
 
 def add_fwl(src, out=None, *, size: Optional[int] = None, chunk_size: int = 256, config=None, force: bool = False,
-            seed: int = 0, allow_nonfinite: bool = False, progress: Optional[Callable] = None) -> str:
+            seed: int = 0, allow_nonfinite: bool = False, progress: Optional[Callable] = None,
+            resume: bool = False) -> str:
     """Give the checkpoint at ``src`` an FWL head (residual on the final hidden state; converted == base).
+
+    ``resume``: continue an interrupted run into the same output (see ``checkpoint.resume``); OutputError
+    (exit 4) if the input, the flags or the version differ from that run's.
 
     ``size`` defaults to hidden_size and must equal it (the block's output is unembedded by the base LM
     head; no projection is implemented). Returns the output folder (default: ``<src>-fwl`` beside src)."""
@@ -243,7 +258,8 @@ def add_fwl(src, out=None, *, size: Optional[int] = None, chunk_size: int = 256,
     fw = FWLConfig(size=size, chunk_size=chunk_size)
     validate_fwl_config(ck.config, fw)
     flags = {"command": "add-fwl", "size": size, "chunk_size": chunk_size, "seed": int(seed), "allow_nonfinite": allow_nonfinite}
-    return _convert(ck, out, fw, "fwl", seed=seed, force=force, allow_nonfinite=allow_nonfinite, progress=progress, flags=flags)
+    return _convert(ck, out, fw, "fwl", seed=seed, force=force, allow_nonfinite=allow_nonfinite, progress=progress,
+                    flags=flags, resume=resume)
 
 
 def _check_gated(ck, layers) -> None:
@@ -255,10 +271,10 @@ def _check_gated(ck, layers) -> None:
 
 def mark_fast(src, out=None, *, layers: str = "every:6", chunk_size: int = 1024, lr: float = 3.0,
               target: str = "hidden_states", config=None, force: bool = False, seed: int = 0,
-              allow_nonfinite: bool = False, progress: Optional[Callable] = None) -> str:
+              allow_nonfinite: bool = False, progress: Optional[Callable] = None, resume: bool = False) -> str:
     """Make W_down of the chosen layers in-place TTT fast weights (conv zero, so marked == base).
 
-    Returns the output folder (default: ``<src>-ttt`` beside src)."""
+    Returns the output folder (default: ``<src>-ttt`` beside src). ``resume``: as for ``add_fwl``."""
     from .fastweights.inplace_ttt import check_ttt_config, parse_layer_spec
 
     ck = _open_base(src, config)
@@ -273,7 +289,8 @@ def mark_fast(src, out=None, *, layers: str = "every:6", chunk_size: int = 1024,
     check_ttt_config(ck.config, fw)
     flags = {"command": "mark-fast", "layers": list(idx), "chunk_size": chunk_size, "lr": float(lr), "target": target,
              "seed": int(seed), "allow_nonfinite": allow_nonfinite}
-    return _convert(ck, out, fw, "ttt", seed=seed, force=force, allow_nonfinite=allow_nonfinite, progress=progress, flags=flags)
+    return _convert(ck, out, fw, "ttt", seed=seed, force=force, allow_nonfinite=allow_nonfinite, progress=progress,
+                    flags=flags, resume=resume)
 
 
 def save_model(model, out, *, source=None, force: bool = False, extra_manifest: Optional[dict] = None) -> str:

@@ -23,10 +23,14 @@ from fwconvert.modeling.decoder import DecoderLM
 
 from .graph import build_manifest, check_graph, export_program, smoke_check
 from .io_spec import GRAPH_NAME, MANIFEST_NAME
+from .precision import check_cast
 
 OPSET = 18
 IR_VERSION = 10  # onnx 1.23 writes 14 by default; onnxruntime 1.31 accepts <= 13
-EXTERNAL_DATA_BYTES = 1_800_000_000  # below protobuf's 2 GiB limit, with headroom for the graph
+# Weights above this go to one external file, model.onnx.data. Below protobuf's 2 GiB limit with headroom for
+# the graph, and below torch's own switch (ONNXProgram.save writes external data anyway above 1.5 GiB of
+# initializers, torch 2.13), so that the choice is ours; the manifest records what was written.
+EXTERNAL_DATA_BYTES = 1_500_000_000
 
 
 def _prepare_out(out: str, force: bool, source=None) -> str:
@@ -132,6 +136,7 @@ def export_onnx(model_or_path: Union[str, os.PathLike, DecoderLM], out: str, *, 
         model.window = window
     chunk, fixed = _chunk_size(model, chunk_size)
     model.eval()
+    check_cast(model, dtype)  # an fp16 overflow is named here, before anything is traced or written
     staging = tempfile.mkdtemp(prefix=f".{os.path.basename(out)}.staging-", dir=os.path.dirname(out))
     umask = os.umask(0)
     os.umask(umask)
@@ -144,7 +149,7 @@ def export_onnx(model_or_path: Union[str, os.PathLike, DecoderLM], out: str, *, 
         prog.save(graph_path, external_data=use_ext)
         manifest = build_manifest(model, layout, staging, dtype=dtype, attention=attention, window=window,
                                   chunk=chunk, fixed=fixed, opset=OPSET, ir_version=IR_VERSION)
-        manifest.external_data = GRAPH_NAME + ".data" if use_ext else None
+        manifest.external_data = GRAPH_NAME + ".data" if os.path.isfile(graph_path + ".data") else None
         manifest.tokenizer_files, eos = _copy_tokenizer(ck, staging)
         manifest.eos_token_id = eos if eos is not None else getattr(model.config, "raw", {}).get("eos_token_id")
         manifest.source = source

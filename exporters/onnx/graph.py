@@ -146,7 +146,10 @@ def _to_fp16(model: DecoderLM) -> DecoderLM:
     """A copy with fp16 weights; fast-weight mechanisms keep their state dtype (fp32) as they define it."""
     import copy
 
-    return copy.deepcopy(model).half()
+    m = copy.deepcopy(model).half()
+    policy = os.environ.get("FWCONVERT_EXPERIMENT_FP16", "")  # temporary: which fp16 precision fix wins on the GPU
+    m.fp32_attention, m.fp32_residual = "attn" in policy, "resid" in policy
+    return m
 
 
 def _init_entry(model: DecoderLM, key: str, value: torch.Tensor, arrays: dict) -> dict:

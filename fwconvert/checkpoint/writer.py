@@ -3,7 +3,8 @@
 ``preflight`` refuses unsafe outputs before any heavy work; ``AtomicOutput`` stages every file in
 ``.<name>.fwconvert-partial-<pid>-<rand>`` beside the output, fsyncs, writes ``MANIFEST.json`` last and
 renames the folder into place (with ``force``, the old output is swapped out and only then deleted).
-``ShardedSafetensorsWriter`` streams tensors into safetensors shards (+ index) in any arrival order.
+``ShardedSafetensorsWriter`` (now in ``shards.py``, re-exported here) streams tensors into safetensors shards
+(+ index) in any arrival order; ``resume.py`` adds the staging journal behind ``--resume``.
 """
 from __future__ import annotations
 
@@ -253,10 +254,14 @@ class AtomicOutput:
     def __enter__(self) -> "AtomicOutput":
         self.out = preflight(self.out, self.inputs, self.force, self.estimate_bytes, not self.preflighted)
         self.parent = os.path.dirname(self.out)
-        tag = f".{self.name}{PARTIAL_TAG}{os.getpid()}-{secrets.token_hex(4)}"
-        self.staging = os.path.join(self.parent, tag)
-        os.mkdir(self.staging, 0o755)
+        self.staging = self._new_staging()
         return self
+
+    def _new_staging(self) -> str:
+        """Create this run's staging folder (``resume.ResumableOutput`` may adopt a leftover one instead)."""
+        staging = os.path.join(self.parent, f".{self.name}{PARTIAL_TAG}{os.getpid()}-{secrets.token_hex(4)}")
+        os.mkdir(staging, 0o755)
+        return staging
 
     def path(self, name: str) -> str:
         return os.path.join(self.staging, _plain_name(name))
@@ -383,121 +388,15 @@ class AtomicOutput:
         self.staging = None
 
 
-# -- safetensors ---------------------------------------------------------------------------------
-ST_DTYPES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1}
-DEFAULT_SHARD_BYTES = 2 * 10**9
+# -- re-exports -----------------------------------------------------------------------------------
+_SHARD_NAMES = ("ST_DTYPES", "DEFAULT_SHARD_BYTES", "st_dtype", "tensor_bytes", "write_safetensors",
+                "ShardedSafetensorsWriter")
 
 
-def st_dtype(t) -> str:
-    """The safetensors dtype string of a torch tensor."""
-    import torch
+def __getattr__(name):
+    """The safetensors writers moved to ``shards.py``; imported lazily (shards.py imports this module)."""
+    if name in _SHARD_NAMES:
+        from . import shards
 
-    names = {torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
-             torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
-             torch.bool: "BOOL"}
-    if t.dtype not in names:
-        raise OutputError(f"cannot write dtype {t.dtype} to safetensors")
-    return names[t.dtype]
-
-
-def tensor_bytes(t) -> memoryview:
-    """The raw little-endian bytes of a tensor (bit patterns kept: NaN payloads, -0.0, bf16)."""
-    import torch
-
-    flat = t.detach().to("cpu").contiguous().reshape(-1)
-    if flat.dtype == torch.bool:
-        flat = flat.to(torch.uint8)
-    return memoryview(flat.view(torch.uint8).numpy()).cast("B")
-
-
-def write_safetensors(ao: AtomicOutput, name: str, tensors: dict, metadata=None) -> None:
-    """Write a small dict of tensors as one safetensors file (via safetensors' own serialiser)."""
-    from safetensors.torch import save
-
-    data = save({k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}, metadata=metadata or {"format": "pt"})
-    ao.write_bytes(name, data)
-
-
-def _header_json(entries: dict) -> bytes:
-    meta = {"__metadata__": {"format": "pt"}}
-    meta.update(entries)
-    return json.dumps(meta, separators=(",", ":")).encode("utf-8")
-
-
-class _Shard:
-    def __init__(self, fname: str, names: list, plan: dict):
-        self.fname, self.pending, self.entries = fname, set(names), {}
-        bound = {n: {"dtype": "BF16", "shape": list(plan[n][0]), "data_offsets": [10**19, 10**19]} for n in names}
-        self.reserved = -(-len(_header_json(bound)) // 8) * 8
-        self.offset, self.file = 0, None
-
-
-class ShardedSafetensorsWriter:
-    """Write planned tensors into ``model.safetensors`` or ``model-0000k-of-0000n.safetensors`` + index.
-
-    ``plan``: {name: (shape, nbytes)} in the order tensors are packed into shards. Tensors may ``add`` in any
-    order (one input shard at a time): each goes to its planned shard at that shard's running offset, into a
-    header space reserved up front; a shard's header is filled in as soon as its last tensor arrived."""
-
-    def __init__(self, ao: AtomicOutput, plan: dict, max_shard_bytes: int = DEFAULT_SHARD_BYTES, prefix: str = "model"):
-        self.ao, self.plan, self.done, self.prefix = ao, plan, 0, prefix
-        groups, cur, size = [], [], 0
-        for n, (_, nbytes) in plan.items():
-            if cur and size + nbytes > max_shard_bytes:
-                groups.append(cur)
-                cur, size = [], 0
-            cur.append(n)
-            size += nbytes
-        groups.append(cur)
-        k = len(groups)
-        fnames = [f"{prefix}.safetensors"] if k == 1 else [f"{prefix}-{i + 1:05d}-of-{k:05d}.safetensors" for i in range(k)]
-        self.shards = [_Shard(f, g, plan) for f, g in zip(fnames, groups)]
-        self.where = {n: s for s in self.shards for n in s.pending}
-        self.total = 0
-
-    def add(self, name: str, t) -> None:
-        shard = self.where.get(name)
-        if shard is None or name not in shard.pending:
-            raise OutputError(f"tensor {name!r} was not planned for the output or arrived twice")
-        if tuple(t.shape) != tuple(self.plan[name][0]):
-            raise OutputError(f"tensor {name!r}: shape {list(t.shape)} differs from the planned {list(self.plan[name][0])}")
-        if shard.file is None:
-            shard.file = self.ao.open(shard.fname)
-        data = tensor_bytes(t)
-        shard.file.pwrite_unhashed(data, 8 + shard.reserved + shard.offset)
-        shard.entries[name] = {"dtype": st_dtype(t), "shape": list(t.shape),
-                               "data_offsets": [shard.offset, shard.offset + len(data)]}
-        shard.offset += len(data)
-        self.total += len(data)
-        shard.pending.discard(name)
-        if not shard.pending:
-            self._finish(shard)
-
-    def _finish(self, shard: _Shard) -> None:
-        if shard.file is None:  # an empty shard (only possible for an empty plan)
-            shard.file = self.ao.open(shard.fname)
-        ordered = dict(sorted(shard.entries.items(), key=lambda kv: kv[1]["data_offsets"][0]))
-        header = _header_json(ordered)
-        header += b" " * (shard.reserved - len(header))
-        shard.file.pwrite_unhashed(len(header).to_bytes(8, "little") + header, 0)
-        shard.file.size = 8 + shard.reserved + shard.offset
-        shard.file.close(rehash=True)
-        self.done += 1
-        if faults().get("after_shard") == str(self.done):
-            import signal
-
-            os.kill(os.getpid(), signal.SIGKILL)
-
-    def close(self) -> list:
-        """Check every planned tensor arrived, write the index when sharded; returns the shard file names."""
-        missing = [n for s in self.shards for n in sorted(s.pending)]
-        if missing:
-            raise OutputError(f"internal: {len(missing)} planned tensors never arrived: {', '.join(missing[:10])}")
-        if not self.plan:
-            self._finish(self.shards[0])
-        if len(self.shards) > 1:
-            index = {"metadata": {"total_size": self.total},
-                     "weight_map": {n: s.fname for s in self.shards for n in sorted(s.entries)}}
-            self.ao.write_json(f"{self.prefix}.safetensors.index.json", index)
-        return [s.fname for s in self.shards]
-
+        return getattr(shards, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -1,6 +1,7 @@
 """The conversion commands ``add-fwl`` and ``mark-fast`` (logic in ``fwconvert.convert``).
 
-Each prints the output folder on stdout at the end; a progress bar over tensors goes to stderr.
+Each prints the output folder on stdout at the end; a progress bar over tensors, warnings and the --resume
+notes go to stderr.
 """
 from __future__ import annotations
 
@@ -17,6 +18,11 @@ _COMMON = [
     click.option("--seed", type=int, default=0, show_default=True,
                  help="Seed for the random initial values of the new (inactive at conversion) weights."),
     click.option("--force", is_flag=True, help="Replace an existing output folder (only after the new one is complete)."),
+    click.option("--resume", is_flag=True,
+                 help="Continue a killed run of this command into the same output: reuse its leftover staging folder "
+                      "(.<OUT>.fwconvert-partial-*), keep the shards whose sha256 matches its journal, write the rest; "
+                      "the result is bit-identical to an uninterrupted run. Refuses (exit 4) if the input, the flags "
+                      "or the fwconvert version changed; with no leftover, a normal run."),
     click.option("--allow-nonfinite", is_flag=True,
                  help="Copy tensors holding NaN/Inf with a warning instead of failing (exit 6)."),
 ]
@@ -35,7 +41,7 @@ def _progress(total: int):
 
 
 class _StderrLines(logging.Handler):
-    """Warning lines of the library, written to whatever sys.stderr is at the time."""
+    """Warning and info lines of the library (info: only the --resume notes), written to sys.stderr as it is now."""
 
     def emit(self, record):
         click.echo(record.getMessage(), err=True)
@@ -44,8 +50,8 @@ class _StderrLines(logging.Handler):
 def _warnings_to_stderr() -> None:
     logger = logging.getLogger("fwconvert")
     if not any(isinstance(h, _StderrLines) for h in logger.handlers):
-        logger.addHandler(_StderrLines(logging.WARNING))
-        logger.setLevel(logging.WARNING)
+        logger.addHandler(_StderrLines(logging.INFO))
+        logger.setLevel(logging.INFO)
         logger.propagate = False
 
 
@@ -56,7 +62,7 @@ def _warnings_to_stderr() -> None:
 @click.option("--chunk-size", type=int, default=256, show_default=True,
               help="Chunk of the parallel (training) form's mixed attention: a compute/memory trade only.")
 @_common
-def add_fwl(src, out, size, chunk_size, config, seed, force, allow_nonfinite):
+def add_fwl(src, out, size, chunk_size, config, seed, force, resume, allow_nonfinite):
     """Add a Fast Weight Layer head (Clark et al. 2022) to the checkpoint SRC.
 
     SRC is an HF folder, a .safetensors file (config.json beside it or --config) or a .gguf file. Every
@@ -66,7 +72,7 @@ def add_fwl(src, out, size, chunk_size, config, seed, force, allow_nonfinite):
 
     _warnings_to_stderr()
     path = run(src, out, size=size, chunk_size=chunk_size, config=config, force=force, seed=seed,
-               allow_nonfinite=allow_nonfinite, progress=_progress)
+               allow_nonfinite=allow_nonfinite, progress=_progress, resume=resume)
     click.echo(path)
 
 
@@ -80,7 +86,7 @@ def add_fwl(src, out, size, chunk_size, config, seed, force, allow_nonfinite):
 @click.option("--target", type=click.Choice(["hidden_states", "input_embed"]), default="hidden_states", show_default=True,
               help="Input of the target's conv: the layer's MLP input (hidden_states) or the token embeddings.")
 @_common
-def mark_fast(src, out, layers, chunk_size, lr, target, config, seed, force, allow_nonfinite):
+def mark_fast(src, out, layers, chunk_size, lr, target, config, seed, force, resume, allow_nonfinite):
     """Make W_down of chosen layers in-place test-time-training fast weights (Feng et al. 2026).
 
     Adds model.layers.{i}.mlp.ttt_conv.weight (zero) and ttt_proj.weight per TTT layer, so the marked
@@ -89,7 +95,7 @@ def mark_fast(src, out, layers, chunk_size, lr, target, config, seed, force, all
 
     _warnings_to_stderr()
     path = run(src, out, layers=layers, chunk_size=chunk_size, lr=lr, target=target, config=config, force=force,
-               seed=seed, allow_nonfinite=allow_nonfinite, progress=_progress)
+               seed=seed, allow_nonfinite=allow_nonfinite, progress=_progress, resume=resume)
     click.echo(path)
 
 
