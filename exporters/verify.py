@@ -95,7 +95,7 @@ def _load_reference(session: ChunkSession, against) -> DecoderLM:
 
 def _tokens(session: ChunkSession, chunks: int, batch: int, seed: int, tokens) -> np.ndarray:
     if tokens is not None:
-        ids = np.asarray(tokens, dtype=np.int64).reshape(batch, -1)
+        ids = np.asarray(tokens, dtype=np.int64).reshape(batch, -1)[:, : chunks * session.chunk_size]
     else:
         n = chunks * session.chunk_size
         ids = np.random.default_rng(seed).integers(0, session.manifest.vocab_size, size=(batch, n), dtype=np.int64)

@@ -171,3 +171,25 @@ def test_run_cli_text_with_copied_tokenizer(llama_export, tmp_path, capsys):
     res = json.loads(stdout)
     assert res["tokens"] == len("hello fast weights") and len(res["losses"]) == res["tokens"] - 1
     assert len(res["generated_text"]) >= 1 and res["perplexity"] > 1
+
+
+def test_verify_cli_on_a_real_document(llama_export, tmp_path, capsys):
+    """verify --text compares on the document's tokens (its first CHUNKS chunks of the export's chunk size)."""
+    _, out = llama_export  # character tokenizer copied beside the graph (an earlier test may re-export it)
+    c = json.load(open(os.path.join(out, "manifest.json")))["chunking"]["chunk_size"]
+    doc = tmp_path / "doc.txt"
+    doc.write_text("fast weights keep learning from the document being read")
+    code, stdout, err = _cli(["verify", out, "--text", str(doc), "--chunks", "2", "--json"], capsys)
+    assert code == 0, err
+    rep = json.loads(stdout)
+    assert rep["passed"] and rep["chunks"] == 2
+    code, stdout, err = _cli(["verify", out, "--text", str(doc), "--chunks", "100", "--json"], capsys)
+    assert code == 0 and json.loads(stdout)["chunks"] == -(-len(doc.read_text()) // c)  # the whole document
+    ids = tmp_path / "ids.txt"
+    ids.write_text("1 2 3 4 5 6")
+    code, stdout, err = _cli(["verify", out, "--tokens", str(ids), "--json"], capsys)
+    assert code == 0 and json.loads(stdout)["chunks"] == -(-6 // c)
+    code, _, err = _cli(["verify", out, "--text", str(doc), "--batch", "2"], capsys)
+    assert code == 2 and "--batch" in err
+    code, _, err = _cli(["verify", out, "--text", str(doc), "--tokens", str(ids)], capsys)
+    assert code == 2 and "exactly one" in err

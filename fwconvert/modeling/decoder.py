@@ -37,9 +37,6 @@ class RMSNorm(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x32 = x.to(torch.float32)
         x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
-        if x.dtype == torch.float32 and self.weight.dtype != torch.float32:
-            # an fp32 residual stream in a half-precision model: scale in fp32, hand the weight's dtype on
-            return (self.weight.float() * x32).to(self.weight.dtype)
         return self.weight * x32.to(x.dtype)
 
 
@@ -65,7 +62,7 @@ class Attention(nn.Module):
             return x
         return x[:, :, None].expand(b, h, rep, n, d).reshape(b, h * rep, n, d)
 
-    def forward(self, x, cos, sin, past_k, past_v, mask, fp32_scores: bool = False):
+    def forward(self, x, cos, sin, past_k, past_v, mask):
         b, t, _ = x.shape
         q = self.q_proj(x).view(b, t, self.n_heads, self.head_dim)  # [B, T, H, hd]
         k = self.k_proj(x).view(b, t, self.n_kv, self.head_dim)
@@ -76,10 +73,9 @@ class Attention(nn.Module):
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         k_all = torch.cat((past_k.to(k.dtype), k), dim=2)  # [B, H_kv, P+T, hd]
         v_all = torch.cat((past_v.to(v.dtype), v), dim=2)
-        qa, ka, va = (q.float(), k_all.float(), v_all.float()) if fp32_scores else (q, k_all, v_all)
         out = F.scaled_dot_product_attention(
-            qa, self._repeat_kv(ka), self._repeat_kv(va), attn_mask=mask, scale=self.head_dim ** -0.5
-        ).to(q.dtype)  # [B, H, T, hd]
+            q, self._repeat_kv(k_all), self._repeat_kv(v_all), attn_mask=mask, scale=self.head_dim ** -0.5
+        )  # [B, H, T, hd]
         out = out.transpose(1, 2).reshape(b, t, self.n_heads * self.head_dim)
         return self.o_proj(out), k_all, v_all
 
@@ -153,9 +149,6 @@ class DecoderLM(nn.Module):
         self.lm_head = None if cfg.tie_word_embeddings else nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         self.fwl_head: Optional[nn.Module] = None
         self.register_buffer("inv_freq", inverse_frequencies(cfg), persistent=False)
-        # precision options of a half-precision model (the fp16 export sets them; see exporters/onnx/graph.py)
-        self.fp32_attention = False  # attention scores, softmax and PV in fp32
-        self.fp32_residual = False  # the residual stream (embeddings + every sublayer output) in fp32
 
     # -- parameters ---------------------------------------------------------------------------
     def reset_buffers(self) -> None:
@@ -219,17 +212,14 @@ class DecoderLM(nn.Module):
         h = self.model.embed_tokens(input_ids)  # [B, T, D]
         ctx = StepContext(input_ids=input_ids, position=pos, embeddings=h, aligned=aligned)
         cos, sin = rope_cos_sin(self.inv_freq, positions, h.dtype)
-        if self.fp32_residual:
-            h = h.float()
         p = state["past_key_values.0.key"].shape[2]
         mask = attention_mask(pos, t, p, self.window)
         new: State = {"position": pos + t}
         for i, layer in enumerate(self.model.layers):
             a, k_all, v_all = layer.self_attn(
-                layer.input_layernorm(h), cos, sin, state[f"past_key_values.{i}.key"], state[f"past_key_values.{i}.value"], mask,
-                self.fp32_attention,
+                layer.input_layernorm(h), cos, sin, state[f"past_key_values.{i}.key"], state[f"past_key_values.{i}.value"], mask
             )
-            h = h + a.to(h.dtype)
+            h = h + a
             new[f"past_key_values.{i}.key"] = self._trim(k_all)
             new[f"past_key_values.{i}.value"] = self._trim(v_all)
             x = layer.post_attention_layernorm(h)
@@ -239,7 +229,7 @@ class DecoderLM(nn.Module):
                 new.update({prefix + k: v for k, v in fw.items()})
             else:
                 m = layer.mlp(x)
-            h = h + m.to(h.dtype)
+            h = h + m
         h = self.model.norm(h)
         if self.fwl_head is not None:
             prefix = f"{FAST_PREFIX}fwl."
