@@ -177,7 +177,7 @@ HASHABLE = st.one_of(FAMILY, FAMILY, FAMILY, st.none(), st.booleans(), st.intege
 
 def _configs(model_type_values):
     """Mutations of a valid config, random dicts of config keys and any JSON; model_type /
-    base_model_type values come from ``model_type_values`` (see the xfail below for unhashable ones)."""
+    base_model_type values come from ``model_type_values`` (unhashable ones: test_unhashable_model_type_is_input_error)."""
     keys = st.sampled_from(PLAIN_KEYS)
     edits = st.dictionaries(keys, JSON, max_size=4)
     mutated = st.builds(lambda e, mt, b: {**tiny_config(), **e, "model_type": mt, "base_model_type": b},
