@@ -9,7 +9,9 @@ flow, ORT load and a one-step parity check) and renamed into place at the end.
 from __future__ import annotations
 
 import copy
+import errno
 import json
+import math
 import os
 import shutil
 import tempfile
@@ -18,11 +20,11 @@ from typing import Optional, Union
 import torch
 
 from fwconvert.config import TOLERANCES, fast_weights_to_dict
-from fwconvert.errors import InputError
+from fwconvert.errors import InputError, ResourceError
 from fwconvert.modeling.decoder import DecoderLM
 
 from .graph import build_manifest, check_graph, export_program, smoke_check
-from .io_spec import GRAPH_NAME, MANIFEST_NAME
+from .io_spec import GRAPH_NAME, INITIAL_STATE_NAME, MANIFEST_NAME
 from .precision import check_cast
 
 OPSET = 18
@@ -38,6 +40,35 @@ def _prepare_out(out: str, force: bool, source=None) -> str:
     from fwconvert.checkpoint.writer import preflight
 
     return preflight(out, inputs=[source] if source is not None else (), force=force)
+
+
+def _estimate_bytes(model_or_path, dtype: str) -> int:
+    """Disk the export needs, from the checkpoint's headers (nothing loaded) or the model's parameters: every
+    weight in the graph's dtype, the tokenizer files and 1 MiB for the graph and manifest (as conversion)."""
+    item = 2 if dtype == "fp16" else 4
+    if isinstance(model_or_path, DecoderLM):
+        numel, extra = sum(p.numel() for p in model_or_path.parameters()), 0
+    else:
+        from fwconvert.checkpoint import open_checkpoint
+
+        ck = open_checkpoint(os.path.abspath(str(model_or_path)))
+        numel = sum(math.prod(shape) for shape, _ in ck.specs.values())
+        extra = sum(os.path.getsize(p) for p in ck.tokenizer_files)
+    return numel * item + extra + (1 << 20)
+
+
+def _no_space(e: BaseException, writing: str, staging: str, estimate: int):
+    """ENOSPC/EDQUOT while writing into ``staging`` as a ResourceError naming the file (onnx.save and
+    json.dump give no file name), the bytes still needed and the bytes free; None for anything else."""
+    if not isinstance(e, OSError) or e.errno not in (errno.ENOSPC, errno.EDQUOT):
+        return None
+    written = 0
+    for root, _, names in os.walk(staging):
+        written += sum(os.lstat(os.path.join(root, n)).st_size for n in names)
+    free = shutil.disk_usage(os.path.dirname(staging)).free
+    path = e.filename2 or e.filename or writing  # copyfile: filename2 is the destination
+    return ResourceError(f"{path}: no space left on device ({max(estimate - written, 0)} more bytes needed, "
+                         f"{free} bytes free)")
 
 
 def _load(model_or_path, window: Optional[int], attention: Optional[str]):
@@ -129,6 +160,10 @@ def export_onnx(model_or_path: Union[str, os.PathLike, DecoderLM], out: str, *, 
         raise InputError(f"--dtype must be fp32 or fp16, got {dtype!r}")
     source_path = None if isinstance(model_or_path, DecoderLM) else os.path.abspath(str(model_or_path))
     out = _prepare_out(out, force, source_path)
+    estimate = _estimate_bytes(model_or_path, dtype)
+    from fwconvert.checkpoint.writer import check_disk
+
+    check_disk(os.path.dirname(out), estimate, out)  # before anything is loaded, traced or written
     model, ck, source = _load(model_or_path, window, attention or ("window" if window is not None else None))
     attention, window = _resolve_attention(model, attention, window)
     if model.window != window:  # never modify the caller's model
@@ -141,15 +176,18 @@ def export_onnx(model_or_path: Union[str, os.PathLike, DecoderLM], out: str, *, 
     umask = os.umask(0)
     os.umask(umask)
     os.chmod(staging, 0o777 & ~umask)
+    writing = staging  # the file being written, for a no-space error
     try:
         prog, layout = export_program(model, attention == "window", dtype, opset=OPSET, ir_version=IR_VERSION)
         n_bytes = sum(p.numel() * p.element_size() for p in model.parameters()) // (2 if dtype == "fp16" else 1)
         use_ext = n_bytes > EXTERNAL_DATA_BYTES if external_data is None else external_data
-        graph_path = os.path.join(staging, GRAPH_NAME)
+        graph_path = writing = os.path.join(staging, GRAPH_NAME)
         prog.save(graph_path, external_data=use_ext)
+        writing = os.path.join(staging, INITIAL_STATE_NAME)  # when some state does not start at zero
         manifest = build_manifest(model, layout, staging, dtype=dtype, attention=attention, window=window,
                                   chunk=chunk, fixed=fixed, opset=OPSET, ir_version=IR_VERSION)
         manifest.external_data = GRAPH_NAME + ".data" if os.path.isfile(graph_path + ".data") else None
+        writing = staging  # copyfile names its destination itself
         manifest.tokenizer_files, eos = _copy_tokenizer(ck, staging)
         manifest.eos_token_id = eos if eos is not None else getattr(model.config, "raw", {}).get("eos_token_id")
         manifest.source = source
@@ -159,11 +197,15 @@ def export_onnx(model_or_path: Union[str, os.PathLike, DecoderLM], out: str, *, 
         check_graph(graph_path, manifest)
         tol = TOLERANCES["ort_fp32_vs_torch_fp32" if dtype == "fp32" else "ort_fp16_vs_torch_fp32"]
         smoke_check(model, graph_path, manifest, staging, tol)
-        with open(os.path.join(staging, MANIFEST_NAME), "w") as f:  # written last: a folder without it is partial
+        writing = os.path.join(staging, MANIFEST_NAME)
+        with open(writing, "w") as f:  # written last: a folder without it is partial
             json.dump(manifest.to_dict(), f, indent=1)
         _install(staging, out)
-    except BaseException:
+    except BaseException as e:
+        err = _no_space(e, writing, staging, estimate)  # measured before the staging folder is removed
         shutil.rmtree(staging, ignore_errors=True)
+        if err is not None:
+            raise err from e
         raise
     return out
 

@@ -94,10 +94,12 @@ def _probe_writable(parent: str) -> None:
         raise ResourceError(f"{parent}: output folder is not writable ({e.strerror})") from None
 
 
-def check_disk(path: str, need: int) -> None:
+def check_disk(path: str, need: int, what=None) -> None:
+    """Refuse (exit 5) when the filesystem holding ``path`` has less than ``need`` bytes free; the message
+    names ``what`` (default: ``path``)."""
     free = shutil.disk_usage(_nearest_existing(path)).free
     if need > free:
-        raise ResourceError(f"{path}: not enough disk space: {need} bytes needed, {free} bytes free")
+        raise ResourceError(f"{what or path}: not enough disk space: {need} bytes needed, {free} bytes free")
 
 
 def preflight(out, inputs=(), force=False, estimate_bytes=0, report_leftovers=True) -> str:
@@ -118,13 +120,13 @@ def preflight(out, inputs=(), force=False, estimate_bytes=0, report_leftovers=Tr
     existing = _nearest_existing(pdir)
     if not os.path.isdir(existing):
         raise OutputError(f"{parent}: parent of the output is not a folder")
+    check_disk(existing, int(estimate_bytes), out)  # before anything (a missing parent folder) is created
     if existing != pdir:
         try:
             os.makedirs(pdir, exist_ok=True)
         except OSError as e:
             raise ResourceError(f"{parent}: cannot create the output's parent folder ({e.strerror})") from None
     _probe_writable(pdir)
-    check_disk(pdir, int(estimate_bytes))
     for p in leftovers(out) if report_leftovers else ():
         log.warning("Warning: leftover from an earlier interrupted run: %s (not reused; delete it when done)", p)
     return out
@@ -254,7 +256,13 @@ class AtomicOutput:
     def __enter__(self) -> "AtomicOutput":
         self.out = preflight(self.out, self.inputs, self.force, self.estimate_bytes, not self.preflighted)
         self.parent = os.path.dirname(self.out)
-        self.staging = self._new_staging()
+        try:
+            self.staging = self._new_staging()
+        except OSError as e:  # e.g. the disk filled since preflight (resume.py's journal has no file name)
+            err = self._no_space(e)
+            if err is not None:
+                raise err from e
+            raise
         return self
 
     def _new_staging(self) -> str:
@@ -294,6 +302,16 @@ class AtomicOutput:
         written = sum(v["size"] for v in self.files.values()) + sum(f.size for f in self._open if not f.closed)
         need = max(self.estimate_bytes - written, 0)
         raise ResourceError(f"{path}: no space left on device ({need} more bytes needed, {free} bytes free)")
+
+    def _no_space(self, e: BaseException):
+        """The ResourceError of ``raise_no_space`` for an ENOSPC/EDQUOT OSError raised outside ``HashingFile``
+        (a journal, an exporter writing into the staging folder, fsync); None for anything else."""
+        if not isinstance(e, OSError) or e.errno not in (errno.ENOSPC, errno.EDQUOT):
+            return None
+        try:
+            self.raise_no_space(e.filename2 or e.filename or self.staging or self.out)
+        except ResourceError as err:
+            return err
 
     # -- publish ---------------------------------------------------------------------------------
     def _adopt_untracked(self) -> None:
@@ -369,10 +387,16 @@ class AtomicOutput:
                 self._publish()
                 self.staging = None
                 return False
-        except BaseException:
+        except BaseException as e:
+            err = self._no_space(e)  # measured before the staging folder is removed
             self._cleanup()
+            if err is not None:
+                raise err from e
             raise
+        err = self._no_space(exc)
         self._cleanup()
+        if err is not None:
+            raise err from exc
         return False
 
     def _cleanup(self) -> None:
