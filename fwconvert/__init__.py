@@ -19,12 +19,17 @@ def load(path, device="cpu", dtype=None, window=None, config=None):
     bare .safetensors file.
     """
     from .checkpoint import open_checkpoint
+
+    return load_checkpoint(open_checkpoint(str(path), config_path=config), device=device, dtype=dtype, window=window)
+
+
+def load_checkpoint(ck, device="cpu", dtype=None, window=None):
+    """``load`` for an already opened checkpoint (``fwconvert.checkpoint.open_checkpoint``)."""
     from .modeling import build_model, expected_shapes, load_tensors
     from .modeling.build import DTYPES
 
     if isinstance(dtype, str):
         dtype = DTYPES[dtype]
-    ck = open_checkpoint(str(path), config_path=config)
     model = build_model(ck.config, ck.fast_weights, window=window)
     ck.check_tensors(expected_shapes(model))
     load_tensors(model, ck.iter_tensors(), device=device, dtype=dtype)

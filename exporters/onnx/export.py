@@ -42,16 +42,13 @@ def _prepare_out(out: str, force: bool, source=None) -> str:
     return preflight(out, inputs=[source] if source is not None else (), force=force)
 
 
-def _estimate_bytes(model_or_path, dtype: str) -> int:
+def _estimate_bytes(model_or_path, ck, dtype: str) -> int:
     """Disk the export needs, from the checkpoint's headers (nothing loaded) or the model's parameters: every
     weight in the graph's dtype, the tokenizer files and 1 MiB for the graph and manifest (as conversion)."""
     item = 2 if dtype == "fp16" else 4
     if isinstance(model_or_path, DecoderLM):
         numel, extra = sum(p.numel() for p in model_or_path.parameters()), 0
     else:
-        from fwconvert.checkpoint import open_checkpoint
-
-        ck = open_checkpoint(os.path.abspath(str(model_or_path)))
         numel = sum(math.prod(shape) for shape, _ in ck.specs.values())
         extra = sum(os.path.getsize(p) for p in ck.tokenizer_files)
     return numel * item + extra + (1 << 20)
@@ -71,7 +68,7 @@ def _no_space(e: BaseException, writing: str, staging: str, estimate: int):
                          f"{free} bytes free)")
 
 
-def _load(model_or_path, window: Optional[int], attention: Optional[str]):
+def _load(model_or_path, ck, window: Optional[int], attention: Optional[str]):
     """(fp32 DecoderLM, opened checkpoint or None, source string or None). A given DecoderLM is copied
     when it must change (dtype or window), so the caller's model is never modified."""
     if isinstance(model_or_path, DecoderLM):
@@ -80,12 +77,9 @@ def _load(model_or_path, window: Optional[int], attention: Optional[str]):
             model = copy.deepcopy(model).float()
         return model, None, None
     import fwconvert
-    from fwconvert.checkpoint import open_checkpoint
 
-    path = os.path.abspath(str(model_or_path))
-    ck = open_checkpoint(path)
-    model = fwconvert.load(path, dtype=torch.float32, window=window if attention == "window" else None)
-    return model, ck, path
+    model = fwconvert.load_checkpoint(ck, dtype=torch.float32, window=window if attention == "window" else None)
+    return model, ck, os.path.abspath(str(model_or_path))
 
 
 def _resolve_attention(model: DecoderLM, attention: Optional[str], window: Optional[int]):
@@ -160,11 +154,16 @@ def export_onnx(model_or_path: Union[str, os.PathLike, DecoderLM], out: str, *, 
         raise InputError(f"--dtype must be fp32 or fp16, got {dtype!r}")
     source_path = None if isinstance(model_or_path, DecoderLM) else os.path.abspath(str(model_or_path))
     out = _prepare_out(out, force, source_path)
-    estimate = _estimate_bytes(model_or_path, dtype)
+    ck = None
+    if source_path is not None:  # opened once (a GGUF's vocabulary takes seconds to parse)
+        from fwconvert.checkpoint import open_checkpoint
+
+        ck = open_checkpoint(source_path)
+    estimate = _estimate_bytes(model_or_path, ck, dtype)
     from fwconvert.checkpoint.writer import check_disk
 
     check_disk(os.path.dirname(out), estimate, out)  # before anything is loaded, traced or written
-    model, ck, source = _load(model_or_path, window, attention or ("window" if window is not None else None))
+    model, ck, source = _load(model_or_path, ck, window, attention or ("window" if window is not None else None))
     attention, window = _resolve_attention(model, attention, window)
     if model.window != window:  # never modify the caller's model
         model = copy.deepcopy(model)
