@@ -14,6 +14,7 @@ setup(
         "safetensors>=0.4",
         "onnx>=1.21",
         "onnxruntime-gpu>=1.31",
+        "onnxscript>=0.7.2,<0.8",  # torch's dynamo ONNX exporter and the ORT fusions (exporters/onnx/graph.py)
         "transformers>=4.56",
         "click>=8.1",
         "numpy>=1.24",  # onnxruntime IO and state buffers
