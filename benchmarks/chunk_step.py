@@ -2,10 +2,13 @@
 model vs our exported base / FWL / in-place graphs on onnxruntime CUDA (state on the device, IO binding).
 
     python benchmarks/chunk_step.py --gguf SmolLM2.gguf --graph base=DIR --graph fwl=DIR --graph ttt=DIR \
-        --out-md results.md --out-json results.json
+        --out-md results.md --out-json results.json          (--hf FOLDER instead of --gguf: a transformers folder)
 
 Times one C-token chunk from an empty past (median of --iters after warm-up; the device is synchronised
-around every call) and the streaming of one long document in C-token chunks (tokens/s).
+around every call) and the streaming of one long document in C-token chunks (tokens/s). A window-attention
+export (``--attention window``) is timed twice: through the ordinary session, and through a static session
+(``ChunkSession(static_batch=B)``: buffers bound once, every step a replayed CUDA graph); its KV state always
+holds W-1 slots, so its chunk attends over W-1+C positions even "from an empty past".
 """
 from __future__ import annotations
 
@@ -20,11 +23,12 @@ import numpy as np
 from common import chunk_floor_ms, markdown_table, measured_rates, time_fn
 
 
-def transformers_model(gguf: str, torch):
+def transformers_model(path: str, torch):
+    """bf16 transformers model from a GGUF file or a model folder, on the GPU."""
     import transformers
 
-    m = transformers.AutoModelForCausalLM.from_pretrained(os.path.dirname(gguf), gguf_file=os.path.basename(gguf),
-                                                          torch_dtype=torch.bfloat16)
+    kw = {"gguf_file": os.path.basename(path)} if path.endswith(".gguf") else {}
+    m = transformers.AutoModelForCausalLM.from_pretrained(os.path.dirname(path) if kw else path, dtype=torch.bfloat16, **kw)
     return m.to("cuda").eval()
 
 
@@ -76,10 +80,27 @@ def bench_graph(folder, batch, chunk, iters, device="cuda"):
     return time_fn(lambda: sess.sess.run_with_iobinding(b), 5, iters, b.synchronize_outputs)
 
 
-def stream_graph(folder, ids, chunk, device="cuda"):
+def is_window(folder) -> bool:
+    from exporters.runtime.session import load_manifest
+
+    return load_manifest(folder).attention == "window"
+
+
+def bench_static(folder, batch, chunk, iters, device="cuda"):
+    """One chunk through a static session (CUDA graphs on CUDA): the chunk's host-to-device copy and the replay."""
     from exporters.runtime.session import ChunkSession
 
-    sess = ChunkSession(folder, provider=device)
+    sess = ChunkSession(folder, provider=device, static_batch=batch)
+    assert sess.cuda_graph, sess.provider_note
+    state = sess.new_state(batch)
+    ids = np.random.default_rng(0).integers(0, sess.manifest.vocab_size, (batch, chunk), dtype=np.int64)
+    return time_fn(lambda: sess.step(ids, state, fetch=False), 5, iters)
+
+
+def stream_graph(folder, ids, chunk, device="cuda", static=False):
+    from exporters.runtime.session import ChunkSession
+
+    sess = ChunkSession(folder, provider=device, static_batch=ids.shape[0] if static else None)
 
     def run():
         state = sess.new_state(ids.shape[0])
@@ -94,9 +115,20 @@ def stream_graph(folder, ids, chunk, device="cuda"):
     return ids.size / (time.perf_counter() - t)
 
 
+def base_of(path: str) -> str:
+    """The row of our base graph in the same mode: 'ours: fwl-w graph (X)' -> 'ours: base-w graph (X)'."""
+    if not path.startswith("ours: "):
+        return ""
+    name, rest = path[len("ours: "):].split(" ", 1)
+    suffix = name.split("-", 1)[1] if "-" in name else ""
+    return f"ours: base{'-' + suffix if suffix else ''} {rest}"
+
+
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("--gguf", required=True)
+    src = ap.add_mutually_exclusive_group(required=True)
+    src.add_argument("--gguf", help="the base model as a GGUF file (tokenizer for --doc from it too)")
+    src.add_argument("--hf", help="the base model as a transformers folder (random-weight shapes: no --doc needed)")
     ap.add_argument("--graph", action="append", default=[], help="NAME=EXPORTED_FOLDER (fp16 graphs)")
     ap.add_argument("--chunk", type=int, default=512)
     ap.add_argument("--batches", type=int, nargs="+", default=[1, 8])
@@ -109,7 +141,7 @@ def main():
     import torch
 
     rates = measured_rates(torch)
-    hf = transformers_model(args.gguf, torch)
+    hf = transformers_model(args.gguf or args.hf, torch)
     cfg = hf.config.to_dict()
     vocab = cfg["vocab_size"]
     compiled = torch.compile(hf)
@@ -125,20 +157,24 @@ def main():
                  "torch.compile (bf16)": bench_torch(compiled, batch, args.chunk, vocab, torch, args.iters)}
         for name, folder in graphs.items():
             times[f"ours: {name} graph (ORT CUDA fp16)"] = bench_graph(folder, batch, args.chunk, args.iters)
-        base_ms = next((v for k, v in times.items() if k.startswith("ours: base")), None)
+            if is_window(folder):
+                times[f"ours: {name} graph (ORT CUDA fp16, CUDA graphs)"] = bench_static(folder, batch, args.chunk, args.iters)
         for path, ms in times.items():
+            base_ms = times.get(base_of(path), times.get("ours: base graph (ORT CUDA fp16)"))
             rows.append({"path": path, "batch": batch, "ms/chunk": f"{ms:.2f}", "× floor": f"{ms / floor['floor_ms']:.1f}",
                          "× our base graph": f"{ms / base_ms:.2f}" if base_ms else ""})
         results["step_ms"][str(batch)] = {**times, "floor_ms": floor["floor_ms"]}
     if args.doc:
         from fwconvert.tokenizer import load_tokenizer
 
-        tok = load_tokenizer(args.gguf)
+        tok = load_tokenizer(args.gguf or args.hf)
         ids_list = tok.encode(open(args.doc, encoding="utf-8").read())[: args.doc_tokens]
         ids_np = np.asarray([ids_list], dtype=np.int64)
         stream = {"transformers eager (bf16)": stream_torch(hf, torch.tensor(ids_np, device="cuda"), args.chunk, torch)}
         for name, folder in graphs.items():
             stream[f"ours: {name} graph (ORT CUDA fp16)"] = stream_graph(folder, ids_np, args.chunk)
+            if is_window(folder) and ids_np.shape[1] % args.chunk == 0:
+                stream[f"ours: {name} graph (ORT CUDA fp16, CUDA graphs)"] = stream_graph(folder, ids_np, args.chunk, static=True)
         results["stream_tokens_per_s"] = stream
         results["stream_tokens"] = int(ids_np.shape[1])
     md = [f"Device: {results['device']}; torch {torch.__version__}; onnxruntime {results['onnxruntime']}; "

@@ -1,36 +1,79 @@
 #!/usr/bin/env bash
-# On the GPU machine (after .device staging): convert SmolLM2-135M both ways, calibrate each on Python
-# standard-library files at sequence 8192 (plus the identically calibrated baselines), and keep the models in /tmp/w.
-#   STEPS=150 bash benchmarks/gpu_calibrate.sh      (results under $OUT)
+# On the GPU machine (after .device staging): convert SmolLM2-135M both ways, then calibrate the fast-weight
+# models and their identically calibrated baselines at sequence 8192, all runs at once on the one GPU.
+# Models go to /tmp/w/<run>, logs to /tmp/w/logs, and one archive of manifests + logs to $OUT/calib.tgz.
+#   STEPS=600 bash benchmarks/gpu_calibrate.sh        (again with the same settings: finished runs are kept,
+#                                                      interrupted ones continue with --resume)
+# RUNS: "name:model:lr[:baseline]" entries; model is fwl or ttt (the converted folders); ":baseline" calibrates
+# the plain base model with the same recipe (--baseline). Every run uses --train $TRAIN, the same data, seed,
+# steps and schedule, so a model and its baseline differ only by the fast weights (and lr where named).
+# Data: the stdlib's .py files >= 8 KB (DOCS, its long held-out files are the evaluation set of gpu_eval.sh)
+# plus MORE_MB of the host's long library .py files (dist-packages, >= 16 KB; training data unless held out).
 set -uo pipefail
 export PYTHONPATH=/tmp/fw-site:$PWD PYTHONUNBUFFERED=1
-G=/tmp/fw-assets/SmolLM2-135M-Instruct.Q4_1.gguf; W=/tmp/w; STEPS=${STEPS:-150}; OUT=${OUT:-/tmp/out}
-mkdir -p "$W" "$OUT"
-python3 - "$W/docs" <<'PY'
+G=${G:-/tmp/fw-assets/SmolLM2-135M-Instruct.Q4_1.gguf}; W=${W:-/tmp/w}; STEPS=${STEPS:-600}; OUT=${OUT:-/tmp/out}
+LIMIT=${LIMIT:-520}; TRAIN=${TRAIN:-fast+baseline}; MORE_MB=${MORE_MB:-24}; SEQ=${SEQ:-8192}; DEVICE=${DEVICE:-cuda}
+RUNS=${RUNS:-"fwl-cal:fwl:1e-3 fwl-base:fwl:1e-3:baseline ttt-cal:ttt:1e-4 ttt-base:ttt:1e-4:baseline ttt-base-hi:ttt:1e-3:baseline fwl-hi:fwl:3e-3 fwl-base-hi:fwl:3e-3:baseline"}
+mkdir -p "$W/logs" "$OUT"
+[ -d "$W/docs" ] || python3 - "$W/docs" "$W/more" "$MORE_MB" <<'PY'
 import os, shutil, sys, sysconfig
-root, dst = sysconfig.get_paths()["stdlib"], sys.argv[1]
-os.makedirs(dst, exist_ok=True)
-files = sorted(os.path.join(d, f) for d, _, fs in os.walk(root) for f in fs
-               if f.endswith(".py") and "test" not in d and "site-packages" not in d)
-big = [p for p in files if os.path.getsize(p) >= 40_000]
-for i, p in enumerate(big):
-    shutil.copyfile(p, os.path.join(dst, f"{i:03d}-{os.path.basename(p)}"))
-print(f"{len(big)} stdlib files >= 40 KB from {root}")
+docs, more, cap = sys.argv[1], sys.argv[2], float(sys.argv[3]) * 1e6
+def pick(root, min_size):
+    return sorted(os.path.join(d, f) for d, _, fs in os.walk(root) for f in fs
+                  if f.endswith(".py") and "test" not in d.lower() and os.path.getsize(os.path.join(d, f)) >= min_size)
+std = sysconfig.get_paths()["stdlib"]
+files = [p for p in pick(std, 8_000) if "site-packages" not in p and "dist-packages" not in p]
+os.makedirs(docs)
+for i, p in enumerate(files):
+    shutil.copyfile(p, os.path.join(docs, f"{i:04d}-{os.path.basename(p)}"))
+roots = sorted({sysconfig.get_paths()["purelib"], "/usr/lib/python3/dist-packages", "/usr/local/lib/python3.12/dist-packages"})
+lib, total, seen = [], 0, set(files)
+for r in roots:
+    for p in pick(r, 16_000) if os.path.isdir(r) else []:
+        if total >= cap or p in seen:
+            continue
+        lib.append(p); seen.add(p); total += os.path.getsize(p)
+os.makedirs(more)
+for i, p in enumerate(lib):
+    shutil.copyfile(p, os.path.join(more, f"{i:05d}-{os.path.basename(p)}"))
+print(f"{len(files)} stdlib files >= 8 KB from {std}; {len(lib)} library files >= 16 KB ({total / 1e6:.1f} MB) from {roots}")
 PY
 t() { local s=$SECONDS; echo "+ $*"; "$@"; local rc=$?; echo "  (rc $rc, $((SECONDS - s)) s)"; return $rc; }
-nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
-# TRAIN=fast+baseline (default): each fast-weight model also trains the W_down matrices its --baseline trains,
-# so model and baseline share every trained slow parameter and the same lr; they differ only by the fast weights.
-TRAIN=${TRAIN:-fast+baseline}; LR_FWL=${LR_FWL:-1e-3}; LR_TTT=${LR_TTT:-1e-4}
+nvidia-smi --query-gpu=name,memory.total --format=csv,noheader 2>/dev/null
 [ -d $W/fwl ] || t python3 -m fwconvert add-fwl "$G" -o $W/fwl --chunk-size 512 &
 [ -d $W/ttt ] || t python3 -m fwconvert mark-fast "$G" -o $W/ttt --chunk-size 512 &
 wait
-CAL=(--data $W/docs --ext .py --steps "$STEPS" --seq-len 8192 --batch-size 1 --device cuda --heldout 0.15 --no-progress --seed 0 --force)
-t python3 -m fwconvert calibrate $W/fwl -o $W/fwl-cal "${CAL[@]}" --train "$TRAIN" --lr "$LR_FWL"
-# lr 1e-3 diverged for in-place TTT with --train fast (loss 1.86 -> 7.17 in 150 steps, eta = 3); 1e-4 is stable.
-t python3 -m fwconvert calibrate $W/ttt -o $W/ttt-cal "${CAL[@]}" --train "$TRAIN" --lr "$LR_TTT"
-if [ "${BASELINES:-1}" = 1 ]; then  # the same recipe (steps, lr, W_down set) without fast weights
-  t python3 -m fwconvert calibrate $W/fwl --baseline -o $W/fwl-baseline "${CAL[@]}" --train "$TRAIN" --lr "$LR_FWL"
-  t python3 -m fwconvert calibrate $W/ttt --baseline -o $W/ttt-baseline "${CAL[@]}" --train "$TRAIN" --lr "$LR_TTT"
-fi
-for m in fwl-cal ttt-cal fwl-baseline ttt-baseline; do cp $W/$m/MANIFEST.json "$OUT/$m.MANIFEST.json" 2>/dev/null; done
+CAL=(--data $W/docs --data $W/more --ext .py --steps "$STEPS" --seq-len "$SEQ" --batch-size 1 --device "$DEVICE" --heldout 0.15
+     --no-progress --seed 0 --save-every 100 --train "$TRAIN")
+for r in $RUNS; do
+  IFS=: read -r name model lr kind <<< "$r"
+  [ -f "$W/$name/MANIFEST.json" ] && { echo "$name: done already"; continue; }
+  extra=(--resume)  # continues from the run's newest checkpoint, or starts at step 0 when there is none
+  [ "${kind:-}" = baseline ] && extra+=(--baseline)
+  echo "+ $name: calibrate $model lr $lr ${extra[*]}"
+  OMP_NUM_THREADS=2 timeout "$LIMIT" python3 -m fwconvert calibrate "$W/$model" -o "$W/$name" "${CAL[@]}" --lr "$lr" "${extra[@]}" \
+    > "$W/logs/$name.log" 2>&1 &
+done
+wait
+for r in $RUNS; do n=${r%%:*}; echo "== $n"; tail -n 3 "$W/logs/$n.log"; done
+python3 - "$W" $RUNS <<'PY'
+import json, os, sys
+from safetensors import safe_open
+w = sys.argv[1]
+for r in sys.argv[2:]:
+    name = r.split(":")[0]
+    m = os.path.join(w, name, "MANIFEST.json")
+    if not os.path.isfile(m):
+        print(f"{name}: not finished"); continue
+    c = json.load(open(m))["calibration"]
+    ls = c["losses"]
+    eta = ""
+    st = os.path.join(w, name, "model.safetensors")
+    if os.path.isfile(st):
+        with safe_open(st, "pt") as f:
+            if "fwl_head.step_sizes" in f.keys():
+                eta = " step sizes " + ", ".join(f"{v:.4g}" for v in f.get_tensor("fwl_head.step_sizes").tolist())
+    print(f"{name}: {len(ls)} steps, loss {ls[0]:.3f} -> mean of last 50 {sum(ls[-50:]) / len(ls[-50:]):.3f}, "
+          f"{c.get('tokens_per_second', 0):,.0f} tokens/s{eta}")
+PY
+tar czf "$OUT/calib.tgz" -C $W logs $(cd $W && ls -d */MANIFEST.json 2>/dev/null)

@@ -116,11 +116,13 @@ def _chunk_rows(k: int, lo: np.ndarray, lt: torch.Tensor, ort_state: Dict, ref_s
 
 
 def verify(folder: str, against=None, chunks: int = 16, provider: str = "cpu", batch: int = 1, seed: int = 0,
-           tokens=None, threads: Optional[int] = None) -> Report:
-    """Run ``chunks`` chained chunks through both and return the Report (raises NumericError on failure)."""
+           tokens=None, threads: Optional[int] = None, static: bool = False) -> Report:
+    """Run ``chunks`` chained chunks through both and return the Report (raises NumericError on failure).
+    ``static``: through a static session (``ChunkSession(static_batch=batch)``; CUDA graphs on CUDA)."""
     if chunks < 1:
         raise InputError(f"--chunks must be >= 1, got {chunks}")
-    session = ChunkSession(folder, provider=provider, use_tf32=False, threads=threads)
+    session = ChunkSession(folder, provider=provider, use_tf32=False, threads=threads,
+                           static_batch=batch if static else None)
     model = _load_reference(session, against)
     key = "ort_fp32_vs_torch_fp32" if session.manifest.dtype == "fp32" else "ort_fp16_vs_torch_fp32"
     report = Report(session.folder, session.provider_note, TOLERANCES[key].rel, session.chunk_size, 0)

@@ -15,10 +15,11 @@ import numpy as np
 from fwconvert.config import load_json_strict
 from fwconvert.errors import InputError
 
-from ..onnx.io_spec import BATCH, MANIFEST_NAME, PAST, Manifest
+from ..onnx.io_spec import BATCH, CHUNK, MANIFEST_NAME, PAST, Manifest
 from .feeds import ORT_TYPES, check_feeds, check_manifest_against_graph
 from .precheck import check_graph_file
 from .state import StateBuffers
+from .static import StaticSteps, check_static
 
 
 def load_manifest(folder: str) -> Manifest:
@@ -64,7 +65,7 @@ def _manifest_problem(m: Manifest) -> Optional[str]:
     return None
 
 
-def _providers(provider: str, use_tf32: bool):
+def _providers(provider: str, use_tf32: bool, cuda_graph: bool = False):
     import onnxruntime as ort
 
     ort.set_default_logger_severity(3)  # a missing CUDA runtime is reported by us, not as an ORT warning
@@ -72,17 +73,26 @@ def _providers(provider: str, use_tf32: bool):
     if provider == "cuda" and not have_cuda:
         raise InputError("--provider cuda: this onnxruntime has no CUDA execution provider")
     if provider in ("cuda", "auto") and have_cuda:
-        return [("CUDAExecutionProvider", {"use_tf32": "1" if use_tf32 else "0"}), "CPUExecutionProvider"]
+        opts = {"use_tf32": "1" if use_tf32 else "0"}
+        if cuda_graph:
+            opts["enable_cuda_graph"] = "1"
+        return [("CUDAExecutionProvider", opts), "CPUExecutionProvider"]
     if provider not in ("cpu", "auto", "cuda"):
         raise InputError(f"provider must be cpu, cuda or auto, got {provider!r}")
     return ["CPUExecutionProvider"]
 
 
 class ChunkSession:
-    """An exported graph plus its manifest; allocates state, runs chunks, streams documents."""
+    """An exported graph plus its manifest; allocates state, runs chunks, streams documents.
+
+    ``static_batch=B`` (window-attention exports only) pins the batch and chunk axes, allocates every buffer once
+    and runs each step through fixed IO bindings; on the CUDA provider the steps are then captured as CUDA graphs
+    (``cuda_graph=None``: whenever the session runs on CUDA). Such a session takes only full [B, C] chunks and
+    has one state (see ``exporters/runtime/static.py``)."""
 
     def __init__(self, folder: str, provider: str = "auto", use_tf32: bool = False,
-                 manifest: Optional[Manifest] = None, precheck: bool = True, threads: Optional[int] = None):
+                 manifest: Optional[Manifest] = None, precheck: bool = True, threads: Optional[int] = None,
+                 static_batch: Optional[int] = None, cuda_graph: Optional[bool] = None):
         import onnxruntime as ort
 
         self.folder = os.path.abspath(folder)
@@ -94,8 +104,20 @@ class ChunkSession:
         if threads:
             opts.intra_op_num_threads = threads
         opts.log_severity_level = 3
+        if static_batch is not None:
+            check_static(self.manifest, static_batch)
+            opts.add_free_dimension_override_by_name(BATCH, static_batch)
+            opts.add_free_dimension_override_by_name(CHUNK, self.chunk_size)
+        elif cuda_graph:
+            raise InputError("cuda_graph needs a static session (static_batch=B, a window-attention export)")
+        if cuda_graph and provider == "cpu":
+            raise InputError("CUDA graphs need the CUDA provider (got provider 'cpu')")
+        graphs = static_batch is not None and cuda_graph is not False and provider != "cpu" \
+            and "CUDAExecutionProvider" in ort.get_available_providers()
+        if cuda_graph and not graphs:
+            raise InputError("CUDA graphs need the CUDA provider, which this onnxruntime does not have")
         try:
-            self.sess = ort.InferenceSession(self.path, opts, providers=_providers(provider, use_tf32))
+            self.sess = ort.InferenceSession(self.path, opts, providers=_providers(provider, use_tf32, graphs))
         except Exception as e:  # noqa: BLE001 - ORT raises its own exception types
             first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             raise InputError(f"{self.path}: onnxruntime cannot load it: {first}") from None
@@ -106,6 +128,10 @@ class ChunkSession:
         self.inputs = {i.name: i for i in self.sess.get_inputs()}
         self.output_names = [o.name for o in self.sess.get_outputs()]
         check_manifest_against_graph(self.manifest, self.inputs, self.output_names)
+        self.cuda_graph = graphs and self.device == "cuda"
+        if self.cuda_graph:
+            self.provider_note += ", CUDA graphs"
+        self.static = StaticSteps(self, static_batch, self.cuda_graph) if static_batch is not None else None
 
     @property
     def chunk_size(self) -> int:
@@ -118,6 +144,8 @@ class ChunkSession:
     def new_state(self, batch: int) -> StateBuffers:
         if batch < 1:
             raise InputError(f"batch size must be >= 1, got {batch}")
+        if self.static is not None:
+            return self.static.reset(batch)
         return StateBuffers(self.manifest, batch, self.folder, self.device)
 
     def _check_chunk(self, ids: np.ndarray, state: StateBuffers) -> None:
@@ -135,6 +163,8 @@ class ChunkSession:
         ``[B, C, V]`` (numpy when ``fetch``, else the device OrtValue)."""
         ids = np.ascontiguousarray(ids)
         self._check_chunk(ids, state)
+        if self.static is not None:
+            return self.static.step(ids, state, fetch)
         feeds = {"input_ids": (str(ids.dtype), list(ids.shape))}
         feeds.update({n: (_ort_dtype(v), list(v.shape())) for n, v in state.cur.items()})
         check_feeds(self.inputs, feeds)

@@ -44,6 +44,11 @@ def _initial_array(spec: StateSpec, batch: int, folder: str) -> np.ndarray:
     raise InputError(f"manifest: state {spec.input!r} has unknown initial value kind {kind!r}")
 
 
+def initial_arrays(specs: List[StateSpec], batch: int, folder: str) -> Dict[str, np.ndarray]:
+    """Input name -> the initial value of that state for ``batch`` documents (host arrays)."""
+    return {s.input: _initial_array(s, batch, folder) for s in specs}
+
+
 class StateBuffers:
     """The state of ``batch`` documents as OrtValues on ``device`` (``cpu`` or ``cuda``)."""
 
@@ -56,8 +61,7 @@ class StateBuffers:
         self.cur: Dict[str, object] = {}
         self.spare: Dict[str, object] = {}
         self.fixed = {s.input: PAST not in s.shape for s in self.specs}
-        for s in self.specs:
-            arr = _initial_array(s, batch, folder)
+        for s, arr in zip(self.specs, initial_arrays(self.specs, batch, folder).values()):
             self.cur[s.input] = self._put(arr)
             if self.fixed[s.input]:
                 self.spare[s.input] = self._put(np.zeros_like(arr))

@@ -67,6 +67,8 @@ def _snapshot(session: ChunkSession, state: StateBuffers) -> StateBuffers:
 def greedy_generate(session: ChunkSession, ids: np.ndarray, n: int) -> np.ndarray:
     """Append ``n`` greedy tokens to each row of the prompt ``ids [B, T]``; returns [B, n]."""
     ids = np.asarray(ids, dtype=np.int64)
+    if getattr(session, "static", None) is not None:
+        raise InputError("generation runs chunks of any length: use a session without static_batch")
     if n <= 0:
         return np.zeros((ids.shape[0], 0), dtype=np.int64)
     if not session.fixed_chunks:

@@ -127,8 +127,11 @@ def run_cmd(exported, text, tokens, generate, provider, as_json):
                    "(on SmolLM2 PyTorch's own fp16 misses the 1e-2 logits tolerance there): check fp16 exports on "
                    "real text.")
 @click.option("--tokens", type=click.Path(), default=None, help="Like --text, from whitespace-separated token ids.")
+@click.option("--static", is_flag=True,
+              help="Run the export as a static session: batch and chunk pinned, buffers bound once, and on the CUDA "
+                   "provider every step replayed as a captured CUDA graph (window-attention exports; full chunks).")
 @click.option("--json", "as_json", is_flag=True, help="Print the full report as JSON.")
-def verify_cmd(exported, against, chunks, provider, batch, text, tokens, as_json):
+def verify_cmd(exported, against, chunks, provider, batch, text, tokens, static, as_json):
     """Compare EXPORTED with PyTorch chunk by chunk (logits and every state tensor); exit 6 beyond tolerance."""
     from exporters.verify import format_table, verify
     from ..errors import NumericError
@@ -141,7 +144,8 @@ def verify_cmd(exported, against, chunks, provider, batch, text, tokens, as_json
 
         ids = [_document(exported, text, tokens, load_manifest(exported).vocab_size)[0]]
     try:
-        report = verify(exported, against=against, chunks=chunks, provider=provider, batch=batch, tokens=ids)
+        report = verify(exported, against=against, chunks=chunks, provider=provider, batch=batch, tokens=ids,
+                        static=static)
     except NumericError as e:
         report = getattr(e, "report", None)
         if report is not None:

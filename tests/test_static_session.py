@@ -1,0 +1,80 @@
+"""Static sessions (exporters/runtime/static.py): batch and chunk pinned, buffers bound once, the ping-pong sides
+alternating; on CPU they must give exactly what the ordinary session gives (the CUDA-graph capture itself needs a
+GPU: benchmarks/gpu_export.sh checks it there). Also what they refuse."""
+import numpy as np
+import pytest
+
+from exporters.onnx.export import export_onnx
+from exporters.runtime.session import ChunkSession
+from exporters.runtime.stream import greedy_generate
+from exporters.verify import verify
+from fwconvert.errors import InputError
+from test_onnx_common import tiny_model
+
+C, W = 8, 24
+
+
+@pytest.fixture(scope="module")
+def exports(tmp_path_factory):
+    root = tmp_path_factory.mktemp("static")
+    out = {}
+    for kind in ("base", "fwl", "inplace"):
+        out[kind] = export_onnx(tiny_model(kind=kind, window=W), str(root / f"{kind}-win"), chunk_size=C,
+                                attention="window", window=W)
+    out["full"] = export_onnx(tiny_model(), str(root / "full"), chunk_size=C)
+    return out
+
+
+@pytest.mark.parametrize("kind", ["base", "fwl", "inplace"])
+def test_static_equals_dynamic_across_resets(exports, kind):
+    dyn = ChunkSession(exports[kind], provider="cpu")
+    sta = ChunkSession(exports[kind], provider="cpu", static_batch=2)
+    assert sta.static is not None and not sta.cuda_graph
+    ids = np.random.default_rng(1).integers(0, dyn.manifest.vocab_size, (2, 5 * C))
+    for _ in range(2):  # 5 steps (odd): the second pass starts on the other ping-pong side
+        sd, ss = dyn.new_state(2), sta.new_state(2)
+        for a in range(0, ids.shape[1], C):  # 40 tokens through a window of 24: the window slides
+            ld, ls = dyn.step(ids[:, a:a + C], sd), sta.step(ids[:, a:a + C], ss)
+            np.testing.assert_array_equal(ld, ls)
+        for key, v in sd.to_numpy().items():
+            np.testing.assert_array_equal(v, ss.to_numpy()[key])
+
+
+def test_static_logits_buffer_is_reused_and_fetch_copies(exports):
+    s = ChunkSession(exports["base"], provider="cpu", static_batch=1)
+    st = s.new_state(1)
+    ids = np.arange(2 * C).reshape(1, -1) % s.manifest.vocab_size
+    first = s.step(ids[:, :C], st)  # a host copy: the next step must not change it
+    keep = first.copy()
+    dev = s.step(ids[:, C:], st, fetch=False)
+    np.testing.assert_array_equal(first, keep)
+    assert dev.shape() == [1, C, s.manifest.vocab_size]
+
+
+def test_static_refusals(exports):
+    s = ChunkSession(exports["fwl"], provider="cpu", static_batch=2)
+    st = s.new_state(2)
+    ids = np.zeros((2, C), dtype=np.int64)
+    with pytest.raises(InputError, match=r"exactly \[2, 8\]"):
+        s.step(ids[:, : C - 1], st)  # a short last chunk
+    with pytest.raises(InputError, match="static for batch 2"):
+        s.new_state(3)
+    other = ChunkSession(exports["fwl"], provider="cpu").new_state(2)
+    with pytest.raises(InputError, match="its own state"):
+        s.step(ids, other)
+    with pytest.raises(InputError, match="static_batch"):
+        greedy_generate(s, ids[:, :3], 2)
+    with pytest.raises(InputError, match="--attention window"):
+        ChunkSession(exports["full"], provider="cpu", static_batch=1)
+    with pytest.raises(InputError, match="static session"):
+        ChunkSession(exports["base"], provider="cpu", cuda_graph=True)
+    with pytest.raises(InputError, match="CUDA provider"):
+        ChunkSession(exports["base"], provider="cpu", static_batch=1, cuda_graph=True)
+    with pytest.raises(InputError, match="positive integer"):
+        ChunkSession(exports["base"], provider="cpu", static_batch=0)
+
+
+def test_verify_static_passes(exports):
+    report = verify(exports["inplace"], against=tiny_model(kind="inplace", window=W), chunks=5, batch=2,
+                    provider="cpu", static=True)
+    assert report.passed and report.chunks == 5
