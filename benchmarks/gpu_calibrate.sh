@@ -43,6 +43,7 @@ nvidia-smi --query-gpu=name,memory.total --format=csv,noheader 2>/dev/null
 [ -d $W/fwl ] || t python3 -m fwconvert add-fwl "$G" -o $W/fwl --chunk-size 512 &
 [ -d $W/ttt ] || t python3 -m fwconvert mark-fast "$G" -o $W/ttt --chunk-size 512 &
 wait
+[ "${PREP_ONLY:-0}" = 1 ] && exit 0  # data and converted models only
 CAL=(--data $W/docs --data $W/more --ext .py --steps "$STEPS" --seq-len "$SEQ" --batch-size 1 --device "$DEVICE" --heldout 0.15
      --no-progress --seed 0 --save-every 100 --train "$TRAIN")
 for r in $RUNS; do
