@@ -1,0 +1,97 @@
+"""The benchmark helpers of benchmarks/gpu_shapes.sh on the CPU: random shape model, export cost, calibration MFU."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+BENCH = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks")
+sys.path.insert(0, BENCH)
+
+import calib_throughput  # noqa: E402
+import export_cost  # noqa: E402
+import make_shape_model  # noqa: E402
+
+# The tiny shape by hand: hidden 64, MLP 128, 2 layers, 4 query / 2 KV heads of 16, vocab 49152, tied embeddings.
+TINY_LAYER = 64 * 64 * 2 + 64 * 32 * 2 + 3 * 64 * 128 + 2 * 64  # q, o; k, v; gate, up, down; two norms
+TINY_N = 2 * TINY_LAYER + 64 + 49152 * 64  # layers, final norm, the (tied) unembedding once
+
+
+def _char_tokenizer(folder):
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    vocab = {chr(i): i for i in range(256)}
+    vocab["[UNK]"] = vocab.pop(chr(0))
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Split("", behavior="isolated")
+    os.makedirs(folder, exist_ok=True)
+    tok.save(os.path.join(folder, "tokenizer.json"))
+    return folder
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    """(base folder, FWL folder, docs folder): make_shape_model tiny, then `fwconvert add-fwl` through the CLI."""
+    root = tmp_path_factory.mktemp("shape")
+    tok = _char_tokenizer(str(root / "tok"))
+    base = str(root / "base")
+    assert make_shape_model.main([base, "--shape", "tiny", "--dtype", "bf16", "--tokenizer-from", tok]) == 0
+    fwl = str(root / "fwl")
+    subprocess.run([sys.executable, "-m", "fwconvert", "add-fwl", base, "-o", fwl, "--chunk-size", "32"], check=True)
+    docs = root / "docs"
+    docs.mkdir()
+    for i in range(4):
+        (docs / f"d{i}.txt").write_text(" ".join(f"word{j % (7 + i)} of doc {i}" for j in range(150)))
+    return base, fwl, str(docs)
+
+
+def test_shape_model_loads_and_tokenizes(tiny):
+    import fwconvert
+    from fwconvert.tokenizer import load_tokenizer
+
+    base, fwl, _ = tiny
+    with open(os.path.join(base, "config.json")) as f:
+        cfg = json.load(f)
+    assert (cfg["hidden_size"], cfg["num_hidden_layers"], cfg["vocab_size"]) == (64, 2, 49152)
+    m = fwconvert.load(base)
+    assert next(m.parameters()).dtype == torch.bfloat16
+    w = m.state_dict()["model.layers.0.mlp.down_proj.weight"].float()
+    assert 0.015 < float(w.std()) < 0.025
+    ids = torch.tensor([load_tokenizer(base).encode("def f(x): return x")])
+    with torch.no_grad():
+        a, b = m(ids), fwconvert.load(fwl)(ids)
+    assert torch.isfinite(a).all() and torch.equal(a, b)  # a fresh FWL conversion is the base model
+
+
+def test_export_cost_peak_rss_and_timeout(tmp_path):
+    r = export_cost.measure([sys.executable, "-c", "x = bytearray(200_000_000)"])
+    assert r["rc"] == 0 and r["peak_rss_mb"] >= 190 and r["seconds"] > 0
+    out = tmp_path / "costs.jsonl"
+    p = subprocess.run([sys.executable, os.path.join(BENCH, "export_cost.py"), "--label", "x", "--json-out", str(out),
+                        "--", sys.executable, "-c", "pass"], capture_output=True, text=True, check=True)
+    line = json.loads(p.stdout)
+    assert line["label"] == "x" and line["rc"] == 0 and json.loads(out.read_text()) == line
+    assert export_cost.measure(["sleep", "30"], timeout=0.5)["rc"] == 124
+
+
+def test_flops_formula_by_hand(tiny):
+    f = calib_throughput.flops_per_token(1000, n_layers=2, n_heads=4, head_dim=16, seq_len=64)
+    assert f == 6 * 1000 + 6 * 2 * 4 * 16 * 64
+    shape = calib_throughput.count_params(tiny[0])
+    assert shape == {"n_params": TINY_N, "n_layers": 2, "n_heads": 4, "head_dim": 16} and TINY_N == 3_219_776
+    assert calib_throughput.flops_per_token(seq_len=64, **shape) == 19_318_656 + 49_152
+
+
+def test_calib_throughput_cpu(tiny):
+    _, fwl, docs = tiny
+    r = calib_throughput.run(fwl, docs, steps=2, seq_len=64, device="cpu", ext=".txt", peak_flops=1e12)
+    assert r["tokens_per_second"] > 0 and r["tokens_per_second_manifest"] > 0 and len(r["step_seconds"]) == 4
+    assert r["n_params"] > TINY_N  # the FWL head's parameters count too
+    expected = calib_throughput.flops_per_token(r["n_params"], 2, 4, 16, 64) * r["tokens_per_second"] / 1e12
+    assert 0 < r["mfu"] == pytest.approx(expected, rel=1e-2)  # tokens/s is rounded
+
+
+def test_gpu_shapes_script_parses():
+    subprocess.run(["bash", "-n", os.path.join(BENCH, "gpu_shapes.sh")], check=True)
