@@ -34,6 +34,7 @@ class CalibrationSettings:
     seq_len: int = 2048
     batch_size: int = 1  # per process
     lr: float = 1e-3
+    fast_lr: Optional[float] = None  # peak lr of the new fast-weight parameters (default: lr)
     train: str = "fast"
     seed: int = 0
     save_every: int = 50
@@ -52,6 +53,8 @@ class CalibrationSettings:
             raise InputError("--seq-len must be at least 2")
         if not (self.lr > 0 and math.isfinite(self.lr)):
             raise InputError(f"--lr must be a positive number, got {self.lr}")
+        if self.fast_lr is not None and not (self.fast_lr > 0 and math.isfinite(self.fast_lr)):
+            raise InputError(f"--fast-lr must be a positive number, got {self.fast_lr}")
         if self.skip_nonfinite < 0:
             raise InputError("--skip-nonfinite must be >= 0")
 
@@ -147,15 +150,22 @@ class Calibrator:
 
     def __init__(self, model, trainable: Dict[str, torch.nn.Parameter], sampler: WindowSampler,
                  settings: CalibrationSettings, work_dir: str, run_id: str, device: torch.device,
-                 dist: ddp.Dist = ddp.Dist(), log: Callable[[str], None] = lambda m: None):
+                 dist: ddp.Dist = ddp.Dist(), log: Callable[[str], None] = lambda m: None,
+                 fast_names: Optional[set] = None):
+        """``fast_names``: the trainable names that are new fast-weight parameters (``settings.fast_lr`` applies
+        to them; every other trainable parameter gets ``settings.lr``)."""
         settings.validate()
         self.model, self.trainable, self.sampler, self.s = model, trainable, sampler, settings
         self.work_dir, self.run_id, self.device, self.dist, self.log = work_dir, run_id, device, dist, log
         self.params = list(trainable.values())
-        self.opt = torch.optim.AdamW(self.params, lr=settings.lr, betas=(0.9, 0.95), eps=1e-8,
+        fast = set(fast_names or ())
+        groups = [{"params": [p for n, p in trainable.items() if n not in fast], "lr": settings.lr},
+                  {"params": [p for n, p in trainable.items() if n in fast],
+                   "lr": settings.fast_lr if settings.fast_lr is not None else settings.lr}]
+        self.opt = torch.optim.AdamW([g for g in groups if g["params"]], betas=(0.9, 0.95), eps=1e-8,
                                      weight_decay=settings.weight_decay, foreach=False)
         self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, lambda i: lr_factor(i, settings))
-        self.step, self.skipped, self.losses, self.tokens = 0, [], [], 0
+        self.step, self.skipped, self.losses, self.tokens, self.seconds = 0, [], [], 0, 0.0
         self.faults = parse_fault()
         self.wrapped = ddp.wrap(dist, model)
 
@@ -165,7 +175,7 @@ class Calibrator:
                 "params": {n: p.detach().cpu().clone() for n, p in self.trainable.items()},
                 "optimizer": self.opt.state_dict(), "scheduler": self.sched.state_dict(),
                 "rng": ckpt.rng_state(), "losses": list(self.losses), "skipped": list(self.skipped),
-                "tokens": self.tokens, "settings": asdict(self.s)}
+                "tokens": self.tokens, "seconds": self.seconds, "settings": asdict(self.s)}
 
     def resume(self) -> bool:
         """Restore the newest complete checkpoint; False when there is none."""
@@ -179,7 +189,7 @@ class Calibrator:
         self.sched.load_state_dict(state["scheduler"])
         ckpt.set_rng_state(state["rng"])
         self.step, self.losses, self.skipped = int(state["step"]), list(state["losses"]), list(state["skipped"])
-        self.tokens = int(state["tokens"])
+        self.tokens, self.seconds = int(state["tokens"]), float(state.get("seconds", 0.0))
         self.log(f"resumed from step {self.step} ({self.work_dir})")
         return True
 
@@ -258,6 +268,7 @@ class Calibrator:
         bar = tqdm(total=self.s.steps, initial=self.step, file=sys.stderr, disable=not (progress and self.dist.main),
                    desc="calibrate", dynamic_ncols=True, mininterval=1.0)
         start, start_tokens = time.perf_counter(), self.tokens
+        last = start
         self.model.train()
         with _DeferredSigterm() as term:
             try:
@@ -267,6 +278,8 @@ class Calibrator:
                         warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step")
                         self.sched.step()
                     self.step += 1
+                    now = time.perf_counter()
+                    self.seconds, last = self.seconds + (now - last), now  # training time over every (resumed) run
                     self.losses.append(loss)
                     rate = (self.tokens - start_tokens) / max(time.perf_counter() - start, 1e-9)
                     bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{rate:,.0f}", refresh=False)
@@ -283,8 +296,8 @@ class Calibrator:
             finally:
                 bar.close()
                 self.model.eval()
-        elapsed = time.perf_counter() - start
         return {"steps": self.step, "losses": self.losses, "skipped_steps": self.skipped,
-                "tokens": self.tokens, "tokens_per_second": (self.tokens - start_tokens) / max(elapsed, 1e-9),
+                "tokens": self.tokens, "seconds": self.seconds,
+                "tokens_per_second": self.tokens / self.seconds if self.seconds > 0 else float("nan"),
                 "trainable": sorted(self.trainable), "trainable_count": sum(p.numel() for p in self.params),
                 "settings": asdict(self.s), "world_size": self.dist.world}

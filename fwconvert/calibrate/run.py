@@ -103,11 +103,13 @@ def calibrate(model_path: str, data: Sequence[str], out: str, settings: Calibrat
         layers = None
         if baseline or settings.train == "fast+baseline":
             layers = baseline_layers(ck.config, ck.fast_weights, count_new_parameters(ck.config, ck.fast_weights))
-        trainable = select_trainable(model, settings.train, base_parameter_names(ck.config), layers)
+        base_names = base_parameter_names(ck.config)
+        trainable = select_trainable(model, settings.train, base_names, layers)
         extra = {"baseline": baseline, "world_size": dist.world, "device_type": dev.type}
         rid = run_id(ck.fingerprint(), settings, [d.key for d in train], extra)
         work = ckpt.work_dir_for(out)
-        calib = Calibrator(model, trainable, sampler, settings, work, rid, dev, dist, log)
+        calib = Calibrator(model, trainable, sampler, settings, work, rid, dev, dist, log,
+                           fast_names={n for n in trainable if n not in base_names})
         if dist.main:
             ckpt.clean_partials(work)
         if not (resume and calib.resume()):

@@ -33,6 +33,10 @@ def _exts(ext: str):
 @click.option("--seq-len", default=2048, show_default=True, type=int, help="Training window (tokens of one document).")
 @click.option("--batch-size", default=1, show_default=True, type=int, help="Windows per update per process.")
 @click.option("--lr", default=1e-3, show_default=True, type=float, help="Peak AdamW learning rate.")
+@click.option("--fast-lr", default=None, type=float,
+              help="Peak learning rate of the new fast-weight parameters (default: --lr), so that with "
+                   "--train fast+baseline the plain W_down matrices can use the lr their --baseline run is tuned "
+                   "for while the fast-weight parameters keep a stable one (in-place TTT diverged at 1e-3).")
 @click.option("--warmup", default=None, type=int, help="Warmup updates (default: 5% of --steps).")
 @click.option("--train", "train", default="fast", show_default=True, type=click.Choice(["fast", "fast+norms", "fast+baseline", "all"]),
               help="fast: the new fast-weight parameters; fast+norms: plus RMSNorm weights; fast+baseline: plus the "
@@ -50,14 +54,15 @@ def _exts(ext: str):
               help="Skip up to N updates with a non-finite loss or gradient before stopping (exit 6).")
 @click.option("--force", is_flag=True, help="Replace an existing output folder.")
 @click.option("--no-progress", is_flag=True, help="No progress bar.")
-def calibrate_cmd(model, data, ext, out, steps, seq_len, batch_size, lr, warmup, train, device, resume, seed,
+def calibrate_cmd(model, data, ext, out, steps, seq_len, batch_size, lr, fast_lr, warmup, train, device, resume, seed,
                   save_every, heldout, baseline, skip_nonfinite, force, no_progress):
     """Train MODEL's fast-weight parameters on local documents (through the fast-weight updates)."""
     from ..calibrate.loop import CalibrationSettings
     from ..calibrate.run import calibrate
 
     out = out or model.rstrip("/\\") + ("-baseline" if baseline else "-calibrated")
-    settings = CalibrationSettings(steps=steps, seq_len=seq_len, batch_size=batch_size, lr=lr, train=train, seed=seed,
+    settings = CalibrationSettings(steps=steps, seq_len=seq_len, batch_size=batch_size, lr=lr, fast_lr=fast_lr,
+                                   train=train, seed=seed,
                                    save_every=save_every, skip_nonfinite=skip_nonfinite, warmup=warmup)
     rec = calibrate(model, list(data), out, settings, device=device, resume=resume, baseline=baseline, force=force,
                     heldout=heldout, exts=_exts(ext), log=_log, progress=not no_progress)
