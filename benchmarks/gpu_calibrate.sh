@@ -4,8 +4,9 @@
 # Models go to /tmp/w/<run>, logs to /tmp/w/logs, and one archive of manifests + logs to $OUT/calib.tgz.
 #   STEPS=600 bash benchmarks/gpu_calibrate.sh        (again with the same settings: finished runs are kept,
 #                                                      interrupted ones continue with --resume)
-# RUNS: "name:model:lr[:baseline]" entries; model is fwl or ttt (the converted folders); ":baseline" calibrates
-# the plain base model with the same recipe (--baseline). Every run uses --train $TRAIN, the same data, seed,
+# RUNS: "name:model:lr[:baseline|:fast=LR]" entries; model is fwl or ttt (the converted folders); ":baseline"
+# calibrates the plain base model with the same recipe (--baseline); ":fast=LR" gives the new fast-weight
+# parameters their own peak lr (--fast-lr), e.g. "ttt-mix:ttt:1e-3:fast=1e-4 ttt-base-hi:ttt:1e-3:baseline". Every run uses --train $TRAIN, the same data, seed,
 # steps and schedule, so a model and its baseline differ only by the fast weights (and lr where named).
 # Data: the stdlib's .py files >= 8 KB (DOCS, its long held-out files are the evaluation set of gpu_eval.sh)
 # plus MORE_MB of the host's long library .py files (dist-packages, >= 16 KB; training data unless held out).
@@ -51,6 +52,7 @@ for r in $RUNS; do
   [ -f "$W/$name/MANIFEST.json" ] && { echo "$name: done already"; continue; }
   extra=(--resume)  # continues from the run's newest checkpoint, or starts at step 0 when there is none
   [ "${kind:-}" = baseline ] && extra+=(--baseline)
+  case ${kind:-} in fast=*) extra+=(--fast-lr "${kind#fast=}");; esac
   echo "+ $name: calibrate $model lr $lr ${extra[*]}"
   OMP_NUM_THREADS=2 timeout "$LIMIT" python3 -m fwconvert calibrate "$W/$model" -o "$W/$name" "${CAL[@]}" --lr "$lr" "${extra[@]}" \
     > "$W/logs/$name.log" 2>&1 &
