@@ -27,3 +27,28 @@ def test_ort_eval_matches_torch_eval(tmp_path, capsys):
     assert o["documents"] == t["documents"] == 2
     assert o["perplexity"] == pytest.approx(t["perplexity"], rel=1e-4)
     assert o["by_position"] == pytest.approx(t["by_position"], rel=1e-4)
+
+
+def test_ort_eval_static_equals_dynamic_with_padded_last_chunk(tmp_path, capsys):
+    """--static (one static session per batch size; the short last chunk padded) gives the ordinary session's
+    numbers: 3 documents at --batch-size 2 (batches of 2 and 1), context 120 = 3 chunks of 32 and one of 24."""
+    from exporters.onnx.export import export_onnx
+    from fwconvert.cli.main import main
+
+    model = save_tiny(tmp_path / "fwl", FWLConfig(size=64, chunk_size=16))
+    onnx_dir = export_onnx(model, str(tmp_path / "onnx"), chunk_size=32, attention="window", window=64)
+    data = write_token_docs(tmp_path / "data", n=3, length=200)
+    results = {}
+    for extra in ([], ["--static"]):
+        capsys.readouterr()
+        with pytest.raises(SystemExit) as e:
+            main(["eval", onnx_dir, "--data", data, "--context", "120", "--chunk-size", "32", "--runtime", "ort",
+                  "--batch-size", "2", "--json", *extra])
+        assert e.value.code == 0
+        results[bool(extra)] = json.loads(capsys.readouterr().out)
+    assert results[True]["documents"] == 3
+    assert results[True]["perplexity"] == pytest.approx(results[False]["perplexity"], rel=1e-6)
+    assert results[True]["by_position"] == pytest.approx(results[False]["by_position"], rel=1e-6)
+    with pytest.raises(SystemExit) as e:
+        main(["eval", model, "--data", data, "--context", "120", "--static"])
+    assert e.value.code == 3

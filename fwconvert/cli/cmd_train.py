@@ -74,9 +74,13 @@ def calibrate_cmd(model, data, ext, out, steps, seq_len, batch_size, lr, fast_lr
                    f"documents; wrote {out}")
 
 
-def _ort_runner(folder: str, device: str, chunk: int):
+def _ort_runner(folder: str, device: str, chunk: int, static: bool = False):
     """(step, init_state) over an exported ONNX folder via ``exporters.runtime`` (imported lazily: the
-    ``fwconvert`` package itself never imports ``exporters``). The state lives in ORT buffers."""
+    ``fwconvert`` package itself never imports ``exporters``). The state lives in ORT buffers.
+
+    ``static``: one static session per batch size (window exports; CUDA graphs on the CUDA provider). A document's
+    short last chunk is padded to the full chunk (its padded positions' logits are dropped; the state after it,
+    which nothing reads, is not that of the real tokens)."""
     import numpy as np
     import torch
 
@@ -84,16 +88,32 @@ def _ort_runner(folder: str, device: str, chunk: int):
         from exporters.runtime.session import ChunkSession
     except ImportError:
         raise InputError("--runtime ort: exporters.runtime is not available in this installation") from None
-    sess = ChunkSession(folder, provider="cuda" if device.startswith("cuda") else "cpu")
-    if sess.fixed_chunks and chunk != sess.chunk_size:
+    provider = "cuda" if device.startswith("cuda") else "cpu"
+    sess = ChunkSession(folder, provider=provider)
+    if (sess.fixed_chunks or static) and chunk != sess.chunk_size:
         raise InputError(f"--chunk-size {chunk}: {folder} takes chunks of exactly {sess.chunk_size} tokens "
                          f"(use --chunk-size {sess.chunk_size})")
+    sessions = {}
+
+    def session_for(batch: int):
+        if not static:
+            return sess
+        if batch not in sessions:
+            sessions[batch] = ChunkSession(folder, provider=provider, static_batch=batch)
+        return sessions[batch]
 
     def step(ids, state):
-        logits = sess.step(np.ascontiguousarray(ids.cpu().numpy(), dtype=np.int64), state)
-        return torch.from_numpy(logits), state
+        ids = np.ascontiguousarray(ids.cpu().numpy(), dtype=np.int64)
+        n = ids.shape[1]
+        if static and n < chunk:  # the last chunk of the documents: pad, then drop the padded positions
+            ids = np.concatenate((ids, np.repeat(ids[:, -1:], chunk - n, axis=1)), 1)
+        logits = session_for(ids.shape[0]).step(ids, state)
+        return torch.from_numpy(np.ascontiguousarray(logits[:, :n])), state
 
-    return step, sess.new_state
+    def init_state(batch: int):
+        return session_for(batch).new_state(batch)
+
+    return step, init_state
 
 
 def _ort_vocab(folder: str) -> int:
@@ -113,6 +133,9 @@ def _ort_vocab(folder: str) -> int:
 @click.option("--chunk-size", default=512, show_default=True, type=int, help="Tokens per streaming step.")
 @click.option("--runtime", default="torch", show_default=True, type=click.Choice(["torch", "ort"]),
               help="ort: MODEL is an exported ONNX folder (export-onnx) run by onnxruntime.")
+@click.option("--static", is_flag=True,
+              help="With --runtime ort: run static sessions (a window-attention export; batch and chunk pinned, "
+                   "buffers bound once, CUDA graphs on the CUDA provider); short last chunks are padded.")
 @click.option("--base", "base", default=None, type=click.Path(), help="Also evaluate this base model.")
 @click.option("--baseline", "baseline", default=None, type=click.Path(), help="Also evaluate this calibrated baseline.")
 @click.option("--dynamic-eval", is_flag=True, help="Also run dynamic evaluation of the base model (--base, else "
@@ -129,7 +152,7 @@ def _ort_vocab(folder: str) -> int:
 @click.option("--dtype", default="fp32", show_default=True, type=click.Choice(["fp32", "bf16", "fp16"]))
 @click.option("--plot", default=None, type=click.Path(), help="Write a PNG of loss against position.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
-def eval_cmd(model, data, ext, context, min_tokens, chunk_size, runtime, base, baseline, dynamic_eval,
+def eval_cmd(model, data, ext, context, min_tokens, chunk_size, runtime, static, base, baseline, dynamic_eval,
              dynamic_eval_params, dynamic_eval_lr, split, split_from, max_docs, batch_size, device, dtype, plot, as_json):
     """Perplexity by position over long documents, streamed in chunks with the state carried."""
     from .. import evaluate as ev
@@ -138,6 +161,8 @@ def eval_cmd(model, data, ext, context, min_tokens, chunk_size, runtime, base, b
 
     if chunk_size < 1 or batch_size < 1:
         raise InputError("--chunk-size and --batch-size must be at least 1")
+    if static and runtime != "ort":
+        raise InputError("--static applies to --runtime ort (an exported window-attention graph)")
     if device.startswith("cuda"):
         import torch
 
@@ -151,7 +176,7 @@ def eval_cmd(model, data, ext, context, min_tokens, chunk_size, runtime, base, b
     dt = DTYPES[dtype]
     runners = {}
     if runtime == "ort":
-        runners["onnx"] = _ort_runner(model, device, chunk_size)
+        runners["onnx"] = _ort_runner(model, device, chunk_size, static)
     else:
         primary = ev.load_eval_model(model, device, dt)
         runners[ev.model_name(primary)] = ev.torch_runner(primary)
