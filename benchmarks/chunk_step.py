@@ -115,6 +115,44 @@ def stream_graph(folder, ids, chunk, device="cuda", static=False):
     return ids.size / (time.perf_counter() - t)
 
 
+def plot_results(results: dict, path: str) -> str:
+    """A PNG of the step times (one bar group per batch size, log scale, the floor as a line) and, when measured,
+    the streaming tokens/s: the plot that goes with the Markdown table."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    step = results["step_ms"]
+    stream = results.get("stream_tokens_per_s") or {}
+    fig, axes = plt.subplots(1, 2 if stream else 1, figsize=(15 if stream else 9, 6), squeeze=False)
+    ax = axes[0][0]
+    batches = sorted(step, key=int)
+    paths = [k for k in step[batches[0]] if k != "floor_ms"]
+    width = 0.8 / max(1, len(batches))
+    for j, b in enumerate(batches):
+        ys = [step[b].get(p, float("nan")) for p in paths]
+        ax.barh([i + j * width for i in range(len(paths))], ys, height=width, label=f"batch {b}")
+        ax.axvline(step[b]["floor_ms"], linestyle="--", linewidth=1, color=f"C{j}")
+    ax.set_yticks([i + width * (len(batches) - 1) / 2 for i in range(len(paths))], [p.replace(" (ORT CUDA fp16", " (fp16") for p in paths], fontsize=8)
+    ax.set_xscale("log")
+    ax.set_xlabel("ms per chunk (log); dashed: compute/memory floor")
+    ax.invert_yaxis()
+    ax.legend()
+    ax.set_title(f"C = {results['chunk']} chunk step, {results['device']}")
+    if stream:
+        ax2 = axes[0][1]
+        names = list(stream)
+        ax2.barh(range(len(names)), [stream[n] for n in names])
+        ax2.set_yticks(range(len(names)), [n.replace(" (ORT CUDA fp16", " (fp16") for n in names], fontsize=8)
+        ax2.invert_yaxis()
+        ax2.set_xlabel(f"tokens/s, streaming {results.get('stream_tokens', '')} tokens")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
 def base_of(path: str) -> str:
     """The row of our base graph in the same mode: 'ours: fwl-w graph (X)' -> 'ours: base-w graph (X)'."""
     if not path.startswith("ours: "):
@@ -137,6 +175,7 @@ def main():
     ap.add_argument("--doc-tokens", type=int, default=8192)
     ap.add_argument("--out-md", required=True)
     ap.add_argument("--out-json", required=True)
+    ap.add_argument("--out-png", default=None, help="also plot the results (default: beside --out-md)")
     args = ap.parse_args()
     import torch
 
@@ -190,6 +229,7 @@ def main():
         f.write("\n".join(md) + "\n")
     with open(args.out_json, "w") as f:
         json.dump(results, f, indent=2)
+    plot_results(results, args.out_png or os.path.splitext(args.out_md)[0] + ".png")
     print("\n".join(md))
 
 

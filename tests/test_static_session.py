@@ -78,3 +78,20 @@ def test_verify_static_passes(exports):
     report = verify(exports["inplace"], against=tiny_model(kind="inplace", window=W), chunks=5, batch=2,
                     provider="cpu", static=True)
     assert report.passed and report.chunks == 5
+
+
+@pytest.mark.parametrize("kind", ["base", "fwl", "inplace"])
+def test_pinned_graph_has_no_shape_arithmetic(exports, kind, tmp_path):
+    """What CUDA-graph capture relies on: with batch and chunk pinned, onnxruntime's optimizer folds every shape
+    computation, so no node has to run on the host (a Memcpy node would make ORT refuse the capture)."""
+    import onnx
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.optimized_model_filepath = str(tmp_path / "opt.onnx")
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC  # folding only, no CPU kernels
+    opts.add_free_dimension_override_by_name("batch", 2)
+    opts.add_free_dimension_override_by_name("chunk", C)
+    ort.InferenceSession(f"{exports[kind]}/model.onnx", opts, providers=["CPUExecutionProvider"])
+    ops = [n.op_type for n in onnx.load(str(tmp_path / "opt.onnx")).graph.node]
+    assert not {"Shape", "Size", "Range", "ConstantOfShape"} & set(ops), sorted(set(ops))
