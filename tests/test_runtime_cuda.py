@@ -30,3 +30,17 @@ def test_cuda_verify(tmp_path, kind, dtype):
     rep = verify(out, against=model, chunks=16, provider="cuda", batch=2)
     assert rep.passed, rep.worst()
     print(kind, dtype, rep.worst())
+
+
+@pytest.mark.parametrize("kind", ["base", "fwl", "inplace"])
+@pytest.mark.parametrize("dtype", ["fp32", "fp16"])
+def test_cuda_graph_static_sessions_verify(tmp_path, kind, dtype):
+    """Window exports through static sessions with CUDA graphs; W - 1 + C = 30 is not a multiple of 4 (an fp32
+    window export of SmolLM2 with such a span failed in ORT's memory-efficient attention before fp32 sessions
+    were limited to the flash + unfused kernels)."""
+    model = tiny_model("qwen3", kind, seed=5, window=23)
+    out = export_onnx(model, str(tmp_path / "onnx"), chunk_size=8, dtype=dtype, attention="window", window=23)
+    s = ChunkSession(out, provider="cuda", static_batch=2)
+    assert s.cuda_graph and "CUDA graphs" in s.provider_note
+    rep = verify(out, against=model, chunks=12, provider="cuda", batch=2, static=True)
+    assert rep.passed, rep.worst()

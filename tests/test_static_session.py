@@ -95,3 +95,19 @@ def test_pinned_graph_has_no_shape_arithmetic(exports, kind, tmp_path):
     ort.InferenceSession(f"{exports[kind]}/model.onnx", opts, providers=["CPUExecutionProvider"])
     ops = [n.op_type for n in onnx.load(str(tmp_path / "opt.onnx")).graph.node]
     assert not {"Shape", "Size", "Range", "ConstantOfShape"} & set(ops), sorted(set(ops))
+
+
+def test_cuda_provider_options():
+    """fp32 graphs ask onnxruntime for the flash + unfused attention kernels only; static sessions for CUDA graphs."""
+    import onnxruntime as ort
+
+    from exporters.runtime.session import FP32_SDPA_KERNELS, _providers
+
+    if "CUDAExecutionProvider" not in ort.get_available_providers():
+        pytest.skip("this onnxruntime has no CUDA provider")
+    (name, opts), _ = _providers("cuda", False, cuda_graph=True, fp32=True)
+    assert name == "CUDAExecutionProvider" and opts == {"use_tf32": "0", "sdpa_kernel": FP32_SDPA_KERNELS,
+                                                        "enable_cuda_graph": "1"}
+    (_, opts), _ = _providers("cuda", True)
+    assert opts == {"use_tf32": "1"}
+    assert _providers("cpu", False, fp32=True) == ["CPUExecutionProvider"]

@@ -65,7 +65,14 @@ def _manifest_problem(m: Manifest) -> Optional[str]:
     return None
 
 
-def _providers(provider: str, use_tf32: bool, cuda_graph: bool = False):
+# onnxruntime's attention backends (sdpa_kernel bit mask): flash 1, memory-efficient 2, unfused 16. fp32 graphs use
+# flash + unfused only: the fp32 memory-efficient (cutlass) kernel rejected a window export whose attention spans
+# W - 1 + C = 2,559 positions ("check_supported(p) was false", H200, ORT 1.31), likely its alignment rule on the
+# attention-bias stride; fp32 graphs exist to verify numerics, where the unfused kernel is the safe choice.
+FP32_SDPA_KERNELS = "17"
+
+
+def _providers(provider: str, use_tf32: bool, cuda_graph: bool = False, fp32: bool = False):
     import onnxruntime as ort
 
     ort.set_default_logger_severity(3)  # a missing CUDA runtime is reported by us, not as an ORT warning
@@ -74,6 +81,8 @@ def _providers(provider: str, use_tf32: bool, cuda_graph: bool = False):
         raise InputError("--provider cuda: this onnxruntime has no CUDA execution provider")
     if provider in ("cuda", "auto") and have_cuda:
         opts = {"use_tf32": "1" if use_tf32 else "0"}
+        if fp32:
+            opts["sdpa_kernel"] = FP32_SDPA_KERNELS
         if cuda_graph:
             opts["enable_cuda_graph"] = "1"
         return [("CUDAExecutionProvider", opts), "CPUExecutionProvider"]
@@ -117,7 +126,8 @@ class ChunkSession:
         if cuda_graph and not graphs:
             raise InputError("CUDA graphs need the CUDA provider, which this onnxruntime does not have")
         try:
-            self.sess = ort.InferenceSession(self.path, opts, providers=_providers(provider, use_tf32, graphs))
+            self.sess = ort.InferenceSession(self.path, opts, providers=_providers(provider, use_tf32, graphs,
+                                                                                   self.manifest.dtype == "fp32"))
         except Exception as e:  # noqa: BLE001 - ORT raises its own exception types
             first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             raise InputError(f"{self.path}: onnxruntime cannot load it: {first}") from None
