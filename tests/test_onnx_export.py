@@ -126,6 +126,19 @@ def test_graph_uses_fused_ort_attention_and_norms(llama_export, qwen3_export):
         onnx.checker.check_model(os.path.join(out, "model.onnx"), full_check=True)
 
 
+def test_rotary_halves_rotate_with_one_matmul_and_the_model_is_left_as_it_was(qwen3_export):
+    """Exports rotate the rotary halves with one ±1 matmul per tensor (no Neg/Slice/Concat chain: 6 fewer kernels
+    per layer); the traced model itself is restored, and the matmul form equals the cat form exactly."""
+    from fwconvert.modeling.rope import _rotate_half, rotation_matrix
+
+    model, out = qwen3_export
+    ops = [n.op_type for n in onnx.load(os.path.join(out, "model.onnx"), load_external_data=False).graph.node]
+    assert "Neg" not in ops
+    assert all(m.rope_rotation is None for m in model.modules() if hasattr(m, "rope_rotation"))
+    x = torch.randn(2, 3, 5, 16, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(x @ rotation_matrix(16), _rotate_half(x))
+
+
 def test_existing_output_refused_then_force_leaves_no_stale_data(llama_export, capsys):
     src, out = llama_export
     code, _, err = _cli(["export-onnx", src, "-o", out, "--chunk-size", "4"], capsys)

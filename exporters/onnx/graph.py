@@ -4,6 +4,7 @@
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import warnings
@@ -56,6 +57,32 @@ def export_program(model: DecoderLM, fixed_window: bool, dtype: str, *, opset: i
         model = _to_fp16(model)
         state = {k: (v.half() if k.startswith("past_key_values.") else v) for k, v in state.items()}
     wrapper = ChunkStep(model, keys, aligned=True).eval()
+    with rope_as_matmul(model):
+        prog = _trace(wrapper, ids, state, keys, shapes, opset)
+    prog.model.ir_version = ir_version
+    prog.fusions = fuse_for_ort(prog.model)
+    return prog, (keys, shapes)
+
+
+@contextlib.contextmanager
+def rope_as_matmul(model: DecoderLM):
+    """While tracing, every attention rotates the rotary halves with one matmul by a ±1 matrix (exactly the
+    slice-negate-concatenate it replaces: 1 kernel instead of 3 per rotated tensor); restored afterwards."""
+    from fwconvert.modeling.decoder import Attention
+    from fwconvert.modeling.rope import rotation_matrix
+
+    layers = [m for m in model.modules() if isinstance(m, Attention)]
+    for m in layers:
+        w = m.q_proj.weight
+        m.rope_rotation = rotation_matrix(m.head_dim, w.dtype, w.device)
+    try:
+        yield
+    finally:
+        for m in layers:
+            m.rope_rotation = None
+
+
+def _trace(wrapper, ids, state, keys, shapes, opset):
     names_in = ["input_ids"] + [input_name(k) for k in keys]
     names_out = ["logits"] + [output_name(k) for k in keys]
     logging.getLogger("torch.onnx._internal.exporter._registration").setLevel(logging.ERROR)  # torchvision notes
@@ -68,9 +95,7 @@ def export_program(model: DecoderLM, fixed_window: bool, dtype: str, *, opset: i
         except Exception as e:  # noqa: BLE001 - reported with the exporter's own first line
             first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             raise InputError(f"torch.onnx.export (dynamo) failed: {first}") from e
-    prog.model.ir_version = ir_version
-    prog.fusions = fuse_for_ort(prog.model)
-    return prog, (keys, shapes)
+    return prog
 
 
 def fuse_for_ort(model) -> Dict[str, int]:

@@ -49,6 +49,7 @@ class Attention(nn.Module):
         self.k_proj = nn.Linear(d, self.n_kv * hd, bias=cfg.qkv_bias)
         self.v_proj = nn.Linear(d, self.n_kv * hd, bias=cfg.qkv_bias)
         self.o_proj = nn.Linear(self.n_heads * hd, d, bias=cfg.o_bias)
+        self.rope_rotation = None  # set while exporting (apply_rope's matmul form); never saved
         if cfg.qk_norm:
             self.q_norm = RMSNorm(hd, cfg.rms_norm_eps)
             self.k_norm = RMSNorm(hd, cfg.rms_norm_eps)
@@ -70,7 +71,7 @@ class Attention(nn.Module):
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # [B, H, T, hd]
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        q, k = apply_rope(q, cos, sin, self.rope_rotation), apply_rope(k, cos, sin, self.rope_rotation)
         k_all = torch.cat((past_k.to(k.dtype), k), dim=2)  # [B, H_kv, P+T, hd]
         v_all = torch.cat((past_v.to(v.dtype), v), dim=2)
         out = F.scaled_dot_product_attention(

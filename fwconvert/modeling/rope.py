@@ -43,7 +43,18 @@ def _rotate_half(x: torch.Tensor) -> torch.Tensor:
     return torch.cat((-x[..., h:], x[..., :h]), dim=-1)
 
 
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x [B, H, T, hd]; cos/sin [B, T, hd]."""
+def rotation_matrix(dim: int, dtype=torch.float32, device=None) -> torch.Tensor:
+    """R [dim, dim] with ``x @ R == rotate_half(x)`` exactly (one ±1 per column)."""
+    h = dim // 2
+    r = torch.zeros(dim, dim, dtype=dtype, device=device)
+    idx = torch.arange(h, device=device)
+    r[idx + h, idx] = -1.0
+    r[idx, idx + h] = 1.0
+    return r
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, rotation=None) -> torch.Tensor:
+    """x [B, H, T, hd]; cos/sin [B, T, hd]. ``rotation``: ``rotation_matrix(hd)`` to rotate the halves with one
+    matmul (exports use it: one kernel instead of slice, negate and concatenate); None: the cat form."""
     cos, sin = cos[:, None], sin[:, None]
-    return x * cos + _rotate_half(x) * sin
+    return x * cos + (_rotate_half(x) if rotation is None else x @ rotation) * sin
