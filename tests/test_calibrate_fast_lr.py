@@ -59,3 +59,23 @@ def test_cli_refuses_a_bad_fast_lr(tmp_path):
     r = run_cli(["calibrate", model, "--data", data, "--steps", "1", "--seq-len", "32", "--fast-lr", "0",
                  "-o", str(tmp_path / "o"), "--no-progress"])
     assert r.returncode == 3 and "--fast-lr" in r.stderr, r.stderr
+
+
+def test_in_place_ttt_defaults_to_a_stable_fast_lr(tmp_path):
+    """Without --fast-lr, in-place TTT's own parameters train at min(--lr, 1e-4) (1e-3 diverged on SmolLM2);
+    FWL's at --lr; an explicit --fast-lr wins; the record says which."""
+    import json
+
+    from fwconvert.config import FWLConfig
+
+    data = write_token_docs(tmp_path / "d")
+    for name, fw, extra, want in (("ttt", TTT, [], 1e-4), ("ttt-low", TTT, ["--lr", "5e-5"], None),
+                                  ("ttt-set", TTT, ["--fast-lr", "3e-4"], 3e-4),
+                                  ("fwl", FWLConfig(size=64, chunk_size=16), [], None)):
+        model = save_tiny(tmp_path / f"m-{name}", fw)
+        out = tmp_path / f"o-{name}"
+        r = run_cli(["calibrate", model, "--data", data, "--steps", "1", "--seq-len", "32", "-o", str(out),
+                     "--no-progress", *extra])
+        assert r.returncode == 0, r.stderr
+        settings = json.load(open(out / "MANIFEST.json"))["calibration"]["settings"]
+        assert settings["fast_lr"] == want, (name, settings)

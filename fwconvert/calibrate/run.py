@@ -82,6 +82,18 @@ def _prepare_data(model_path, ck, data, exts, settings, heldout):
     return train, held, WindowSampler(train, settings.seq_len, settings.seed)
 
 
+TTT_FAST_LR = 1e-4  # in-place TTT's own parameters: 1e-3 diverged on SmolLM2 (docs/results.md, session 1)
+
+
+def default_fast_lr(settings: CalibrationSettings, fast_weights, log: Callable[[str], None]) -> CalibrationSettings:
+    """Settings with the fast-weight parameters' lr resolved: --fast-lr when given, else for in-place TTT
+    min(--lr, 1e-4), else --lr."""
+    if settings.fast_lr is not None or getattr(fast_weights, "kind", None) != "inplace_ttt" or settings.lr <= TTT_FAST_LR:
+        return settings
+    log(f"in-place TTT: its own parameters train at lr {TTT_FAST_LR:g} (--fast-lr to change), the rest at {settings.lr:g}")
+    return dataclasses.replace(settings, fast_lr=TTT_FAST_LR)
+
+
 def calibrate(model_path: str, data: Sequence[str], out: str, settings: CalibrationSettings, *,
               device: str = "cpu", resume: bool = False, baseline: bool = False, force: bool = False,
               heldout: float = 0.1, exts: Sequence[str] = DEFAULT_TEXT_EXTS,
@@ -92,6 +104,8 @@ def calibrate(model_path: str, data: Sequence[str], out: str, settings: Calibrat
     settings.validate()
     check_output_path(out, model_path, force)
     ck = open_checkpoint(model_path)
+    if not baseline:
+        settings = default_fast_lr(settings, ck.fast_weights, log)
     train, held, sampler = _prepare_data(model_path, ck, data, exts, settings, heldout)
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise InputError(f"--device {device}: no CUDA device is available")

@@ -34,9 +34,9 @@ def _exts(ext: str):
 @click.option("--batch-size", default=1, show_default=True, type=int, help="Windows per update per process.")
 @click.option("--lr", default=1e-3, show_default=True, type=float, help="Peak AdamW learning rate.")
 @click.option("--fast-lr", default=None, type=float,
-              help="Peak learning rate of the new fast-weight parameters (default: --lr), so that with "
-                   "--train fast+baseline the plain W_down matrices can use the lr their --baseline run is tuned "
-                   "for while the fast-weight parameters keep a stable one (in-place TTT diverged at 1e-3).")
+              help="Peak learning rate of the new fast-weight parameters (default: --lr; for in-place TTT "
+                   "min(--lr, 1e-4), since its parameters diverged at 1e-3). With --train fast+baseline the plain "
+                   "W_down matrices then use --lr, the rate their --baseline run is tuned for.")
 @click.option("--warmup", default=None, type=int, help="Warmup updates (default: 5% of --steps).")
 @click.option("--train", "train", default="fast", show_default=True, type=click.Choice(["fast", "fast+norms", "fast+baseline", "all"]),
               help="fast: the new fast-weight parameters; fast+norms: plus RMSNorm weights; fast+baseline: plus the "
