@@ -57,6 +57,8 @@ def test_static_refusals(exports):
     ids = np.zeros((2, C), dtype=np.int64)
     with pytest.raises(InputError, match=r"exactly \[2, 8\]"):
         s.step(ids[:, : C - 1], st)  # a short last chunk
+    with pytest.raises(InputError, match="int64"):
+        s.step(ids.astype(np.int32), st)
     with pytest.raises(InputError, match="static for batch 2"):
         s.new_state(3)
     other = ChunkSession(exports["fwl"], provider="cpu").new_state(2)

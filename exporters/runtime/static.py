@@ -70,6 +70,8 @@ class StaticSteps:
         if state is not self.state:
             raise InputError("a static session runs only on its own state (from session.new_state)")
         c = self.session.chunk_size
+        if ids.dtype != np.int64:
+            raise InputError(f"input 'input_ids': expected int64 token ids, got {ids.dtype}")
         if ids.shape != (self.batch, c):
             raise InputError(f"input 'input_ids': this session is static for chunks of exactly [{self.batch}, {c}] "
                              f"tokens, got {list(ids.shape)} (pad the last chunk, or use a session without static_batch)")
