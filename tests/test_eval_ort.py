@@ -52,3 +52,8 @@ def test_ort_eval_static_equals_dynamic_with_padded_last_chunk(tmp_path, capsys)
     with pytest.raises(SystemExit) as e:
         main(["eval", model, "--data", data, "--context", "120", "--static"])
     assert e.value.code == 3
+    full = export_onnx(model, str(tmp_path / "full"), chunk_size=32)
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as e:
+        main(["eval", full, "--data", data, "--context", "120", "--chunk-size", "32", "--runtime", "ort", "--static"])
+    assert e.value.code == 3 and "--attention window" in capsys.readouterr().err

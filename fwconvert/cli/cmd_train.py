@@ -85,22 +85,28 @@ def _ort_runner(folder: str, device: str, chunk: int, static: bool = False):
     import torch
 
     try:
-        from exporters.runtime.session import ChunkSession
+        from exporters.runtime.session import ChunkSession, load_manifest
+        from exporters.runtime.static import check_static
     except ImportError:
         raise InputError("--runtime ort: exporters.runtime is not available in this installation") from None
     provider = "cuda" if device.startswith("cuda") else "cpu"
-    sess = ChunkSession(folder, provider=provider)
-    if (sess.fixed_chunks or static) and chunk != sess.chunk_size:
-        raise InputError(f"--chunk-size {chunk}: {folder} takes chunks of exactly {sess.chunk_size} tokens "
-                         f"(use --chunk-size {sess.chunk_size})")
+    manifest = load_manifest(folder)
+    rule = manifest.chunking
+    if (rule.get("fixed") or static) and chunk != int(rule["chunk_size"]):
+        raise InputError(f"--chunk-size {chunk}: {folder} takes chunks of exactly {rule['chunk_size']} tokens "
+                         f"(use --chunk-size {rule['chunk_size']})")
     sessions = {}
 
-    def session_for(batch: int):
-        if not static:
-            return sess
-        if batch not in sessions:
-            sessions[batch] = ChunkSession(folder, provider=provider, static_batch=batch)
-        return sessions[batch]
+    def session_for(batch: int):  # static: one session per batch size; else one session for all
+        key = batch if static else None
+        if key not in sessions:
+            sessions[key] = ChunkSession(folder, provider=provider, static_batch=key)
+        return sessions[key]
+
+    if static:  # refuse a full-attention export before any document is read
+        check_static(manifest, 1)
+    else:
+        session_for(1)  # the one session, loaded (and checked) now
 
     def step(ids, state):
         ids = np.ascontiguousarray(ids.cpu().numpy(), dtype=np.int64)
