@@ -39,7 +39,7 @@ for i, p in enumerate(lib):
     shutil.copyfile(p, os.path.join(more, f"{i:05d}-{os.path.basename(p)}"))
 print(f"{len(files)} stdlib files >= 8 KB from {std}; {len(lib)} library files >= 16 KB ({total / 1e6:.1f} MB) from {roots}")
 PY
-t() { local s=$SECONDS; echo "+ $*"; "$@"; local rc=$?; echo "  (rc $rc, $((SECONDS - s)) s)"; return $rc; }
+t() { local s=$SECONDS; echo "+ $*" >&2; "$@"; local rc=$?; echo "  (rc $rc, $((SECONDS - s)) s)" >&2; return $rc; }
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader 2>/dev/null
 [ -d $W/fwl ] || t python3 -m fwconvert add-fwl "$G" -o $W/fwl --chunk-size 512 &
 [ -d $W/ttt ] || t python3 -m fwconvert mark-fast "$G" -o $W/ttt --chunk-size 512 &

@@ -8,7 +8,7 @@ export PYTHONPATH=/tmp/fw-site:$PWD PYTHONUNBUFFERED=1
 G=${G:-/tmp/fw-assets/SmolLM2-135M-Instruct.Q4_1.gguf}; W=${W:-/tmp/w}; OUT=${OUT:-/tmp/out}; PART=${PART:-all}
 X=$W/x; WIN=${WIN:-2048}
 EXPORTS=${EXPORTS:-"base:$G:fp16 fwl:$W/fwl-cal:fp16 ttt:$W/ttt-cal:fp16 base-w:$G:fp16:$WIN fwl-w:$W/fwl-cal:fp16:$WIN ttt-w:$W/ttt-cal:fp16:$WIN ttt-w32:$W/ttt-cal:fp32:$WIN"}
-t() { local s=$SECONDS; echo "+ $*"; "$@"; local rc=$?; echo "  (rc $rc, $((SECONDS - s)) s)"; return $rc; }
+t() { local s=$SECONDS; echo "+ $*" >&2; "$@"; local rc=$?; echo "  (rc $rc, $((SECONDS - s)) s)" >&2; return $rc; }
 DOC=$(python3 -c "import sysconfig, os; print(os.path.join(sysconfig.get_paths()['stdlib'], 'typing.py'))")
 mkdir -p "$X" "$OUT"
 if [ "$PART" = all ] || [ "$PART" = export ]; then  # on the CPUs, in parallel
