@@ -3,7 +3,8 @@
 # for base, dynamic evaluation, each calibrated fast-weight model against its identically calibrated baseline,
 # and each fast-weight model with its updates switched off (benchmarks/ablate_fast.py: what the fast weights
 # themselves buy). One evaluation at a time (tokens/s are compared). Results: $OUT/eval.tgz, table on stdout.
-#   bash benchmarks/gpu_eval.sh      (EVALS: "model[:baseline]" entries; DOCS: at most this many documents)
+#   bash benchmarks/gpu_eval.sh      (EVALS: "model[:baseline]" entries; ABLATE: models to copy with step sizes 0;
+#                                     DOCS: at most this many documents)
 set -uo pipefail
 export PYTHONPATH=/tmp/fw-site:$PWD PYTHONUNBUFFERED=1
 G=${G:-/tmp/fw-assets/SmolLM2-135M-Instruct.Q4_1.gguf}; W=${W:-/tmp/w}; OUT=${OUT:-/tmp/out}; DOCS=${DOCS:-24}
@@ -11,7 +12,7 @@ DEVICE=${DEVICE:-cuda}; CONTEXT=${CONTEXT:-8192}
 EVALS=${EVALS:-"fwl-cal:fwl-base ttt-cal:ttt-base fwl-hi:fwl-base-hi ttt-base-hi fwl-cal-static:fwl-base ttt-cal-static:ttt-base"}
 t() { local s=$SECONDS; echo "+ $*" >&2; "$@"; local rc=$?; echo "  (rc $rc, $((SECONDS - s)) s)" >&2; return $rc; }
 mkdir -p "$W/eval" "$OUT"
-for m in fwl-cal ttt-cal; do  # the same models with every fast-weight step size 0
+for m in ${ABLATE:-fwl-cal ttt-cal}; do  # the same models with every fast-weight step size 0 (<name>-static)
   [ -f "$W/$m/MANIFEST.json" ] && [ ! -d "$W/$m-static" ] && python3 benchmarks/ablate_fast.py "$W/$m" "$W/$m-static"
 done
 EV=(--data $W/docs --ext .py --context "$CONTEXT" --chunk-size 512 --device "$DEVICE" --max-docs "$DOCS" --json)
