@@ -256,6 +256,25 @@ def test_tokenizer_size_cap_before_parsing(tmp_path):
         load_tokenizer(str(d))
 
 
+def test_tokenizer_over_the_cap_costs_no_memory(tmp_path):
+    """The 2 GiB tokenizer.json is refused from its size alone: the refusing process's peak RSS (VmHWM, its own)
+    stays below the 64 MiB cap, interpreter included."""
+    import subprocess
+    import sys
+
+    d = _tok_folder(tmp_path)
+    with open(d / "tokenizer.json", "wb") as f:
+        f.truncate(2 << 30)
+    code = ("import sys\nfrom fwconvert.tokenizer import TOKENIZER_JSON_CAP, load_tokenizer\n"
+            "from fwconvert.errors import InputError\ntry:\n    load_tokenizer(sys.argv[1])\n"
+            "except InputError:\n    hwm = [l for l in open('/proc/self/status') if l.startswith('VmHWM')]\n"
+            "    print(int(hwm[0].split()[1]) * 1024, TOKENIZER_JSON_CAP)\n")
+    env = dict(os.environ, PYTHONPATH=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    r = subprocess.run([sys.executable, "-c", code, str(d)], capture_output=True, text=True, timeout=60, env=env)
+    peak, cap = map(int, r.stdout.split())
+    assert peak < cap, (peak, cap, r.stderr)
+
+
 def test_no_tokenizer(tmp_path):
     from fwconvert.tokenizer import load_tokenizer
 
