@@ -173,3 +173,31 @@ def test_cli_eval_split_from_another_folder(calibrated, capsys):
         main(["eval", base, "--data", data, "--context", "128", "--split-from", cal, "--json"])
     assert e.value.code == 0
     assert json.loads(capsys.readouterr().out)["documents"] == len(rec["data"]["heldout"])
+
+
+def test_untimed_warm_up_changes_no_number():
+    """evaluate_stream runs one untimed chunk per batch shape first (so the first model evaluated does not pay the
+    device warm-up in its tokens/s); the statistics equal a plain stream of the documents. Dynamic evaluation's
+    warm-up leaves its numbers equal to a second, identical run's."""
+    model, _ = tiny_model(None)
+    rng = np.random.default_rng(3)
+    docs = [rng.integers(0, 256, 96) for _ in range(3)]
+    step0, init = ev.torch_runner(model)
+    calls = []
+
+    def step(ids, st):
+        calls.append(tuple(ids.shape))
+        return step0(ids, st)
+
+    stats = ev.evaluate_stream(step, init, docs, 96, 32, "cpu", batch_size=2)
+    assert calls[:2] == [(2, 32), (1, 32)] and len(calls) == 2 + 3 + 3  # warm-ups, then batches of 2 and 1
+    ref = torch.cat([ev.stream_nll(step0, init, torch.as_tensor(np.stack(docs[:2])), 32),
+                     ev.stream_nll(step0, init, torch.as_tensor(np.stack(docs[2:])), 32)])
+    assert stats.tokens == 3 * 96 and stats.summary()["loss"] == pytest.approx(float(ref.mean()), rel=1e-6)
+    import copy
+
+    work = copy.deepcopy(model)
+    direct = ev._dynamic_doc(work, {k: v.clone() for k, v in work.state_dict().items()}, "down_proj", 3e-4,
+                             torch.as_tensor(docs[0][None]), 32)  # no warm-up before it
+    warmed = ev.dynamic_eval(model, docs[:1], 96, 32, which="down_proj").curve()
+    np.testing.assert_allclose(warmed[:95], direct[0].numpy(), rtol=1e-6, atol=1e-6)
