@@ -127,6 +127,12 @@ def verify(folder: str, against=None, chunks: int = 16, provider: str = "cpu", b
     key = "ort_fp32_vs_torch_fp32" if session.manifest.dtype == "fp32" else "ort_fp16_vs_torch_fp32"
     report = Report(session.folder, session.provider_note, TOLERANCES[key].rel, session.chunk_size, 0)
     ids = _tokens(session, chunks, batch, seed, tokens)
+    if static:  # a static session takes full chunks only: a document's ragged tail is not compared
+        full = ids.shape[1] // session.chunk_size * session.chunk_size
+        if full == 0:
+            raise InputError(f"--static compares full chunks of {session.chunk_size} tokens; the document has only "
+                             f"{ids.shape[1]}")
+        ids = ids[:, :full]
     state = session.new_state(batch)
     tstate = model.init_state(batch)
     c = session.chunk_size

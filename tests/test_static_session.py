@@ -113,3 +113,11 @@ def test_cuda_provider_options():
     (_, opts), _ = _providers("cuda", True)
     assert opts == {"use_tf32": "1"}
     assert _providers("cpu", False, fp32=True) == ["CPUExecutionProvider"]
+
+
+def test_verify_static_on_a_document_compares_its_full_chunks(exports):
+    model = tiny_model(kind="base", window=W)
+    report = verify(exports["base"], against=model, tokens=[list(range(2 * C + 3))], static=True, chunks=16)
+    assert report.passed and report.chunks == 2  # the 3-token tail is not run through the static session
+    with pytest.raises(InputError, match="full chunks"):
+        verify(exports["base"], against=model, tokens=[list(range(C - 1))], static=True)
