@@ -16,29 +16,7 @@ G=${G:-/tmp/fw-assets/SmolLM2-135M-Instruct.Q4_1.gguf}; W=${W:-/tmp/w}; STEPS=${
 LIMIT=${LIMIT:-520}; TRAIN=${TRAIN:-fast+baseline}; MORE_MB=${MORE_MB:-24}; SEQ=${SEQ:-8192}; DEVICE=${DEVICE:-cuda}
 RUNS=${RUNS:-"fwl-cal:fwl:1e-3 fwl-base:fwl:1e-3:baseline ttt-cal:ttt:1e-4 ttt-base:ttt:1e-4:baseline ttt-base-hi:ttt:1e-3:baseline fwl-hi:fwl:3e-3 fwl-base-hi:fwl:3e-3:baseline"}
 mkdir -p "$W/logs" "$OUT"
-[ -d "$W/docs" ] || python3 - "$W/docs" "$W/more" "$MORE_MB" <<'PY'
-import os, shutil, sys, sysconfig
-docs, more, cap = sys.argv[1], sys.argv[2], float(sys.argv[3]) * 1e6
-def pick(root, min_size):
-    return sorted(os.path.join(d, f) for d, _, fs in os.walk(root) for f in fs
-                  if f.endswith(".py") and "test" not in d.lower() and os.path.getsize(os.path.join(d, f)) >= min_size)
-std = sysconfig.get_paths()["stdlib"]
-files = [p for p in pick(std, 8_000) if "site-packages" not in p and "dist-packages" not in p]
-os.makedirs(docs)
-for i, p in enumerate(files):
-    shutil.copyfile(p, os.path.join(docs, f"{i:04d}-{os.path.basename(p)}"))
-roots = sorted({sysconfig.get_paths()["purelib"], "/usr/lib/python3/dist-packages", "/usr/local/lib/python3.12/dist-packages"})
-lib, total, seen = [], 0, set(files)
-for r in roots:
-    for p in pick(r, 16_000) if os.path.isdir(r) else []:
-        if total >= cap or p in seen:
-            continue
-        lib.append(p); seen.add(p); total += os.path.getsize(p)
-os.makedirs(more)
-for i, p in enumerate(lib):
-    shutil.copyfile(p, os.path.join(more, f"{i:05d}-{os.path.basename(p)}"))
-print(f"{len(files)} stdlib files >= 8 KB from {std}; {len(lib)} library files >= 16 KB ({total / 1e6:.1f} MB) from {roots}")
-PY
+[ -d "$W/docs" ] || python3 benchmarks/copy_docs.py "$W/docs" --min-bytes 8000 --more "$W/more" --more-mb "$MORE_MB"
 t() { local s=$SECONDS; echo "+ $*" >&2; "$@"; local rc=$?; echo "  (rc $rc, $((SECONDS - s)) s)" >&2; return $rc; }
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader 2>/dev/null
 [ -d $W/fwl ] || t python3 -m fwconvert add-fwl "$G" -o $W/fwl --chunk-size 512 &

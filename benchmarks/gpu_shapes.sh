@@ -36,17 +36,7 @@ nproc; free -g | head -2
 
 # 1. Setup (not measured): calibration documents, the random shape model, its FWL / in-place TTT conversions,
 #    the SmolLM2 conversions when /tmp/w has none (benchmarks/gpu_calibrate.sh makes them with the same flags).
-[ -d "$W/docs" ] || python3 - "$W/docs" <<'PY'
-import os, shutil, sys, sysconfig
-root, dst = sysconfig.get_paths()["stdlib"], sys.argv[1]
-os.makedirs(dst, exist_ok=True)
-files = sorted(os.path.join(d, f) for d, _, fs in os.walk(root) for f in fs
-               if f.endswith(".py") and "test" not in d and "site-packages" not in d)
-big = [p for p in files if os.path.getsize(p) >= 40_000]
-for i, p in enumerate(big):
-    shutil.copyfile(p, os.path.join(dst, f"{i:03d}-{os.path.basename(p)}"))
-print(f"{len(big)} stdlib files >= 40 KB from {root}")
-PY
+[ -d "$W/docs" ] || python3 benchmarks/copy_docs.py "$W/docs" --min-bytes 40000
 SF=/tmp/w/fwl; ST=/tmp/w/ttt
 if [ "$SMOL" = 1 ]; then
   [ -d $SF ] || SF=$W/smol-fwl
