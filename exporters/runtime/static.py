@@ -35,7 +35,7 @@ class StaticSteps:
         self.session, self.batch, self.cuda_graph = session, batch, cuda_graph
         m = session.manifest
         self.state = StateBuffers(m, batch, session.folder, session.device)
-        self.side0 = dict(self.state.cur)  # the buffers graph 0 reads (and graph 1 writes)
+        self.side0 = next(iter(self.state.cur.values()))  # a buffer graph 0 reads (and graph 1 writes)
         self.ids = self.state._put(np.zeros((batch, session.chunk_size), dtype=np.int64))
         out = next(o for o in session.sess.get_outputs() if o.name == "logits")
         dtype = _NP.get(out.type)
@@ -76,8 +76,7 @@ class StaticSteps:
             raise InputError(f"input 'input_ids': this session is static for chunks of exactly [{self.batch}, {c}] "
                              f"tokens, got {list(ids.shape)} (pad the last chunk, or use a session without static_batch)")
         self.ids.update_inplace(ids)
-        first = next(iter(self.side0))
-        side = 0 if state.cur[first] is self.side0[first] else 1
+        side = 0 if next(iter(state.cur.values())) is self.side0 else 1
         self.session.sess.run_with_iobinding(self.bindings[side], self.options[side])
         state.advance({})
         if not fetch:
