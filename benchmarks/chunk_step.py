@@ -8,7 +8,7 @@ Times one C-token chunk from an empty past (median of --iters after warm-up; the
 around every call) and the streaming of one long document in C-token chunks (tokens/s). A window-attention
 export (``--attention window``) is timed twice: through the ordinary session, and through a static session
 (``ChunkSession(static_batch=B)``: buffers bound once, every step a replayed CUDA graph); its KV state always
-holds W-1 slots, so its chunk attends over W-1+C positions even "from an empty past".
+holds W slots, so its chunk attends over W+C positions even "from an empty past".
 """
 from __future__ import annotations
 

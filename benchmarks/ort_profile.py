@@ -25,14 +25,14 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 def profile(folder: str, batch: int, chunk: int, iters: int, provider: str = "cuda") -> dict:
     import onnxruntime as ort
 
-    from exporters.runtime.session import ChunkSession, _providers
+    from exporters.runtime.session import ChunkSession, _providers, tf32_policy
 
     base = ChunkSession(folder, provider=provider)
     opts = ort.SessionOptions()
     opts.enable_profiling = True
     opts.log_severity_level = 3
     opts.profile_file_prefix = os.path.join(tempfile.mkdtemp(), "ort")
-    base.sess = ort.InferenceSession(base.path, opts, providers=_providers(provider, False))
+    base.sess = ort.InferenceSession(base.path, opts, providers=_providers(provider, tf32_policy(base.manifest.dtype)))
     ids = np.random.default_rng(0).integers(0, base.manifest.vocab_size, (batch, chunk), dtype=np.int64)
     for _ in range(3):  # warm-up (kernel selection, allocations)
         state = base.new_state(batch)

@@ -121,7 +121,7 @@ def verify(folder: str, against=None, chunks: int = 16, provider: str = "cpu", b
     ``static``: through a static session (``ChunkSession(static_batch=batch)``; CUDA graphs on CUDA)."""
     if chunks < 1:
         raise InputError(f"--chunks must be >= 1, got {chunks}")
-    session = ChunkSession(folder, provider=provider, use_tf32=False, threads=threads,
+    session = ChunkSession(folder, provider=provider, threads=threads,  # TF32 as deployed (tf32_policy)
                            static_batch=batch if static else None)
     model = _load_reference(session, against)
     key = "ort_fp32_vs_torch_fp32" if session.manifest.dtype == "fp32" else "ort_fp16_vs_torch_fp32"

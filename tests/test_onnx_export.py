@@ -126,17 +126,50 @@ def test_graph_uses_fused_ort_attention_and_norms(llama_export, qwen3_export):
         onnx.checker.check_model(os.path.join(out, "model.onnx"), full_check=True)
 
 
-def test_rotary_halves_rotate_with_one_matmul_and_the_model_is_left_as_it_was(qwen3_export):
-    """Exports rotate the rotary halves with one ±1 matmul per tensor (no Neg/Slice/Concat chain: 6 fewer kernels
-    per layer); the traced model itself is restored, and the matmul form equals the cat form exactly."""
+def test_export_form_rotates_with_one_matmul_and_the_model_is_left_as_it_was(llama_export, qwen3_export):
+    """Exports rotate the rotary halves with one ±1 matmul (no Neg/Slice/Concat chain) and, without q/k norms,
+    project q, k and v with one matmul: 6 MatMuls per layer (qkv, rotation, o, gate, up, down) where there were 9.
+    The traced model itself is restored afterwards."""
     from fwconvert.modeling.rope import _rotate_half, rotation_matrix
 
-    model, out = qwen3_export
-    ops = [n.op_type for n in onnx.load(os.path.join(out, "model.onnx"), load_external_data=False).graph.node]
-    assert "Neg" not in ops
-    assert all(m.rope_rotation is None for m in model.modules() if hasattr(m, "rope_rotation"))
+    for out, layers in ((llama_export[1], 2), (qwen3_export[1], 2)):
+        ops = [n.op_type for n in onnx.load(os.path.join(out, "model.onnx"), load_external_data=False).graph.node]
+        assert "Neg" not in ops
+    llama_ops = [n.op_type for n in onnx.load(os.path.join(llama_export[1], "model.onnx"),
+                                              load_external_data=False).graph.node]
+    assert llama_ops.count("MatMul") == 6 * 2
+    model = qwen3_export[0]
+    assert all(m.rope_rotation is None and m.fused_qkv is None for m in model.modules() if hasattr(m, "fused_qkv"))
     x = torch.randn(2, 3, 5, 16, generator=torch.Generator().manual_seed(0))
     assert torch.equal(x @ rotation_matrix(16), _rotate_half(x))
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2", "qwen3"])
+def test_export_form_computes_what_the_model_computes(family):
+    """The export form (one q/k/v projection, joint RoPE, matmul rotation) against the module form, float64:
+    the same logits and state over two chained chunks (qwen2 has q/k/v biases; qwen3 q/k norms keeps 3 matmuls)."""
+    from exporters.onnx.graph import export_form
+
+    model = tiny_model(family, "base", seed=3).double()
+    ids = torch.randint(0, model.config.vocab_size, (2, 7), generator=torch.Generator().manual_seed(0))
+
+    def run():
+        st = model.init_state(2)
+        outs = []
+        for a in (0, 4):
+            logits, st = model.step(ids[:, a:a + 4], st)
+            outs.append(logits)
+        return torch.cat(outs, 1), st
+
+    with torch.no_grad():
+        ref, ref_st = run()
+        with export_form(model):
+            fused = any(m.fused_qkv is not None for m in model.modules() if hasattr(m, "fused_qkv"))
+            got, got_st = run()
+    assert fused == (family != "qwen3")
+    assert rel_err(got, ref) < 1e-12
+    for k in ref_st:
+        assert rel_err(got_st[k].double(), ref_st[k].double()) < 1e-12, k
 
 
 def test_existing_output_refused_then_force_leaves_no_stale_data(llama_export, capsys):

@@ -121,3 +121,11 @@ def test_verify_static_on_a_document_compares_its_full_chunks(exports):
     assert report.passed and report.chunks == 2  # the 3-token tail is not run through the static session
     with pytest.raises(InputError, match="full chunks"):
         verify(exports["base"], against=model, tokens=[list(range(C - 1))], static=True)
+
+
+def test_tf32_policy_by_graph_dtype():
+    """fp32 graphs verify against PyTorch fp32 with TF32 off; fp16 graphs let their fp32 parts use TF32."""
+    from exporters.runtime.session import tf32_policy
+
+    assert tf32_policy("fp32") is False
+    assert tf32_policy("fp16") is True

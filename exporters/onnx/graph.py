@@ -57,7 +57,7 @@ def export_program(model: DecoderLM, fixed_window: bool, dtype: str, *, opset: i
         model = _to_fp16(model)
         state = {k: (v.half() if k.startswith("past_key_values.") else v) for k, v in state.items()}
     wrapper = ChunkStep(model, keys, aligned=True).eval()
-    with rope_as_matmul(model):
+    with export_form(model):
         prog = _trace(wrapper, ids, state, keys, shapes, opset)
     prog.model.ir_version = ir_version
     prog.fusions = fuse_for_ort(prog.model)
@@ -65,9 +65,11 @@ def export_program(model: DecoderLM, fixed_window: bool, dtype: str, *, opset: i
 
 
 @contextlib.contextmanager
-def rope_as_matmul(model: DecoderLM):
-    """While tracing, every attention rotates the rotary halves with one matmul by a ±1 matrix (exactly the
-    slice-negate-concatenate it replaces: 1 kernel instead of 3 per rotated tensor); restored afterwards."""
+def export_form(model: DecoderLM):
+    """While tracing, every attention takes its export form (fewer kernels, the same values); restored afterwards:
+    - the rotary halves rotate with one matmul by a ±1 matrix (exactly the slice-negate-concatenate it replaces);
+    - without q/k norms, q, k and v come from one projection (their weights concatenated) and q and k get their
+      RoPE together (one Mul-MatMul-Mul-Add for both instead of one each)."""
     from fwconvert.modeling.decoder import Attention
     from fwconvert.modeling.rope import rotation_matrix
 
@@ -75,11 +77,15 @@ def rope_as_matmul(model: DecoderLM):
     for m in layers:
         w = m.q_proj.weight
         m.rope_rotation = rotation_matrix(m.head_dim, w.dtype, w.device)
+        if m.q_norm is None:
+            projs = (m.q_proj, m.k_proj, m.v_proj)
+            bias = torch.cat([p.bias for p in projs]) if m.q_proj.bias is not None else None
+            m.fused_qkv = (torch.cat([p.weight for p in projs]), bias)
     try:
         yield
     finally:
         for m in layers:
-            m.rope_rotation = None
+            m.rope_rotation = m.fused_qkv = None
 
 
 def _trace(wrapper, ids, state, keys, shapes, opset):
@@ -112,11 +118,66 @@ def fuse_for_ort(model) -> Dict[str, int]:
     if fused is not model:  # the API returns the model it rewrote; keep the caller's object current
         raise AssertionError("optimize_for_ort returned a new model object")
     _decompose_plain_rms(model.graph)
+    _attention_without_transposes(model.graph)
     fused_ops: Dict[str, int] = {}
     for n in model.graph:
         if n.domain not in ("", "ai.onnx"):
             fused_ops[f"{n.domain}.{n.op_type}"] = fused_ops.get(f"{n.domain}.{n.op_type}", 0) + 1
     return dict(sorted(fused_ops.items()))
+
+
+def _bnsh_source(v):
+    """X when ``v = Reshape(Transpose(X, perm=[0, 2, 1, 3]), 3-D shape)`` and nothing else reads that Reshape;
+    else None. (The form the MultiHeadAttention fusion gives its inputs: heads moved back behind positions.)"""
+    r = v.producer() if v is not None else None
+    if r is None or r.op_type != "Reshape" or len(v.uses()) != 1:
+        return None
+    t = r.inputs[0].producer()
+    if t is None or t.op_type != "Transpose" or len(r.inputs[0].uses()) != 1:
+        return None
+    perm = t.attributes.get("perm")
+    x = t.inputs[0]
+    if perm is None or tuple(perm.value) != (0, 2, 1, 3) or x.shape is None or len(x.shape) != 4:
+        return None
+    return x
+
+
+def _attention_without_transposes(graph) -> int:
+    """Feed each fused MultiHeadAttention its key and value as 4-D [B, N, L, hd] (BNSH, the layout of the KV cache
+    after repeat-KV), instead of transposing them to [B, L, N·hd]: onnxruntime reads that form in place (format
+    Q_K_V_BSNH_BNSH_BNSH; its memory-efficient kernel takes the BNSH strides, no copy), so 2 Transpose kernels per
+    layer go. A query transposed to [B, N, S, hd] and back is fed from before both transposes. Only where the
+    node has no packed bias or past inputs (the fusion makes none). Returns the number of nodes rewritten."""
+    import onnx_ir as ir
+
+    done = 0
+    for n in list(graph):
+        if n.op_type != "MultiHeadAttention" or n.domain != "com.microsoft":
+            continue
+        ins = list(n.inputs) + [None] * (8 - len(n.inputs))
+        if ins[3] is not None or ins[6] is not None or ins[7] is not None:
+            continue
+        k, v = _bnsh_source(ins[1]), _bnsh_source(ins[2])
+        if k is None or v is None:
+            continue
+        old = [ins[1].producer(), ins[2].producer()]
+        n.replace_input_with(1, k)
+        n.replace_input_with(2, v)
+        q_reshape = ins[0].producer()
+        q = _bnsh_source(ins[0])
+        inner = q.producer() if q is not None else None
+        if inner is not None and inner.op_type == "Transpose" and len(q.uses()) == 1 and \
+                tuple(inner.attributes["perm"].value) == (0, 2, 1, 3):
+            old.append(q.uses()[0].node)  # the second Transpose (its Reshape stays: 4-D to 3-D)
+            q_reshape.replace_input_with(0, inner.inputs[0])
+            old.append(inner)
+        for r in old:  # the now-unused Reshape/Transpose chains
+            chain = [r] + ([r.inputs[0].producer()] if r.op_type == "Reshape" else [])
+            for node in chain:
+                if node is not None and not any(o.uses() for o in node.outputs):
+                    graph.remove(node, safe=True)
+        done += 1
+    return done
 
 
 def _decompose_plain_rms(graph) -> int:

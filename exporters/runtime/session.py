@@ -66,10 +66,22 @@ def _manifest_problem(m: Manifest) -> Optional[str]:
 
 
 # onnxruntime's attention backends (sdpa_kernel bit mask): flash 1, memory-efficient 2, unfused 16. fp32 graphs use
-# flash + unfused only: the fp32 memory-efficient (cutlass) kernel rejected a window export whose attention spans
-# W - 1 + C = 2,559 positions ("check_supported(p) was false", H200, ORT 1.31), likely its alignment rule on the
-# attention-bias stride; fp32 graphs exist to verify numerics, where the unfused kernel is the safe choice.
+# flash + unfused only: the fp32 memory-efficient (cutlass) kernel rejected a window export whose attention spanned
+# W - 1 + C = 2,559 positions ("check_supported(p) was false", H200, ORT 1.31): with an attention bias it needs the
+# bias row stride (the span) aligned, which a user's W and C need not give. Windows now keep W slots (span W + C),
+# but fp32 graphs exist to verify numerics, where the unfused kernel is the safe choice for any span.
 FP32_SDPA_KERNELS = "17"
+
+
+def tf32_policy(dtype: str) -> bool:
+    """Whether a CUDA session of a graph of this dtype lets fp32 matmuls use TF32 (``use_tf32=None``).
+
+    fp32 graphs: no. They exist to check numerics against PyTorch fp32 (1e-4), and TF32 alone costs ~1e-3 per
+    layer. fp16 graphs: yes. Their fp32 parts (the FWL head, the in-place TTT delta and its update, kept in fp32
+    for range and for the state sums) multiply tensors that mostly come from fp16 values, which TF32's 10-bit
+    mantissa holds exactly; without TF32 those products run on the CUDA cores at a fraction of the tensor-core
+    rate (the FWL head's vocabulary products were most of its batch-8 overhead, docs/benchmarks.md)."""
+    return dtype != "fp32"
 
 
 def _providers(provider: str, use_tf32: bool, cuda_graph: bool = False, fp32: bool = False):
@@ -99,7 +111,7 @@ class ChunkSession:
     (``cuda_graph=None``: whenever the session runs on CUDA). Such a session takes only full [B, C] chunks and
     has one state (see ``exporters/runtime/static.py``)."""
 
-    def __init__(self, folder: str, provider: str = "auto", use_tf32: bool = False,
+    def __init__(self, folder: str, provider: str = "auto", use_tf32: Optional[bool] = None,
                  manifest: Optional[Manifest] = None, precheck: bool = True, threads: Optional[int] = None,
                  static_batch: Optional[int] = None, cuda_graph: Optional[bool] = None):
         import onnxruntime as ort
@@ -125,6 +137,8 @@ class ChunkSession:
             and "CUDAExecutionProvider" in ort.get_available_providers()
         if cuda_graph and not graphs:
             raise InputError("CUDA graphs need the CUDA provider, which this onnxruntime does not have")
+        if use_tf32 is None:
+            use_tf32 = tf32_policy(self.manifest.dtype)
         try:
             self.sess = ort.InferenceSession(self.path, opts, providers=_providers(provider, use_tf32, graphs,
                                                                                    self.manifest.dtype == "fp32"))
@@ -133,7 +147,7 @@ class ChunkSession:
             raise InputError(f"{self.path}: onnxruntime cannot load it: {first}") from None
         used = self.sess.get_providers()
         self.device = "cuda" if used and used[0] == "CUDAExecutionProvider" else "cpu"
-        self.provider_note = ("CUDA execution provider" + ("" if use_tf32 else " (TF32 off)")) if self.device == "cuda" \
+        self.provider_note = ("CUDA execution provider" + (" (TF32 on)" if use_tf32 else " (TF32 off)")) if self.device == "cuda" \
             else "CPU execution provider" + (" (no CUDA provider available)" if provider == "auto" else "")
         self.inputs = {i.name: i for i in self.sess.get_inputs()}
         self.output_names = [o.name for o in self.sess.get_outputs()]

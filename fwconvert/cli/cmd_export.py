@@ -119,7 +119,8 @@ def run_cmd(exported, text, tokens, generate, provider, as_json):
 @click.option("--against", type=click.Path(), default=None, help="Reference model (default: the source in the manifest).")
 @click.option("--chunks", type=int, default=16, show_default=True, help="Number of chained chunks to compare.")
 @click.option("--provider", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True,
-              help="onnxruntime execution provider (CUDA runs with TF32 off).")
+              help="onnxruntime execution provider (CUDA: TF32 off for fp32 graphs, on for the fp32 parts "
+                   "of fp16 graphs, as every session runs them).")
 @click.option("--batch", type=int, default=1, show_default=True, help="Documents per chunk (random tokens only).")
 @click.option("--text", type=click.Path(), default=None,
               help="Compare on this UTF-8 document (its first CHUNKS chunks, tokenized with the copied tokenizer) "

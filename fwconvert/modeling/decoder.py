@@ -4,8 +4,8 @@ Parameter names equal the HF checkpoint keys, so a checkpoint loads with ``load_
 The state is a flat ``dict`` of tensors::
 
     position                      [B]                 int64, tokens seen so far
-    past_key_values.{i}.key|value [B, H_kv, P, hd]    growing, or the last W-1 keys with a window
-                                                      (``init_state(fixed_window=True)``: always W-1 slots,
+    past_key_values.{i}.key|value [B, H_kv, P, hd]    growing, or the last W keys with a window
+                                                      (``init_state(fixed_window=True)``: always W slots,
                                                       zero padding at negative positions, never attended)
     fast_weights.{owner}.{name}   (mechanism-defined)  see fastweights/base.py
 
@@ -49,7 +49,10 @@ class Attention(nn.Module):
         self.k_proj = nn.Linear(d, self.n_kv * hd, bias=cfg.qkv_bias)
         self.v_proj = nn.Linear(d, self.n_kv * hd, bias=cfg.qkv_bias)
         self.o_proj = nn.Linear(self.n_heads * hd, d, bias=cfg.o_bias)
-        self.rope_rotation = None  # set while exporting (apply_rope's matmul form); never saved
+        # Set only while exporting (exporters/onnx/graph.py::export_form), never saved: apply_rope's matmul form,
+        # and q/k/v as one projection (weight [(H + 2 H_kv) hd, D], bias or None) with one RoPE for q and k.
+        self.rope_rotation = None
+        self.fused_qkv = None
         if cfg.qk_norm:
             self.q_norm = RMSNorm(hd, cfg.rms_norm_eps)
             self.k_norm = RMSNorm(hd, cfg.rms_norm_eps)
@@ -63,15 +66,26 @@ class Attention(nn.Module):
             return x
         return x[:, :, None].expand(b, h, rep, n, d).reshape(b, h * rep, n, d)
 
-    def forward(self, x, cos, sin, past_k, past_v, mask):
+    def _qkv(self, x, cos, sin):
+        """q [B, T, H, hd], k and v [B, T, H_kv, hd], RoPE applied to q and k."""
         b, t, _ = x.shape
-        q = self.q_proj(x).view(b, t, self.n_heads, self.head_dim)  # [B, T, H, hd]
-        k = self.k_proj(x).view(b, t, self.n_kv, self.head_dim)
-        v = self.v_proj(x).view(b, t, self.n_kv, self.head_dim)
+        h, kv, hd = self.n_heads, self.n_kv, self.head_dim
+        if self.fused_qkv is not None:  # the export form: 1 matmul, 1 RoPE (4 kernels) for q and k together
+            qk, v = F.linear(x, *self.fused_qkv).split([(h + kv) * hd, kv * hd], dim=-1)
+            qk = apply_rope(qk.view(b, t, h + kv, hd), cos, sin, self.rope_rotation)
+            q, k = qk.split([h, kv], dim=2)
+            return q, k, v.view(b, t, kv, hd)
+        q = self.q_proj(x).view(b, t, h, hd)
+        k = self.k_proj(x).view(b, t, kv, hd)
+        v = self.v_proj(x).view(b, t, kv, hd)
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
+        return apply_rope(q, cos, sin, self.rope_rotation), apply_rope(k, cos, sin, self.rope_rotation), v
+
+    def forward(self, x, cos, sin, past_k, past_v, mask):
+        b, t, _ = x.shape
+        q, k, v = self._qkv(x, cos, sin)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # [B, H, T, hd]
-        q, k = apply_rope(q, cos, sin, self.rope_rotation), apply_rope(k, cos, sin, self.rope_rotation)
         k_all = torch.cat((past_k.to(k.dtype), k), dim=2)  # [B, H_kv, P+T, hd]
         v_all = torch.cat((past_v.to(v.dtype), v), dim=2)
         out = F.scaled_dot_product_attention(
@@ -178,14 +192,14 @@ class DecoderLM(nn.Module):
     # -- state --------------------------------------------------------------------------------
     def init_state(self, batch_size: int, device=None, dtype=None, fixed_window: bool = False) -> State:
         """A fresh state. ``fixed_window=True`` (window models only) makes the KV state a constant
-        ``W-1`` slots of zeros (padding at negative positions, masked out), the ONNX window layout."""
+        ``W`` slots of zeros (padding at negative positions, masked out), the ONNX window layout."""
         cfg = self.config
         device = device if device is not None else self.model.norm.weight.device
         dtype = dtype if dtype is not None else self.model.norm.weight.dtype
         state = {"position": torch.zeros(batch_size, dtype=torch.int64, device=device)}
         if fixed_window and self.window is None:
             raise ValueError("fixed_window=True needs a model with an attention window")
-        slots = self.window - 1 if fixed_window else 0
+        slots = self.window if fixed_window else 0
         kv_shape = (batch_size, cfg.num_key_value_heads, slots, cfg.head_dim)
         for i in range(cfg.num_hidden_layers):
             state[f"past_key_values.{i}.key"] = torch.zeros(kv_shape, dtype=dtype, device=device)
@@ -199,7 +213,10 @@ class DecoderLM(nn.Module):
     def _trim(self, kv: torch.Tensor) -> torch.Tensor:
         if self.window is None:
             return kv
-        keep = self.window - 1
+        # W - 1 past keys are all a query can reach (it attends to itself and the W - 1 before it); one more slot
+        # keeps the attention span W + C a multiple of 8 when W and C are, the alignment onnxruntime's fused
+        # fp16/fp32 attention kernels want for the mask's row stride (W - 1 + C failed its fp32 kernel's check)
+        keep = self.window
         return kv[:, :, kv.shape[2] - keep:] if kv.shape[2] > keep else kv
 
     def step(self, input_ids: torch.Tensor, state: State, aligned: bool = False):

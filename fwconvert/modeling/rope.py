@@ -54,7 +54,8 @@ def rotation_matrix(dim: int, dtype=torch.float32, device=None) -> torch.Tensor:
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, rotation=None) -> torch.Tensor:
-    """x [B, H, T, hd]; cos/sin [B, T, hd]. ``rotation``: ``rotation_matrix(hd)`` to rotate the halves with one
-    matmul (exports use it: one kernel instead of slice, negate and concatenate); None: the cat form."""
-    cos, sin = cos[:, None], sin[:, None]
+    """x [B, T, H, hd] (heads after positions: the layout of the projections, so no transpose comes first);
+    cos/sin [B, T, hd]. ``rotation``: ``rotation_matrix(hd)`` to rotate the halves with one matmul (exports use
+    it: one kernel instead of slice, negate and concatenate); None: the cat form."""
+    cos, sin = cos[:, :, None], sin[:, :, None]
     return x * cos + (_rotate_half(x) if rotation is None else x @ rotation) * sin

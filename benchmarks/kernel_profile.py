@@ -1,0 +1,169 @@
+"""Which GPU kernels one chunk step of an exported graph runs, and how long each takes (CUDA provider).
+
+    python benchmarks/kernel_profile.py NAME=EXPORTED [NAME=EXPORTED ...] [--batch 1] [--steps 10] [--json OUT]
+
+ORT's own profiler (benchmarks/ort_profile.py) times graph *nodes* from the host: it cannot say which nodes launch
+no kernel (a Reshape that only aliases its input) or how long a kernel runs inside a replayed CUDA graph. Here
+torch's profiler (CUPTI, process-wide, so it records onnxruntime's kernels too) records every kernel of
+``--steps`` chunk steps from an empty state: window exports through a static session with CUDA graphs and one
+without, other exports through an ordinary session with the state on the device. Per graph it reports, per step: the wall time, the number of kernels, the sum of
+kernel times (busy), the span from the first kernel's start to the last one's end, and kernel time by class
+(GEMM, attention, norm, ...) and by kernel name; memcpy/memset records (the chunk's ids, a new state) are
+counted apart. busy ≈ span ≈ wall means the GPU itself is the bound (fewer or
+faster kernels help); span << wall means host overhead.
+"""
+from __future__ import annotations
+
+import argparse
+import collections
+import json
+import os
+import re
+import sys
+import time
+
+import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+CLASSES = [  # (class, pattern on the lower-cased kernel name), first match wins
+    ("attention", r"fmha|flash|attention|mha|softmax_warp|attn"),
+    ("gemm", r"gemm|cutlass|sm90_|sm80_|xmma|cublas|matmul|ampere_|hopper_|nvjet"),
+    ("norm", r"layernorm|layer_norm|rmsnorm|skip"),
+    ("softmax/reduce", r"softmax|reduce|cub::"),
+    ("transpose/copy", r"transpose|copy|concat|slice|split|gather|expand|scatter|pad|memcpy|tile"),
+    ("elementwise", r"elementwise|binary|unary|_add|_mul|_sub|_div|cast|neg|sqrt|pow|exp|where|relu|silu|sigmoid"),
+]
+
+
+def classify(name: str) -> str:
+    low = name.lower()
+    for cls, pat in CLASSES:
+        if re.search(pat, low):
+            return cls
+    return "other"
+
+
+def short(name: str, n: int = 90) -> str:
+    name = re.sub(r"\s+", " ", name)
+    return name if len(name) <= n else name[:n - 3] + "..."
+
+
+def profile_graph(folder: str, batch: int, steps: int, torch, cuda_graph: bool) -> dict:
+    from exporters.runtime.session import ChunkSession
+
+    sess = ChunkSession(folder, provider="cuda", static_batch=batch if cuda_graph is not None else None,
+                        cuda_graph=cuda_graph)
+    ids = np.random.default_rng(0).integers(0, sess.manifest.vocab_size, (batch, sess.chunk_size), dtype=np.int64)
+
+    static_state = sess.new_state(batch) if sess.static is not None else None
+
+    def one():  # a static session steps on (its state keeps its shape); others start from an empty past
+        state = static_state if static_state is not None else sess.new_state(batch)
+        sess.step(ids, state, fetch=False)
+        state.position()  # device -> host: waits for the step
+
+    for _ in range(5):
+        one()
+    t = time.perf_counter()
+    for _ in range(steps):
+        one()
+    wall = (time.perf_counter() - t) * 1e3 / steps
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(steps):
+            one()
+        torch.cuda.synchronize()
+    device = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+    copies = [e for e in device if e.name.lower().startswith(("memcpy", "memset"))]
+    kernels = [e for e in device if not e.name.lower().startswith(("memcpy", "memset"))]
+    if not kernels:
+        return {"folder": folder, "batch": batch, "wall_ms": wall, "note": "no kernels recorded (CUPTI unavailable?)",
+                "cuda_graph": sess.cuda_graph}
+    kernels.sort(key=lambda e: e.time_range.start)
+    # split the kernel stream into steps at the largest gaps (steps are separated by host waits)
+    gaps = sorted(range(1, len(kernels)), key=lambda i: kernels[i].time_range.start - kernels[i - 1].time_range.end,
+                  reverse=True)[:steps - 1]
+    bounds = [0] + sorted(gaps) + [len(kernels)]
+    spans = [(kernels[b - 1].time_range.end - kernels[a].time_range.start) / 1e3 for a, b in zip(bounds, bounds[1:])]
+    by_class, by_name, count_name = collections.Counter(), collections.Counter(), collections.Counter()
+    for e in kernels:
+        d = e.time_range.end - e.time_range.start
+        by_class[classify(e.name)] += d
+        by_name[e.name] += d
+        count_name[e.name] += 1
+    busy = sum(by_class.values()) / 1e3 / steps
+    return {
+        "folder": folder, "batch": batch, "cuda_graph": sess.cuda_graph, "steps": steps, "wall_ms": round(wall, 3),
+        "kernels_per_step": len(kernels) / steps, "busy_ms": round(busy, 3),
+        "copies_per_step": len(copies) / steps,
+        "copy_ms": round(sum(e.time_range.end - e.time_range.start for e in copies) / 1e3 / steps, 3),
+        "span_ms": round(float(np.median(spans)), 3),
+        "by_class_ms": {k: round(v / 1e3 / steps, 3) for k, v in by_class.most_common()},
+        "top_kernels": [{"name": short(k), "class": classify(k), "ms_per_step": round(v / 1e3 / steps, 4),
+                         "per_step": count_name[k] / steps, "us_each": round(v / count_name[k], 2)}
+                        for k, v in by_name.most_common(25)],
+    }
+
+
+def markdown(results: list) -> str:
+    out = ["| graph | B | CUDA graphs | wall ms | kernels/step | busy ms | span ms | by class (ms) |",
+           "|---|---|---|---|---|---|---|---|"]
+    for name, r in results:
+        if "busy_ms" not in r:
+            out.append(f"| {name} | {r['batch']} | {r['cuda_graph']} | {r['wall_ms']:.2f} | - | - | - | {r['note']} |")
+            continue
+        cls = ", ".join(f"{k} {v:.2f}" for k, v in r["by_class_ms"].items())
+        out.append(f"| {name} | {r['batch']} | {r['cuda_graph']} | {r['wall_ms']:.2f} | {r['kernels_per_step']:.0f} "
+                   f"| {r['busy_ms']:.2f} | {r['span_ms']:.2f} | {cls} |")
+    for name, r in results:
+        if "top_kernels" not in r:
+            continue
+        out += ["", f"Top kernels of {name}, B = {r['batch']}:", "",
+                "| kernel | class | per step | µs each | ms per step |", "|---|---|---|---|---|"]
+        out += [f"| `{k['name']}` | {k['class']} | {k['per_step']:g} | {k['us_each']} | {k['ms_per_step']:.3f} |"
+                for k in r["top_kernels"]]
+    return "\n".join(out)
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("graphs", nargs="+", help="NAME=EXPORTED_FOLDER")
+    ap.add_argument("--batch", type=int, nargs="+", default=[1])
+    ap.add_argument("--steps", type=int, default=10)
+    ap.add_argument("--json", default=None, help="write the results here too")
+    ap.add_argument("--md", default=None, help="write the Markdown table here too")
+    a = ap.parse_args()
+    import torch
+
+    torch.cuda.init()
+    results = []
+    from exporters.runtime.session import load_manifest
+
+    for g in a.graphs:
+        name, _, folder = g.partition("=")
+        # window exports: a static session with and without CUDA graphs (CUPTI may not see inside a replay)
+        modes = [True, False] if load_manifest(folder).attention == "window" else [None]
+        for b in a.batch:
+            for mode in modes:
+                try:
+                    r = profile_graph(folder, b, a.steps, torch, mode)
+                except Exception as e:  # noqa: BLE001 - report and go on with the next graph
+                    r = {"folder": folder, "batch": b, "wall_ms": float("nan"), "cuda_graph": mode,
+                         "note": f"failed: {e}"}
+                results.append((name, r))
+                print(f"{name} B={b}: {json.dumps({k: v for k, v in r.items() if k != 'top_kernels'})}",
+                      file=sys.stderr)
+    md = markdown(results)
+    print(md)
+    if a.md:
+        with open(a.md, "w") as f:
+            f.write(md + "\n")
+    if a.json:
+        with open(a.json, "w") as f:
+            json.dump([{"name": n, **r} for n, r in results], f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
