@@ -49,11 +49,11 @@ def short(name: str, n: int = 90) -> str:
     return name if len(name) <= n else name[:n - 3] + "..."
 
 
-def profile_graph(folder: str, batch: int, steps: int, torch, cuda_graph: bool) -> dict:
+def profile_graph(folder: str, batch: int, steps: int, torch, cuda_graph: bool, tf32=None) -> dict:
     from exporters.runtime.session import ChunkSession
 
     sess = ChunkSession(folder, provider="cuda", static_batch=batch if cuda_graph is not None else None,
-                        cuda_graph=cuda_graph)
+                        cuda_graph=cuda_graph, use_tf32=tf32)
     ids = np.random.default_rng(0).integers(0, sess.manifest.vocab_size, (batch, sess.chunk_size), dtype=np.int64)
 
     static_state = sess.new_state(batch) if sess.static is not None else None
@@ -95,7 +95,8 @@ def profile_graph(folder: str, batch: int, steps: int, torch, cuda_graph: bool) 
         count_name[e.name] += 1
     busy = sum(by_class.values()) / 1e3 / steps
     return {
-        "folder": folder, "batch": batch, "cuda_graph": sess.cuda_graph, "steps": steps, "wall_ms": round(wall, 3),
+        "folder": folder, "batch": batch, "cuda_graph": sess.cuda_graph, "provider": sess.provider_note,
+        "steps": steps, "wall_ms": round(wall, 3),
         "kernels_per_step": len(kernels) / steps, "busy_ms": round(busy, 3),
         "copies_per_step": len(copies) / steps,
         "copy_ms": round(sum(e.time_range.end - e.time_range.start for e in copies) / 1e3 / steps, 3),
@@ -108,19 +109,19 @@ def profile_graph(folder: str, batch: int, steps: int, torch, cuda_graph: bool) 
 
 
 def markdown(results: list) -> str:
-    out = ["| graph | B | CUDA graphs | wall ms | kernels/step | busy ms | span ms | by class (ms) |",
+    out = ["| graph | B | session | wall ms | kernels/step | busy ms | span ms | by class (ms) |",
            "|---|---|---|---|---|---|---|---|"]
     for name, r in results:
         if "busy_ms" not in r:
             out.append(f"| {name} | {r['batch']} | {r['cuda_graph']} | {r['wall_ms']:.2f} | - | - | - | {r['note']} |")
             continue
         cls = ", ".join(f"{k} {v:.2f}" for k, v in r["by_class_ms"].items())
-        out.append(f"| {name} | {r['batch']} | {r['cuda_graph']} | {r['wall_ms']:.2f} | {r['kernels_per_step']:.0f} "
+        out.append(f"| {name} | {r['batch']} | {r['provider']} | {r['wall_ms']:.2f} | {r['kernels_per_step']:.0f} "
                    f"| {r['busy_ms']:.2f} | {r['span_ms']:.2f} | {cls} |")
     for name, r in results:
         if "top_kernels" not in r:
             continue
-        out += ["", f"Top kernels of {name}, B = {r['batch']}:", "",
+        out += ["", f"Top kernels of {name}, B = {r['batch']}, {r['provider']}:", "",
                 "| kernel | class | per step | µs each | ms per step |", "|---|---|---|---|---|"]
         out += [f"| `{k['name']}` | {k['class']} | {k['per_step']:g} | {k['us_each']} | {k['ms_per_step']:.3f} |"
                 for k in r["top_kernels"]]
@@ -132,6 +133,8 @@ def main():
     ap.add_argument("graphs", nargs="+", help="NAME=EXPORTED_FOLDER")
     ap.add_argument("--batch", type=int, nargs="+", default=[1])
     ap.add_argument("--steps", type=int, default=10)
+    ap.add_argument("--tf32", choices=["auto", "on", "off"], default="auto",
+                    help="TF32 for fp32 matmuls (auto: the sessions' policy, on for fp16 graphs)")
     ap.add_argument("--json", default=None, help="write the results here too")
     ap.add_argument("--md", default=None, help="write the Markdown table here too")
     a = ap.parse_args()
@@ -148,7 +151,7 @@ def main():
         for b in a.batch:
             for mode in modes:
                 try:
-                    r = profile_graph(folder, b, a.steps, torch, mode)
+                    r = profile_graph(folder, b, a.steps, torch, mode, {"auto": None, "on": True, "off": False}[a.tf32])
                 except Exception as e:  # noqa: BLE001 - report and go on with the next graph
                     r = {"folder": folder, "batch": b, "wall_ms": float("nan"), "cuda_graph": mode,
                          "note": f"failed: {e}"}

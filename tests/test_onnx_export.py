@@ -123,6 +123,11 @@ def test_graph_uses_fused_ort_attention_and_norms(llama_export, qwen3_export):
         assert ops.count(("com.microsoft", "MultiHeadAttention")) == layers
         assert ops.count(("com.microsoft", "SkipSimplifiedLayerNormalization")) == 2 * layers
         assert not {"Softmax", "SimplifiedLayerNormalization"} & {op for _, op in ops}
+        # key and value reach the attention as [B, N, L, hd] (no transpose to [B, L, N*hd] in between)
+        shapes = {v.name: len(v.type.tensor_type.shape.dim) for v in m.graph.value_info}
+        for n in m.graph.node:
+            if n.op_type == "MultiHeadAttention":
+                assert shapes[n.input[1]] == shapes[n.input[2]] == 4
         onnx.checker.check_model(os.path.join(out, "model.onnx"), full_check=True)
 
 

@@ -146,8 +146,8 @@ def _attention_without_transposes(graph) -> int:
     """Feed each fused MultiHeadAttention its key and value as 4-D [B, N, L, hd] (BNSH, the layout of the KV cache
     after repeat-KV), instead of transposing them to [B, L, N·hd]: onnxruntime reads that form in place (format
     Q_K_V_BSNH_BNSH_BNSH; its memory-efficient kernel takes the BNSH strides, no copy), so 2 Transpose kernels per
-    layer go. A query transposed to [B, N, S, hd] and back is fed from before both transposes. Only where the
-    node has no packed bias or past inputs (the fusion makes none). Returns the number of nodes rewritten."""
+    layer go. (The query's transpose to [B, N, S, hd] and back cancel in onnxruntime's transpose optimizer.) Only
+    where the node has no packed bias or past inputs (the fusion makes none). Returns the number of nodes rewritten."""
     import onnx_ir as ir
 
     done = 0
@@ -163,18 +163,9 @@ def _attention_without_transposes(graph) -> int:
         old = [ins[1].producer(), ins[2].producer()]
         n.replace_input_with(1, k)
         n.replace_input_with(2, v)
-        q_reshape = ins[0].producer()
-        q = _bnsh_source(ins[0])
-        inner = q.producer() if q is not None else None
-        if inner is not None and inner.op_type == "Transpose" and len(q.uses()) == 1 and \
-                tuple(inner.attributes["perm"].value) == (0, 2, 1, 3):
-            old.append(q.uses()[0].node)  # the second Transpose (its Reshape stays: 4-D to 3-D)
-            q_reshape.replace_input_with(0, inner.inputs[0])
-            old.append(inner)
-        for r in old:  # the now-unused Reshape/Transpose chains
-            chain = [r] + ([r.inputs[0].producer()] if r.op_type == "Reshape" else [])
-            for node in chain:
-                if node is not None and not any(o.uses() for o in node.outputs):
+        for r in old:  # the now-unused Reshape and Transpose
+            for node in (r, r.inputs[0].producer()):
+                if not any(o.uses() for o in node.outputs):
                     graph.remove(node, safe=True)
         done += 1
     return done
