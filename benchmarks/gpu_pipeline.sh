@@ -3,7 +3,8 @@
 # profiles, the evaluation (alone on the machine: its tokens/s are compared), verify, the chunk-step benchmark and
 # the 1B-shape chunk step. Each stage uses the scripts beside this one; a failing stage does not stop the next.
 #   bash benchmarks/gpu_pipeline.sh start     copies the repo to /tmp/repo and starts (setsid: survives the call)
-#   bash benchmarks/gpu_pipeline.sh status    stage log so far; copies /tmp/out to $OUT (the device's return folder)
+#   bash benchmarks/gpu_pipeline.sh status    stage log so far; /tmp/out as $OUT/results.tgz (the device's return folder)
+# Each `run` call must follow the last within the machine's idle release (30 s): poll with `sleep 240; ... status`.
 # Settings (environment): RUNS, STEPS (gpu_calibrate.sh), EVALS, ABLATE (gpu_eval.sh), OLD: a folder holding an older
 # checkout whose window graphs are exported and timed beside the new ones (names with suffix 3: base-w3, ...).
 # Needs the device staging (/tmp/fw-site with onnxruntime-gpu, onnxscript; the SmolLM2 GGUF in /tmp/fw-assets).
@@ -19,7 +20,8 @@ start)
   exit 0;;
 status)
   tail -n "${LINES_SHOWN:-40}" $S/pipeline.log
-  if [ -n "${OUT:-}" ] && [ -d $RES ]; then cp -r $RES/. "$OUT"/ 2>/dev/null; fi
+  # one archive: the device returns a limited number of files per call
+  if [ -n "${OUT:-}" ] && [ -d $RES ]; then tar czf "$OUT/results.tgz" -C $RES . 2>/dev/null; fi
   exit 0;;
 run) ;;
 *) echo "usage: $0 start|status" >&2; exit 2;;

@@ -179,5 +179,10 @@ TOLERANCES = {
     "convert_vs_base_fp32": Tolerance(rel=1e-6),
     "ort_fp32_vs_torch_fp32": Tolerance(rel=1e-4),
     "ort_fp16_vs_torch_fp32": Tolerance(rel=1e-2),
+    # export-onnx's smoke check of an fp16 graph: one token (C = 1, P = 0) on the CPU against torch fp32. It exists to
+    # catch export bugs (wrong wiring gives errors of order 1), not to judge fp16 precision, which `verify` does on
+    # many chained chunks at 1e-2. A single, often special, token is the worst case for fp16 (large activations):
+    # a calibrated in-place TTT model (SmolLM2, W_down at lr 1e-3) measured 1.49e-2 there (H200 host, 2026-12-02).
+    "export_smoke_fp16": Tolerance(rel=5e-2),
     "ppl_fp16_vs_fp32": Tolerance(rel=1e-2),
 }

@@ -1,4 +1,4 @@
-"""The benchmark helpers of benchmarks/gpu_shapes.sh on the CPU: random shape model, export cost, calibration MFU."""
+"""The benchmark helpers on the CPU: gpu_shapes.sh's random shape model, export cost and calibration MFU; the scripts parse; kernel_profile.py's table."""
 import json
 import os
 import subprocess
@@ -95,3 +95,30 @@ def test_calib_throughput_cpu(tiny):
 
 def test_gpu_shapes_script_parses():
     subprocess.run(["bash", "-n", os.path.join(BENCH, "gpu_shapes.sh")], check=True)
+
+
+def test_gpu_pipeline_script_parses_and_refuses_unknown_commands():
+    path = os.path.join(BENCH, "gpu_pipeline.sh")
+    subprocess.run(["bash", "-n", path], check=True)
+    r = subprocess.run(["bash", path, "nonsense"], capture_output=True, text=True)
+    assert r.returncode == 2 and "usage" in r.stderr
+
+
+def test_kernel_profile_classes_and_table():
+    """kernel_profile.py's kernel classes (real kernel names from an H200 profile) and its Markdown table."""
+    sys.path.insert(0, BENCH)
+    import kernel_profile as kp
+
+    assert kp.classify("cudnn_generated_fort_native_sdpa_sm90_flash_fprop_wgmma_f16_knob_7") == "attention"
+    assert kp.classify("nvjet_sm90_hsh_64x48_64x15_2x4_h_bz_NNT") == "gemm"
+    assert kp.classify("void onnxruntime::cuda::ExpandKernel<unsigned short, 256, 4>(int)") == "transpose/copy"
+    assert kp.classify("void onnxruntime::contrib::cuda::SkipLayerNormKernelSmall<__half, 80u>") == "norm"
+    assert kp.classify("void onnxruntime::cuda::softmax_block_forward<4, float>") == "softmax/reduce"
+    assert kp.classify("void onnxruntime::cuda::_BinaryElementWise<__half, __half, __half>") == "elementwise"
+    r = {"batch": 1, "provider": "CUDA execution provider (TF32 on), CUDA graphs", "wall_ms": 4.05,
+         "kernels_per_step": 750, "busy_ms": 3.5, "span_ms": 4.25, "by_class_ms": {"attention": 1.38, "gemm": 0.79},
+         "top_kernels": [{"name": "k", "class": "gemm", "per_step": 60, "us_each": 4.75, "ms_per_step": 0.285}]}
+    md = kp.markdown([("base-w", r), ("bad", {"batch": 8, "cuda_graph": None, "wall_ms": float("nan"),
+                                              "note": "failed: x"})])
+    assert "| base-w | 1 | CUDA execution provider (TF32 on), CUDA graphs | 4.05 | 750 | 3.50 | 4.25 |" in md
+    assert "attention 1.38, gemm 0.79" in md and "failed: x" in md and "| `k` | gemm | 60 | 4.75 | 0.285 |" in md

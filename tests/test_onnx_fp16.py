@@ -30,3 +30,18 @@ def test_fp16_fwl_export(tmp_path):
     ppl = perplexity(token_losses(s, ids.numpy()))
     assert abs(ppl - ref_ppl) <= TOLERANCES["ppl_fp16_vs_fp32"].rel * ref_ppl
     assert np.isfinite(ppl)
+    # export's smoke check (one token, looser fp16 tolerance) still catches a graph that computes something else
+    import copy
+
+    import pytest
+
+    from exporters.onnx.graph import smoke_check
+    from fwconvert.errors import NumericError
+
+    tol = TOLERANCES["export_smoke_fp16"]
+    assert TOLERANCES["ort_fp16_vs_torch_fp32"].rel < tol.rel <= 5e-2
+    smoke_check(model, s.path, s.manifest, out, tol)
+    other = copy.deepcopy(model)
+    other.model.layers[0].mlp.down_proj.weight.mul_(-1.0)
+    with pytest.raises(NumericError, match="disagrees with torch"):
+        smoke_check(other, s.path, s.manifest, out, tol)

@@ -194,7 +194,7 @@ def export_onnx(model_or_path: Union[str, os.PathLike, DecoderLM], out: str, *, 
         manifest.fast_weights = fast_weights_to_dict(model.fast_weights)
         manifest.versions["ort_contrib_ops"] = getattr(prog, "fusions", {})
         check_graph(graph_path, manifest)
-        tol = TOLERANCES["ort_fp32_vs_torch_fp32" if dtype == "fp32" else "ort_fp16_vs_torch_fp32"]
+        tol = TOLERANCES["ort_fp32_vs_torch_fp32" if dtype == "fp32" else "export_smoke_fp16"]
         smoke_check(model, graph_path, manifest, staging, tol)
         writing = os.path.join(staging, MANIFEST_NAME)
         with open(writing, "w") as f:  # written last: a folder without it is partial
