@@ -4,7 +4,9 @@
 # Models go to /tmp/w/<run>, logs to /tmp/w/logs, and one archive of manifests + logs to $OUT/calib.tgz.
 #   STEPS=600 bash benchmarks/gpu_calibrate.sh        (again with the same settings: finished runs are kept,
 #                                                      interrupted ones continue with --resume)
-# RUNS: "name:model:lr[:baseline|:fast=LR]" entries; model is fwl or ttt (the converted folders); ":baseline"
+# CONVERT (optional): more conversions of the GGUF, "name=command args;...", e.g.
+#   CONVERT="ttt3=mark-fast --chunk-size 512 --layers every:3;ttt-eta10=mark-fast --chunk-size 512 --lr 10"
+# RUNS: "name:model:lr[:baseline|:fast=LR]" entries; model is fwl, ttt or a CONVERT name; ":baseline"
 # calibrates the plain base model with the same recipe (--baseline); ":fast=LR" gives the new fast-weight
 # parameters their own peak lr (--fast-lr), e.g. "ttt-mix:ttt:1e-3:fast=1e-4 ttt-base-hi:ttt:1e-3:baseline". Every run uses --train $TRAIN, the same data, seed,
 # steps and schedule, so a model and its baseline differ only by the fast weights (and lr where named).
@@ -21,6 +23,12 @@ t() { local s=$SECONDS; echo "+ $*" >&2; "$@"; local rc=$?; echo "  (rc $rc, $((
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader 2>/dev/null
 [ -d $W/fwl ] || t python3 -m fwconvert add-fwl "$G" -o $W/fwl --chunk-size 512 &
 [ -d $W/ttt ] || t python3 -m fwconvert mark-fast "$G" -o $W/ttt --chunk-size 512 &
+IFS=';' read -r -a convs <<< "${CONVERT:-}"  # more conversions: "name=command args;..." (RUNS name them as models)
+for c in "${convs[@]}"; do
+  [ -n "$c" ] || continue
+  name=${c%%=*}; read -r -a cmd <<< "${c#*=}"
+  [ -d "$W/$name" ] || t python3 -m fwconvert "${cmd[@]}" "$G" -o "$W/$name" &
+done
 wait
 [ "${PREP_ONLY:-0}" = 1 ] && exit 0  # data and converted models only
 CAL=(--data $W/docs --data $W/more --ext .py --steps "$STEPS" --seq-len "$SEQ" --batch-size 1 --device "$DEVICE" --heldout 0.15

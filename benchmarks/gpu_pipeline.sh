@@ -5,8 +5,11 @@
 #   bash benchmarks/gpu_pipeline.sh start     copies the repo to /tmp/repo and starts (setsid: survives the call)
 #   bash benchmarks/gpu_pipeline.sh status    stage log so far; /tmp/out as $OUT/results.tgz (the device's return folder)
 # Each `run` call must follow the last within the machine's idle release (30 s): poll with `sleep 240; ... status`.
-# Settings (environment): RUNS, STEPS (gpu_calibrate.sh), EVALS, ABLATE (gpu_eval.sh), OLD: a folder holding an older
-# checkout whose window graphs are exported and timed beside the new ones (names with suffix 3: base-w3, ...).
+# Settings (environment): RUNS, STEPS, CONVERT (gpu_calibrate.sh), EVALS, ABLATE (gpu_eval.sh), OLD: a folder holding
+# an older checkout whose window graphs are exported and timed beside the new ones (names with suffix 3: base-w3, ...),
+# VERIFY: calibrated models whose window graphs (fp16 and fp32) are exported and verified on CUDA (default:
+# "fwl-cal ttt-mix"), STAGES: of "calibrate export profile eval verify bench 1b" (default: all of them; export, profile,
+# bench and 1b are the performance side, calibrate and eval the calibration side).
 # Needs the device staging (/tmp/fw-site with onnxruntime-gpu, onnxscript; the SmolLM2 GGUF in /tmp/fw-assets).
 set -uo pipefail
 R=/tmp/repo; S=/tmp/pipeline; RES=/tmp/out
@@ -14,7 +17,7 @@ G=/tmp/fw-assets/SmolLM2-135M-Instruct.Q4_1.gguf; W=/tmp/w; X=$W/x
 case ${1:-} in
 start)
   rm -rf $R && mkdir -p $R $S $RES && tar -C "$(dirname "$0")/.." --exclude=./.device -cf - . | tar -C $R -xf -
-  for v in RUNS STEPS EVALS ABLATE OLD; do [ -n "${!v:-}" ] && printf '%s=%q\n' "$v" "${!v}"; done > $S/settings
+  for v in RUNS STEPS EVALS ABLATE OLD CONVERT STAGES VERIFY; do [ -n "${!v:-}" ] && printf '%s=%q\n' "$v" "${!v}"; done > $S/settings
   setsid nohup bash $R/benchmarks/gpu_pipeline.sh run > $S/pipeline.log 2>&1 < /dev/null &
   echo "started (pid $!); follow with: bash benchmarks/gpu_pipeline.sh status"
   exit 0;;
@@ -32,50 +35,62 @@ cd $R
 export PYTHONPATH=/tmp/fw-site:$R PYTHONUNBUFFERED=1 OUT=$RES W
 RUNS=${RUNS:-"ttt-mix:ttt:1e-3:fast=1e-4 ttt-base-hi:ttt:1e-3:baseline fwl-cal:fwl:1e-3"}
 EVALS=${EVALS:-"ttt-mix:ttt-base-hi ttt-mix-static:ttt-base-hi"}; ABLATE=${ABLATE:-ttt-mix}
+VERIFY=${VERIFY:-"fwl-cal ttt-mix"}; STAGES=${STAGES:-"calibrate export profile eval verify bench 1b"}
+on() { [[ " $STAGES " == *" $1 "* ]]; }
 stage() { echo "== $(date +%T) stage $*"; }
 T0=$SECONDS
 stage "prep: documents and conversions"
 PREP_ONLY=1 bash benchmarks/gpu_calibrate.sh
 
-stage "calibrate ($RUNS) on the GPU while the graphs export on the CPUs"
-RUNS="$RUNS" STEPS=${STEPS:-600} LIMIT=1500 bash benchmarks/gpu_calibrate.sh > $RES/calibrate.log 2>&1 &
-EXPORTS="base:$G:fp16 fwl:$W/fwl:fp16 ttt:$W/ttt:fp16 base-w:$G:fp16:2048 fwl-w:$W/fwl:fp16:2048 ttt-w:$W/ttt:fp16:2048" \
-  PART=export bash benchmarks/gpu_export.sh > $RES/export-new.log 2>&1 &
-if [ -n "${OLD:-}" ] && [ -d "$OLD" ]; then
-  (cd "$OLD" && PYTHONPATH=/tmp/fw-site:$OLD EXPORTS="base-w3:$G:fp16:2048 fwl-w3:$W/fwl:fp16:2048 ttt-w3:$W/ttt:fp16:2048" \
-     PART=export bash benchmarks/gpu_export.sh > $RES/export-old.log 2>&1) &
+stage "calibrate ($RUNS) on the GPU while the graphs export on the CPUs ($STAGES)"
+on calibrate && RUNS="$RUNS" STEPS=${STEPS:-600} LIMIT=1500 bash benchmarks/gpu_calibrate.sh > $RES/calibrate.log 2>&1 &
+if on export; then
+  EXPORTS="base:$G:fp16 fwl:$W/fwl:fp16 ttt:$W/ttt:fp16 base-w:$G:fp16:2048 fwl-w:$W/fwl:fp16:2048 ttt-w:$W/ttt:fp16:2048" \
+    PART=export bash benchmarks/gpu_export.sh > $RES/export-new.log 2>&1 &
+  if [ -n "${OLD:-}" ] && [ -d "$OLD" ]; then
+    (cd "$OLD" && PYTHONPATH=/tmp/fw-site:$OLD EXPORTS="base-w3:$G:fp16:2048 fwl-w3:$W/fwl:fp16:2048 ttt-w3:$W/ttt:fp16:2048" \
+       PART=export bash benchmarks/gpu_export.sh > $RES/export-old.log 2>&1) &
+  fi
+  on 1b && W=/tmp/w1b OUT=$RES/shapes-export PARTS=export SMOL=0 BUDGET=900 bash benchmarks/gpu_shapes.sh > /dev/null 2>&1 &
 fi
-W=/tmp/w1b OUT=$RES/shapes-export PARTS=export SMOL=0 BUDGET=900 bash benchmarks/gpu_shapes.sh > /dev/null 2>&1 &
 wait
-tail -n 8 $RES/calibrate.log; grep -h "^export" $RES/export-*.log; cat $RES/shapes-export/shapes.md
-echo "   ($((SECONDS - T0)) s so far)"
+tail -n 8 $RES/calibrate.log 2>/dev/null; grep -h "^export" $RES/export-*.log 2>/dev/null
+cat $RES/shapes-export/shapes.md 2>/dev/null; echo "   ($((SECONDS - T0)) s so far)"
 
-stage "calibrated graphs export (CPUs) while the kernel profiles run (GPU)"
-EXPORTS="fwl-cal-w:$W/fwl-cal:fp16:2048 ttt-mix-w:$W/ttt-mix:fp16:2048 ttt-mix-w32:$W/ttt-mix:fp32:2048" \
-  PART=export bash benchmarks/gpu_export.sh > $RES/export-cal.log 2>&1 &
-g=(); for n in base-w fwl-w ttt-w base-w3 fwl-w3 ttt-w3 base fwl ttt; do [ -d $X/$n ] && g+=("$n=$X/$n"); done
-(cd benchmarks && timeout 400 python3 kernel_profile.py "${g[@]}" --batch 1 8 --md $RES/kernels.md --json $RES/kernels.json \
-   > $RES/kernels.log 2>&1)
-g=(); for n in fwl-w3 fwl-w ttt-w; do [ -d $X/$n ] && g+=("$n=$X/$n"); done
-(cd benchmarks && timeout 200 python3 kernel_profile.py "${g[@]}" --batch 8 --tf32 off --md $RES/kernels-tf32-off.md \
-   --json $RES/kernels-tf32-off.json > $RES/kernels-tf32-off.log 2>&1)
+stage "calibrated window graphs of $VERIFY export (CPUs) while the kernel profiles run (GPU)"
+if on verify; then
+  e=""; for m in $VERIFY; do e+=" $m-w:$W/$m:fp16:2048 $m-w32:$W/$m:fp32:2048"; done
+  EXPORTS="$e" PART=export bash benchmarks/gpu_export.sh > $RES/export-cal.log 2>&1 &
+fi
+if on profile; then
+  g=(); for n in base-w fwl-w ttt-w base-w3 fwl-w3 ttt-w3 base fwl ttt; do [ -d $X/$n ] && g+=("$n=$X/$n"); done
+  (cd benchmarks && timeout 400 python3 kernel_profile.py "${g[@]}" --batch 1 8 --md $RES/kernels.md --json $RES/kernels.json \
+     > $RES/kernels.log 2>&1)
+  g=(); for n in fwl-w3 fwl-w ttt-w; do [ -d $X/$n ] && g+=("$n=$X/$n"); done
+  (cd benchmarks && timeout 200 python3 kernel_profile.py "${g[@]}" --batch 8 --tf32 off --md $RES/kernels-tf32-off.md \
+     --json $RES/kernels-tf32-off.json > $RES/kernels-tf32-off.log 2>&1)
+fi
 wait
-grep -h "^export" $RES/export-cal.log; echo "   ($((SECONDS - T0)) s so far)"
+grep -h "^export" $RES/export-cal.log 2>/dev/null; echo "   ($((SECONDS - T0)) s so far)"
 
-stage "evaluation ($EVALS), alone on the machine"
-EVALS="$EVALS" ABLATE="$ABLATE" bash benchmarks/gpu_eval.sh > $RES/eval.log 2>&1
-tail -n 30 $RES/eval.log; echo "   ($((SECONDS - T0)) s so far)"
+if on eval; then
+  stage "evaluation ($EVALS), alone on the machine"
+  EVALS="$EVALS" ABLATE="$ABLATE" bash benchmarks/gpu_eval.sh > $RES/eval.log 2>&1
+  tail -n 30 $RES/eval.log; echo "   ($((SECONDS - T0)) s so far)"
+fi
 
+if on verify; then
 stage "verify on the CUDA provider"
 DOC=$(python3 -c "import sysconfig, os; print(os.path.join(sysconfig.get_paths()['stdlib'], 'typing.py'))")
 V=$RES/verify; mkdir -p $V
 vf() { local tag=$1 name=$2; shift 2; [ -d $X/$name ] || { echo "verify $name: no graph"; return; }
   timeout 300 python3 -m fwconvert verify $X/$name --provider cuda "$@" --json > $V/$tag.json 2> $V/$tag.err
   echo "verify $tag ($name $*): rc $?"; }
-vf ttt-w32-static ttt-mix-w32 --static --chunks 16
-vf ttt-w32-static-b8 ttt-mix-w32 --static --batch 8 --chunks 8
-vf ttt-w-fp16-text ttt-mix-w --static --chunks 16 --text "$DOC"
-vf fwl-w-fp16-text fwl-cal-w --static --chunks 16 --text "$DOC"
+for m in $VERIFY; do
+  vf $m-w32-static $m-w32 --static --chunks 16
+  vf $m-w32-static-b8 $m-w32 --static --batch 8 --chunks 8
+  vf $m-w-fp16-text $m-w --static --chunks 16 --text "$DOC"
+done
 python3 - $V/*.json <<'PY'
 import json, sys
 for p in sys.argv[1:]:
@@ -86,16 +101,22 @@ for p in sys.argv[1:]:
         print(p, "unreadable:", e)
 PY
 echo "   ($((SECONDS - T0)) s so far)"
+fi
 
-stage "chunk-step benchmark (SmolLM2), alone on the machine"
-g=(); for n in base fwl ttt base-w fwl-w ttt-w base-w3 fwl-w3 ttt-w3; do [ -d $X/$n ] && g+=(--graph "$n=$X/$n"); done
-(cd benchmarks && timeout 600 python3 chunk_step.py --gguf "$G" "${g[@]}" --doc "$DOC" \
-   --out-md $RES/chunk-step.md --out-json $RES/chunk-step.json > $RES/chunk-step.log 2>&1)
-tail -n 40 $RES/chunk-step.md; echo "   ($((SECONDS - T0)) s so far)"
+if on bench; then
+  stage "chunk-step benchmark (SmolLM2), alone on the machine"
+  DOC=$(python3 -c "import sysconfig, os; print(os.path.join(sysconfig.get_paths()['stdlib'], 'typing.py'))")
+  g=(); for n in base fwl ttt base-w fwl-w ttt-w base-w3 fwl-w3 ttt-w3; do [ -d $X/$n ] && g+=(--graph "$n=$X/$n"); done
+  (cd benchmarks && timeout 600 python3 chunk_step.py --gguf "$G" "${g[@]}" --doc "$DOC" \
+     --out-md $RES/chunk-step.md --out-json $RES/chunk-step.json > $RES/chunk-step.log 2>&1)
+  tail -n 40 $RES/chunk-step.md; echo "   ($((SECONDS - T0)) s so far)"
+fi
 
-stage "chunk step of the LLaMA-1B shape"
-W=/tmp/w1b OUT=$RES/shapes-chunk PARTS=chunk SMOL=0 BUDGET=500 bash benchmarks/gpu_shapes.sh > /dev/null 2>&1
-tail -n 30 $RES/shapes-chunk/chunk-step-1b.md 2>/dev/null
-(cd benchmarks && timeout 200 python3 kernel_profile.py base=/tmp/w1b/base-fp16 fwl=/tmp/w1b/fwl-fp16 ttt=/tmp/w1b/ttt-fp16 \
-   --batch 8 --md $RES/kernels-1b.md --json $RES/kernels-1b.json > $RES/kernels-1b.log 2>&1)
+if on 1b; then
+  stage "chunk step of the LLaMA-1B shape"
+  W=/tmp/w1b OUT=$RES/shapes-chunk PARTS=chunk SMOL=0 BUDGET=500 bash benchmarks/gpu_shapes.sh > /dev/null 2>&1
+  tail -n 30 $RES/shapes-chunk/chunk-step-1b.md 2>/dev/null
+  (cd benchmarks && timeout 200 python3 kernel_profile.py base=/tmp/w1b/base-fp16 fwl=/tmp/w1b/fwl-fp16 \
+     ttt=/tmp/w1b/ttt-fp16 --batch 8 --md $RES/kernels-1b.md --json $RES/kernels-1b.json > $RES/kernels-1b.log 2>&1)
+fi
 stage "done in $((SECONDS - T0)) s"

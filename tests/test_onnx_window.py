@@ -108,3 +108,20 @@ def test_failed_export_keeps_previous_output(window_export, monkeypatch):
     assert sorted(os.listdir(out)) == before
     assert os.stat(os.path.join(out, "model.onnx")).st_mtime_ns == stamp
     assert not [n for n in os.listdir(os.path.dirname(out)) if "staging" in n or ".old-" in n]
+
+
+def test_window_span_alignment_note(window_export, capsys):
+    """export-onnx notes a window graph whose span W + C is not a multiple of 8 (fused attention wants it), and
+    stays silent when it is."""
+    from fwconvert.cli.cmd_export import _note_window_alignment
+
+    _, out = window_export  # W + C = 6 + 4
+    _note_window_alignment(out)
+    assert "W + C = 10" in capsys.readouterr().err
+    m = json.load(open(os.path.join(out, "manifest.json")))
+    tmp = os.path.join(os.path.dirname(out), "aligned")
+    shutil.copytree(out, tmp)
+    m["window"] = 4  # only the manifest is read
+    json.dump(m, open(os.path.join(tmp, "manifest.json"), "w"))
+    _note_window_alignment(tmp)
+    assert capsys.readouterr().err == ""

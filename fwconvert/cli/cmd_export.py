@@ -21,7 +21,9 @@ from ..errors import InputError
               help="Default chunk length (in-place TTT models: must equal their TTT chunk size).")
 @click.option("--attention", type=click.Choice(["full", "window"]), default=None,
               help="full: growing KV cache; window: fixed-size sliding-window KV state (constant memory).")
-@click.option("--window", type=int, default=None, help="Attention window W for --attention window.")
+@click.option("--window", type=int, default=None,
+              help="Attention window W for --attention window. Each chunk then attends over W + C positions; keep "
+                   "W + C a multiple of 8 (e.g. W = 2048, C = 512) for onnxruntime's fused attention kernels.")
 @click.option("--dtype", type=click.Choice(["fp32", "fp16"]), default="fp32", show_default=True,
               help="Weight/activation dtype of the graph (fast-weight state stays fp32).")
 @click.option("--force", is_flag=True, help="Replace an existing output folder.")
@@ -31,7 +33,22 @@ def export_onnx_cmd(model, out, chunk_size, attention, window, dtype, force):
 
     out = out or os.path.abspath(str(model)).rstrip(os.sep) + "-onnx"
     path = export_onnx(model, out, chunk_size=chunk_size, attention=attention, window=window, dtype=dtype, force=force)
+    _note_window_alignment(path)
     click.echo(path)
+
+
+def _note_window_alignment(folder: str) -> None:
+    """A note on stderr when a window graph's attention span W + C is not a multiple of 8."""
+    from exporters.runtime.session import load_manifest
+
+    m = load_manifest(folder)
+    if m.attention != "window":
+        return
+    span = int(m.window) + int(m.chunking["chunk_size"])
+    if span % 8:
+        click.echo(f"note: each chunk attends over W + C = {span} positions, not a multiple of 8; onnxruntime's "
+                   "fused attention wants the mask rows aligned (on the H200 the fp32 memory-efficient kernel refused "
+                   "such a span), so prefer W and C that are multiples of 8", err=True)
 
 
 def _read_tokens(path: str) -> list:
