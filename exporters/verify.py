@@ -133,6 +133,7 @@ def verify(folder: str, against=None, chunks: int = 16, provider: str = "cpu", b
             raise InputError(f"--static compares full chunks of {session.chunk_size} tokens; the document has only "
                              f"{ids.shape[1]}")
         ids = ids[:, :full]
+    _check_window_layout(session.manifest, model)
     state = session.new_state(batch)
     tstate = model.init_state(batch)
     c = session.chunk_size
@@ -151,6 +152,19 @@ def verify(folder: str, against=None, chunks: int = 16, provider: str = "cpu", b
         err.report = report
         raise err
     return report
+
+
+def _check_window_layout(manifest, model) -> None:
+    """A window export's KV slots must be the reference model's: W (W - 1 before 2026-12-02, when the span W + C was
+    aligned). An older export still runs; only its state cannot be compared slot by slot."""
+    if manifest.attention != "window":
+        return
+    kv = next((s for s in manifest.state if s.key.startswith("past_key_values.")), None)
+    slots = kv.shape[2] if kv is not None else None
+    if isinstance(slots, int) and slots != model.window:
+        raise InputError(f"this window export keeps {slots} KV slots for W = {manifest.window}; this fwconvert keeps "
+                         f"{model.window} (older exports kept W - 1). The graph still runs, but verify cannot compare "
+                         "its state: export it again with this version to verify it")
 
 
 def format_table(report: Report) -> str:

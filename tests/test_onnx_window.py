@@ -13,8 +13,10 @@ from onnx import numpy_helper
 import fwconvert
 from exporters.onnx.export import export_onnx
 from exporters.runtime.session import ChunkSession
+from exporters.verify import verify
 from fwconvert.cli.main import main
 from fwconvert.config import TOLERANCES
+from fwconvert.errors import InputError
 from tiny import make_hf_model, rel_err, save_checkpoint
 
 TOL = TOLERANCES["ort_fp32_vs_torch_fp32"].rel
@@ -125,3 +127,15 @@ def test_window_span_alignment_note(window_export, capsys):
     json.dump(m, open(os.path.join(tmp, "manifest.json"), "w"))
     _note_window_alignment(tmp)
     assert capsys.readouterr().err == ""
+
+
+def test_verify_refuses_an_older_window_layout_with_the_reason(window_export, tmp_path):
+    """Window exports made before 2026-12-02 keep W - 1 KV slots; verify says so instead of reporting a mismatch."""
+    src, out = window_export
+    old = str(tmp_path / "old")
+    shutil.copytree(out, old)
+    m = json.load(open(os.path.join(old, "manifest.json")))
+    m["window"] = W + 1  # the state keeps W slots: what an export for window W + 1 kept before
+    json.dump(m, open(os.path.join(old, "manifest.json"), "w"))
+    with pytest.raises(InputError, match="older exports kept W - 1"):
+        verify(old, against=fwconvert.load(src, window=W + 1), chunks=2)
