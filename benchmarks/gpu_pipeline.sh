@@ -36,6 +36,7 @@ export PYTHONPATH=/tmp/fw-site:$R PYTHONUNBUFFERED=1 OUT=$RES W
 RUNS=${RUNS:-"ttt-mix:ttt:1e-3:fast=1e-4 ttt-base-hi:ttt:1e-3:baseline fwl-cal:fwl:1e-3"}
 EVALS=${EVALS:-"ttt-mix:ttt-base-hi ttt-mix-static:ttt-base-hi"}; ABLATE=${ABLATE:-ttt-mix}
 VERIFY=${VERIFY:-"fwl-cal ttt-mix"}; STAGES=${STAGES:-"calibrate export profile eval verify bench 1b"}
+DOC=$(python3 -c "import sysconfig, os; print(os.path.join(sysconfig.get_paths()['stdlib'], 'typing.py'))")
 on() { [[ " $STAGES " == *" $1 "* ]]; }
 stage() { echo "== $(date +%T) stage $*"; }
 T0=$SECONDS
@@ -81,7 +82,6 @@ fi
 
 if on verify; then
 stage "verify on the CUDA provider"
-DOC=$(python3 -c "import sysconfig, os; print(os.path.join(sysconfig.get_paths()['stdlib'], 'typing.py'))")
 V=$RES/verify; mkdir -p $V
 vf() { local tag=$1 name=$2; shift 2; [ -d $X/$name ] || { echo "verify $name: no graph"; return; }
   timeout 300 python3 -m fwconvert verify $X/$name --provider cuda "$@" --json > $V/$tag.json 2> $V/$tag.err
@@ -105,7 +105,6 @@ fi
 
 if on bench; then
   stage "chunk-step benchmark (SmolLM2), alone on the machine"
-  DOC=$(python3 -c "import sysconfig, os; print(os.path.join(sysconfig.get_paths()['stdlib'], 'typing.py'))")
   g=(); for n in base fwl ttt base-w fwl-w ttt-w base-w3 fwl-w3 ttt-w3; do [ -d $X/$n ] && g+=(--graph "$n=$X/$n"); done
   (cd benchmarks && timeout 600 python3 chunk_step.py --gguf "$G" "${g[@]}" --doc "$DOC" \
      --out-md $RES/chunk-step.md --out-json $RES/chunk-step.json > $RES/chunk-step.log 2>&1)

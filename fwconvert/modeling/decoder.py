@@ -71,6 +71,7 @@ class Attention(nn.Module):
         b, t, _ = x.shape
         h, kv, hd = self.n_heads, self.n_kv, self.head_dim
         if self.fused_qkv is not None:  # the export form: 1 matmul, 1 RoPE (4 kernels) for q and k together
+            assert self.q_norm is None, "the fused q/k/v form has no q/k norms"
             qk, v = F.linear(x, *self.fused_qkv).split([(h + kv) * hd, kv * hd], dim=-1)
             qk = apply_rope(qk.view(b, t, h + kv, hd), cos, sin, self.rope_rotation)
             q, k = qk.split([h, kv], dim=2)
