@@ -4,6 +4,7 @@ import os
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
 
@@ -122,3 +123,25 @@ def test_kernel_profile_classes_and_table():
                                               "note": "failed: x"})])
     assert "| base-w | 1 | CUDA execution provider (TF32 on), CUDA graphs | 4.05 | 750 | 3.50 | 4.25 |" in md
     assert "attention 1.38, gemm 0.79" in md and "failed: x" in md and "| `k` | gemm | 60 | 4.75 | 0.285 |" in md
+
+
+def test_fwl_step_sweep_at_zero_is_the_base_model(tiny):
+    """benchmarks/fwl_step_sweep.py: η = 0 on a converted FWL model gives the base model's perplexities exactly
+    (the head is inactive at conversion); a non-zero β step size changes them."""
+    import fwconvert
+    import fwl_step_sweep
+    from fwconvert.evaluate import evaluate_stream, torch_runner
+    from fwconvert.tokenizer import load_tokenizer
+
+    base, fwl, docs = tiny
+    files = sorted(os.path.join(docs, f) for f in os.listdir(docs))
+    res = fwl_step_sweep.sweep(fwl, files, "beta", [0.0, 0.5], context=256, chunk=32)
+    assert res["documents"] == 4
+    tok = load_tokenizer(base)
+    ids = [np.asarray(tok.encode(open(f).read())[:256], dtype=np.int64) for f in files]
+    step, init = torch_runner(fwconvert.load(base).eval())
+    with torch.no_grad():
+        ref = evaluate_stream(step, init, ids, 256, 32, "cpu", batch_size=4).summary()
+    assert res["runs"]["0.0"]["perplexity"] == ref["perplexity"]
+    assert res["runs"]["0.5"]["perplexity"] != ref["perplexity"]
+    assert "| 0.5 |" in fwl_step_sweep.markdown(res)
