@@ -49,6 +49,11 @@ def short(name: str, n: int = 90) -> str:
     return name if len(name) <= n else name[:n - 3] + "..."
 
 
+def dur(e) -> float:
+    """A profiler event's duration in µs."""
+    return e.time_range.end - e.time_range.start
+
+
 def profile_graph(folder: str, batch: int, steps: int, torch, cuda_graph: bool, tf32=None) -> dict:
     from exporters.runtime.session import ChunkSession
 
@@ -89,7 +94,7 @@ def profile_graph(folder: str, batch: int, steps: int, torch, cuda_graph: bool, 
     spans = [(kernels[b - 1].time_range.end - kernels[a].time_range.start) / 1e3 for a, b in zip(bounds, bounds[1:])]
     by_class, by_name, count_name = collections.Counter(), collections.Counter(), collections.Counter()
     for e in kernels:
-        d = e.time_range.end - e.time_range.start
+        d = dur(e)
         by_class[classify(e.name)] += d
         by_name[e.name] += d
         count_name[e.name] += 1
@@ -99,7 +104,7 @@ def profile_graph(folder: str, batch: int, steps: int, torch, cuda_graph: bool, 
         "steps": steps, "wall_ms": round(wall, 3),
         "kernels_per_step": len(kernels) / steps, "busy_ms": round(busy, 3),
         "copies_per_step": len(copies) / steps,
-        "copy_ms": round(sum(e.time_range.end - e.time_range.start for e in copies) / 1e3 / steps, 3),
+        "copy_ms": round(sum(dur(e) for e in copies) / 1e3 / steps, 3),
         "span_ms": round(float(np.median(spans)), 3),
         "by_class_ms": {k: round(v / 1e3 / steps, 3) for k, v in by_class.most_common()},
         "top_kernels": [{"name": short(k), "class": classify(k), "ms_per_step": round(v / 1e3 / steps, 4),
@@ -140,14 +145,19 @@ def main():
     a = ap.parse_args()
     import torch
 
+    if not torch.cuda.is_available():
+        raise SystemExit("kernel_profile.py: needs a CUDA GPU (onnxruntime's CUDA provider and CUPTI)")
     torch.cuda.init()
     results = []
     from exporters.runtime.session import load_manifest
 
     for g in a.graphs:
         name, _, folder = g.partition("=")
-        # window exports: a static session with and without CUDA graphs (CUPTI may not see inside a replay)
-        modes = [True, False] if load_manifest(folder).attention == "window" else [None]
+        try:  # window exports: a static session with CUDA graphs and one without (host launch cost visible)
+            modes = [True, False] if load_manifest(folder).attention == "window" else [None]
+        except Exception as e:  # noqa: BLE001 - not an export: say so and go on
+            print(f"{name}: skipped, {folder} is not a readable export ({e})", file=sys.stderr)
+            continue
         for b in a.batch:
             for mode in modes:
                 try:
