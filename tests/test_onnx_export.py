@@ -123,11 +123,15 @@ def test_graph_uses_fused_ort_attention_and_norms(llama_export, qwen3_export):
         assert ops.count(("com.microsoft", "MultiHeadAttention")) == layers
         assert ops.count(("com.microsoft", "SkipSimplifiedLayerNormalization")) == 2 * layers
         assert not {"Softmax", "SimplifiedLayerNormalization"} & {op for _, op in ops}
-        # key and value reach the attention as [B, N, L, hd] (no transpose to [B, L, N*hd] in between)
-        shapes = {v.name: len(v.type.tensor_type.shape.dim) for v in m.graph.value_info}
-        for n in m.graph.node:
-            if n.op_type == "MultiHeadAttention":
-                assert shapes[n.input[1]] == shapes[n.input[2]] == 4
+        # key and value reach the attention as the KV cache itself, [B, H_kv, L, hd]: no transpose to [B, L, N*hd]
+        # and no repeat-KV copy to H heads in between (the query heads of a group are stacked instead)
+        heads = [(n.input[1], n.input[2], onnx.helper.get_attribute_value(n.attribute[0]))
+                 for n in m.graph.node if n.op_type == "MultiHeadAttention"]
+        assert [(k, v) for k, v, _ in heads] == [(f"present.{i}.key", f"present.{i}.value") for i in range(layers)]
+        assert {h for _, _, h in heads} == {2}  # the tiny models' key/value heads (4 query heads)
+        for i in range(layers):  # nothing else reads the cache (before: Unsqueeze-Expand-Reshape to 4 heads)
+            readers = {n.op_type for n in m.graph.node if {f"present.{i}.key", f"present.{i}.value"} & set(n.input)}
+            assert readers == {"MultiHeadAttention"}, readers
         onnx.checker.check_model(os.path.join(out, "model.onnx"), full_check=True)
 
 
@@ -244,3 +248,24 @@ def test_verify_cli_on_a_real_document(llama_export, tmp_path, capsys):
     assert code == 2 and "--batch" in err
     code, _, err = _cli(["verify", out, "--text", str(doc), "--tokens", str(ids)], capsys)
     assert code == 2 and "exactly one" in err
+
+
+@pytest.mark.parametrize("heads,kv,window", [(6, 2, None), (6, 2, 12), (4, 4, None)])
+def test_grouped_queries_attend_the_cached_heads_exactly(tmp_path, heads, kv, window):
+    """3 query heads per key/value head (SmolLM2's 9/3 grouping), with and without a window, and plain multi-head
+    attention (nothing to group): the exported attention reads the H_kv cached heads (num_heads H_kv) and the
+    graph still equals the model over chained chunks."""
+    from fwconvert.families import parse_config
+    from fwconvert.modeling import build_model, load_tensors
+
+    hf = make_hf_model("llama", hidden_size=48, num_attention_heads=heads, num_key_value_heads=kv)
+    model = load_tensors(build_model(parse_config(hf.config.to_dict(), "config"), window=window),
+                         hf.state_dict().items()).eval()
+    out = export_onnx(model, str(tmp_path / "onnx"), chunk_size=5,
+                      **({"attention": "window", "window": window} if window else {}))
+    m = onnx.load(os.path.join(out, "model.onnx"), load_external_data=False)
+    mha = [n for n in m.graph.node if n.op_type == "MultiHeadAttention"]
+    assert len(mha) == 2
+    assert {onnx.helper.get_attribute_value(a) for n in mha for a in n.attribute if a.name == "num_heads"} == {kv}
+    rep = verify(out, against=model, chunks=6, batch=2)
+    assert rep.passed and rep.worst().rel <= TOL, rep.worst()

@@ -17,6 +17,7 @@ import fwconvert
 from fwconvert.errors import InputError, NumericError
 from fwconvert.modeling.decoder import DecoderLM
 
+from .attention_forms import attention_without_transposes, grouped_queries
 from .io_spec import BATCH, CHUNK, GRAPH_NAME, INITIAL_STATE_NAME, PAST, Manifest, StateSpec, chunk_rule, input_name, output_name
 from .wrapper import ChunkStep, initial_state, state_layout
 
@@ -110,6 +111,7 @@ def fuse_for_ort(model) -> Dict[str, int]:
     this fixes fp16 accuracy: the decomposed attention rounds its scores to fp16 before the softmax (logits off
     by 5e-2 on the GPU), the fused kernel keeps them in fp32 as torch's SDPA does. Returns the count of each
     contrib op in the result, e.g. ``{"com.microsoft.MultiHeadAttention": 30, ...}``."""
+    import onnx_ir.passes.common as ir_passes
     from onnxscript.rewriter.ort_fusions import optimize_for_ort
 
     with warnings.catch_warnings():
@@ -118,57 +120,14 @@ def fuse_for_ort(model) -> Dict[str, int]:
     if fused is not model:  # the API returns the model it rewrote; keep the caller's object current
         raise AssertionError("optimize_for_ort returned a new model object")
     _decompose_plain_rms(model.graph)
-    _attention_without_transposes(model.graph)
+    attention_without_transposes(model.graph)
+    grouped_queries(model.graph)
+    ir_passes.RemoveUnusedNodesPass()(model)  # the shape arithmetic of the removed broadcasts
     fused_ops: Dict[str, int] = {}
     for n in model.graph:
         if n.domain not in ("", "ai.onnx"):
             fused_ops[f"{n.domain}.{n.op_type}"] = fused_ops.get(f"{n.domain}.{n.op_type}", 0) + 1
     return dict(sorted(fused_ops.items()))
-
-
-def _bnsh_source(v):
-    """X when ``v = Reshape(Transpose(X, perm=[0, 2, 1, 3]), 3-D shape)`` and nothing else reads that Reshape;
-    else None. (The form the MultiHeadAttention fusion gives its inputs: heads moved back behind positions.)"""
-    r = v.producer() if v is not None else None
-    if r is None or r.op_type != "Reshape" or len(v.uses()) != 1:
-        return None
-    t = r.inputs[0].producer()
-    if t is None or t.op_type != "Transpose" or len(r.inputs[0].uses()) != 1:
-        return None
-    perm = t.attributes.get("perm")
-    x = t.inputs[0]
-    if perm is None or tuple(perm.value) != (0, 2, 1, 3) or x.shape is None or len(x.shape) != 4:
-        return None
-    return x
-
-
-def _attention_without_transposes(graph) -> int:
-    """Feed each fused MultiHeadAttention its key and value as 4-D [B, N, L, hd] (BNSH, the layout of the KV cache
-    after repeat-KV), instead of transposing them to [B, L, N·hd]: onnxruntime reads that form in place (format
-    Q_K_V_BSNH_BNSH_BNSH; its fused kernels take the BNSH strides, no copy; cuDNN's flash SDPA on the H200), so 2
-    Transpose kernels per layer go. (The query's transpose to [B, N, S, hd] and back cancel in onnxruntime's transpose optimizer.) Only
-    where the node has no packed bias or past inputs (the fusion makes none). Returns the number of nodes rewritten."""
-    import onnx_ir as ir
-
-    done = 0
-    for n in list(graph):
-        if n.op_type != "MultiHeadAttention" or n.domain != "com.microsoft":
-            continue
-        ins = list(n.inputs) + [None] * (8 - len(n.inputs))
-        if ins[3] is not None or ins[6] is not None or ins[7] is not None:
-            continue
-        k, v = _bnsh_source(ins[1]), _bnsh_source(ins[2])
-        if k is None or v is None:
-            continue
-        old = [ins[1].producer(), ins[2].producer()]
-        n.replace_input_with(1, k)
-        n.replace_input_with(2, v)
-        for r in old:  # the now-unused Reshape and Transpose
-            for node in (r, r.inputs[0].producer()):
-                if not any(o.uses() for o in node.outputs):
-                    graph.remove(node, safe=True)
-        done += 1
-    return done
 
 
 def _decompose_plain_rms(graph) -> int:

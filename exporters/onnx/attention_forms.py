@@ -1,0 +1,221 @@
+"""Rewrites of the fused ``com.microsoft.MultiHeadAttention`` nodes into forms onnxruntime runs with fewer copies.
+
+Both are exact (the same arithmetic on the same values) and run after ``optimize_for_ort`` made the nodes:
+
+- ``attention_without_transposes``: key and value enter as 4-D [B, N, L, hd] (the KV cache's own layout)
+  instead of being transposed to [B, L, N·hd];
+- ``grouped_queries``: with grouped-query attention (H query heads, H_kv < H key/value heads) the attention
+  reads the H_kv cached heads directly instead of a repeat-KV copy of the whole cache (an ``Expand`` of the
+  past keys and values to H heads, every layer, every step). The rep = H / H_kv query heads that share a
+  key/value head are stacked along the query axis (a query tensor of rep·T rows per KV head), and the
+  attention bias is tiled to match once per step:
+
+      q [B, T, H·hd] -> [B, T, H_kv, rep, hd] -> [B, rep, T, H_kv, hd] -> [B, rep·T, H_kv·hd]
+      MHA(num_heads=H_kv, q, k [B, H_kv, L, hd], v [B, H_kv, L, hd], bias tiled to [B|1, 1, rep·T, L])
+      out [B, rep·T, H_kv·hd] -> [B, rep, T, H_kv, hd] -> [B, T, H_kv, rep, hd] -> [B, T, H·hd]
+
+  Query head h = g·rep + r uses key/value head g (transformers' ``repeat_kv``), and row r·T + i of the stacked
+  query is query i of head g·rep + r, so every score and every output is the one repeat-KV gives. The two query
+  transposes move T·H·hd values per layer; the Expand they replace moved H·L·hd twice (L = past + chunk).
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import numpy as np
+
+
+def _ints(name: str, values):
+    import onnx_ir as ir
+
+    return ir.AttrInt64s(name, [int(v) for v in values])
+
+
+def _const_ints(v) -> Optional[list]:
+    """The values of a constant int tensor (an initializer or a ``Constant`` node's output), else None."""
+    if v is None:
+        return None
+    t = v.const_value
+    if t is None:
+        p = v.producer()
+        if p is None or p.op_type != "Constant" or "value" not in p.attributes:
+            return None
+        t = p.attributes["value"].value
+    try:
+        return [int(x) for x in np.asarray(t.numpy()).reshape(-1)]
+    except Exception:  # noqa: BLE001 - not a readable constant
+        return None
+
+
+def _dims(v) -> Optional[list]:
+    if v is None or v.shape is None:
+        return None
+    return [d if isinstance(d, int) else str(d) for d in v.shape]
+
+
+def _bnsh_source(v):
+    """X when ``v = Reshape(Transpose(X, perm=[0, 2, 1, 3]), 3-D shape)`` and nothing else reads that Reshape;
+    else None. (The form the MultiHeadAttention fusion gives its inputs: heads moved back behind positions.)"""
+    r = v.producer() if v is not None else None
+    if r is None or r.op_type != "Reshape" or len(v.uses()) != 1:
+        return None
+    t = r.inputs[0].producer()
+    if t is None or t.op_type != "Transpose" or len(r.inputs[0].uses()) != 1:
+        return None
+    perm = t.attributes.get("perm")
+    x = t.inputs[0]
+    if perm is None or tuple(perm.value) != (0, 2, 1, 3) or x.shape is None or len(x.shape) != 4:
+        return None
+    return x
+
+
+def _plain_mha_nodes(graph):
+    """The fused MultiHeadAttention nodes with no packed bias, key padding mask or past inputs (the fusion makes
+    none), as (node, its 8 inputs padded with None)."""
+    for n in list(graph):
+        if n.op_type != "MultiHeadAttention" or n.domain != "com.microsoft":
+            continue
+        ins = list(n.inputs) + [None] * (8 - len(n.inputs))
+        if ins[3] is None and ins[4] is None and ins[6] is None and ins[7] is None:
+            yield n, ins
+
+
+def _remove_dead(graph, nodes) -> None:
+    """Remove each of ``nodes`` (in order) whose outputs nobody reads any more."""
+    for node in nodes:
+        if node is not None and node.graph is graph and not any(o.uses() for o in node.outputs) \
+                and not any(o.is_graph_output() for o in node.outputs):
+            graph.remove(node, safe=True)
+
+
+def attention_without_transposes(graph) -> int:
+    """Feed each fused MultiHeadAttention its key and value as 4-D [B, N, L, hd] (BNSH, the layout of the KV cache
+    after repeat-KV), instead of transposing them to [B, L, N·hd]: onnxruntime reads that form in place (format
+    Q_K_V_BSNH_BNSH_BNSH; its fused kernels take the BNSH strides, no copy; cuDNN's flash SDPA on the H200), so 2
+    Transpose kernels per layer go. (The query's transpose to [B, N, S, hd] and back cancel in onnxruntime's
+    transpose optimizer.) Returns the number of nodes rewritten."""
+    done = 0
+    for n, ins in _plain_mha_nodes(graph):
+        k, v = _bnsh_source(ins[1]), _bnsh_source(ins[2])
+        if k is None or v is None:
+            continue
+        old = [ins[1].producer(), ins[2].producer()]
+        n.replace_input_with(1, k)
+        n.replace_input_with(2, v)
+        for r in old:  # the now-unused Reshape, then its Transpose
+            _remove_dead(graph, [r, r.inputs[0].producer()])
+        done += 1
+    return done
+
+
+def _repeat_kv_source(v, heads: int):
+    """(X, rep) when ``v = Reshape(Expand(Unsqueeze(X, axis 2), ...), ...)`` is X [B, H_kv, L, hd] with each head
+    repeated rep = heads / H_kv times ([B, heads, L, hd], the same B, L and hd: transformers' repeat_kv), else None."""
+    r = v.producer() if v is not None else None
+    if r is None or r.op_type != "Reshape" or len(v.uses()) != 1:
+        return None
+    e = r.inputs[0].producer()
+    if e is None or e.op_type != "Expand" or len(r.inputs[0].uses()) != 1:
+        return None
+    u = e.inputs[0].producer()
+    if u is None or u.op_type != "Unsqueeze" or _const_ints(u.inputs[1] if len(u.inputs) > 1 else None) != [2]:
+        return None
+    x = u.inputs[0]
+    xd, vd = _dims(x), _dims(v)
+    if xd is None or vd is None or len(xd) != 4 or len(vd) != 4 or not isinstance(xd[1], int) or vd[1] != heads:
+        return None
+    if xd[1] < 1 or heads % xd[1] or (xd[0], xd[2], xd[3]) != (vd[0], vd[2], vd[3]) or not isinstance(xd[3], int):
+        return None
+    return x, heads // xd[1]
+
+
+def grouped_queries(graph) -> int:
+    """Rewrite each fused MultiHeadAttention over repeat-KV key/value (see the module doc) to attend with the H_kv
+    cached heads directly, the query heads of a group stacked along the query axis. Needs the key and value in
+    [B, N, L, hd] form (``attention_without_transposes`` first) and an attention bias without a head axis (or
+    none). Returns the number of nodes rewritten."""
+    import onnx_ir as ir
+
+    tiled = {}  # one tiled bias per (bias value, rep), shared by the layers
+    done = 0
+    for n, ins in _plain_mha_nodes(graph):
+        heads = n.attributes["num_heads"].value if "num_heads" in n.attributes else None
+        if not isinstance(heads, int):
+            continue
+        k, v = _repeat_kv_source(ins[1], heads), _repeat_kv_source(ins[2], heads)
+        if k is None or v is None or k[1] != v[1] or k[1] < 2:
+            continue
+        (xk, rep), (xv, _) = k, v
+        kv, hd = heads // rep, _dims(xk)[3]
+        bias = ins[5]
+        if bias is not None and (_dims(bias) is None or len(_dims(bias)) != 4 or _dims(bias)[1] != 1):
+            continue
+        new = []
+
+        def op(op_type, *inputs, domain="", **kw):
+            attrs = [_ints(a, val) if isinstance(val, (list, tuple)) else ir.AttrInt64(a, val) for a, val in kw.items()]
+            node = ir.Node(domain, op_type, list(inputs), attributes=attrs, num_outputs=1)
+            new.append(node)
+            return node.outputs[0]
+
+        def const(values):
+            return _const_node(new, np.asarray(values, dtype=np.int64))
+
+        q = op("Reshape", ins[0], const([0, 0, kv, rep, hd]))  # [B, T, H_kv, rep, hd]
+        q = op("Transpose", q, perm=[0, 3, 1, 2, 4])  # [B, rep, T, H_kv, hd]
+        q = op("Reshape", q, const([0, -1, kv * hd]))  # [B, rep·T, H_kv·hd]
+        if bias is not None:
+            bias = _without_broadcast(bias)
+            key = (id(bias), rep)
+            if key not in tiled:
+                tile_nodes = []
+                reps = _const_node(tile_nodes, np.array([1, 1, rep, 1], dtype=np.int64))
+                t = ir.Node("", "Tile", [bias, reps], num_outputs=1)
+                tile_nodes.append(t)
+                producer = bias.producer()
+                if producer is not None:
+                    graph.insert_after(producer, tile_nodes)
+                else:  # a graph input: before the first node
+                    graph.insert_before(next(iter(graph)), tile_nodes)
+                tiled[key] = t.outputs[0]
+            bias = tiled[key]
+        attrs = [a for name, a in n.attributes.items() if name != "num_heads"] + [ir.AttrInt64("num_heads", kv)]
+        mha = ir.Node("com.microsoft", "MultiHeadAttention", [q, xk, xv, None, None, bias], attributes=attrs,
+                      num_outputs=1)
+        new.append(mha)
+        o = op("Reshape", mha.outputs[0], const([0, rep, -1, kv, hd]))  # [B, rep, T, H_kv, hd]
+        o = op("Transpose", o, perm=[0, 2, 3, 1, 4])  # [B, T, H_kv, rep, hd]
+        o = op("Reshape", o, const([0, 0, heads * hd]))  # [B, T, H·hd]
+        graph.insert_before(n, new)
+        ir.convenience.replace_all_uses_with(n.outputs[0], o)
+        for i, out in enumerate(graph.outputs):
+            if out is n.outputs[0]:
+                graph.outputs[i] = o
+        old = [ins[1].producer(), ins[2].producer()]
+        graph.remove(n, safe=True)
+        for r in old:  # Reshape, Expand, Unsqueeze of the repeat-KV copy
+            e = r.inputs[0].producer()
+            _remove_dead(graph, [r, e, e.inputs[0].producer()])
+        _remove_dead(graph, [ins[5].producer() if ins[5] is not None else None])  # the bias's Expand
+        done += 1
+    return done
+
+
+def _without_broadcast(v):
+    """X when ``v = Expand(X, shape)`` and X already has v's shape (the exporter broadcasts the attention mask to
+    its own shape once per layer: a copy each), else v."""
+    p = v.producer()
+    if p is not None and p.op_type == "Expand" and _dims(p.inputs[0]) is not None and _dims(p.inputs[0]) == _dims(v):
+        return p.inputs[0]
+    return v
+
+
+def _const_node(new: list, arr: np.ndarray):
+    import onnx_ir as ir
+
+    node = ir.Node("", "Constant", [], attributes=[ir.AttrTensor("value", ir.tensor(arr))], num_outputs=1)
+    new.append(node)
+    return node.outputs[0]
+
+
+__all__ = ["attention_without_transposes", "grouped_queries"]
