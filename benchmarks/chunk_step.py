@@ -97,6 +97,33 @@ def bench_static(folder, batch, chunk, iters, device="cuda"):
     return time_fn(lambda: sess.step(ids, state, fetch=False), 5, iters)
 
 
+def reset_ms(folder, batch, device="cuda", iters=10):
+    """A static session's reset (a fresh document's initial state) per call, ms, median of ``iters``: as the runtime
+    does it (a device-side copy from initial values kept on the device) and as an upload of the host arrays into the
+    same buffers (how sessions before session 5 reset)."""
+    from exporters.runtime.session import ChunkSession
+    from exporters.runtime.state import initial_arrays
+
+    sess = ChunkSession(folder, provider=device, static_batch=batch)
+    state = sess.new_state(batch)
+
+    def upload():
+        for name, arr in initial_arrays(state.specs, batch, sess.folder).items():
+            state.cur[name].update_inplace(arr)
+
+    out = {}
+    for label, fn in (("device copy", lambda: sess.new_state(batch)), ("host upload", upload)):
+        fn()
+        ts = []
+        for _ in range(iters):
+            t = time.perf_counter()
+            fn()
+            state.position()  # waits for the copies
+            ts.append((time.perf_counter() - t) * 1e3)
+        out[label] = float(np.median(ts))
+    return out
+
+
 def stream_graph(folder, ids, chunk, device="cuda", static=False):
     from exporters.runtime.session import ChunkSession
 
@@ -214,6 +241,7 @@ def main():
             stream[f"ours: {name} graph (ORT CUDA fp16)"] = stream_graph(folder, ids_np, args.chunk)
             if is_window(folder) and ids_np.shape[1] % args.chunk == 0:
                 stream[f"ours: {name} graph (ORT CUDA fp16, CUDA graphs)"] = stream_graph(folder, ids_np, args.chunk, static=True)
+                results.setdefault("reset_ms", {})[name] = reset_ms(folder, 1)
         results["stream_tokens_per_s"] = stream
         results["stream_tokens"] = int(ids_np.shape[1])
     md = [f"Device: {results['device']}; torch {torch.__version__}; onnxruntime {results['onnxruntime']}; "
@@ -225,6 +253,10 @@ def main():
         md += ["", f"Streaming one {results['stream_tokens']}-token document in {args.chunk}-token chunks (batch 1, KV cache growing):", "",
                markdown_table([{"path": k, "tokens/s": f"{v:,.0f}", "× eager": f"{v / eager:.1f}"}
                                for k, v in results["stream_tokens_per_s"].items()], ["path", "tokens/s", "× eager"])]
+    if results.get("reset_ms"):
+        md += ["", "A static session's reset for the next document (batch 1), ms per reset, median of 10:", "",
+               markdown_table([{"graph": k, **{m: f"{v:.2f}" for m, v in r.items()}} for k, r in results["reset_ms"].items()],
+                              ["graph", "device copy", "host upload"])]
     with open(args.out_md, "w") as f:
         f.write("\n".join(md) + "\n")
     with open(args.out_json, "w") as f:

@@ -10,8 +10,10 @@ A captured graph replays fixed device addresses, so the buffers never move:
 
 Each step copies the chunk into the one ``input_ids`` buffer (``OrtValue.update_inplace``), runs the side whose
 inputs hold the current state, and swaps. The logits buffer is reused: a step's logits are valid until the next
-step. One set of state buffers per session (``reset`` writes the initial values into them in place).
-numpy + onnxruntime only.
+step. One set of state buffers per session: ``reset`` writes the initial values into them in place, on the device,
+with a small graph of Identity copies from device-resident initial values (made once; one shared zero buffer per
+shape), instead of uploading every document's initial state from the host (tens of MB for SmolLM2's window caches).
+numpy + onnxruntime (+ onnx's helper to build that copy graph).
 """
 from __future__ import annotations
 
@@ -43,6 +45,7 @@ class StaticSteps:
             raise InputError(f"{session.path}: logits of type {out.type} are not supported by a static session")
         self.logits = ort.OrtValue.ortvalue_from_shape_and_type([batch, session.chunk_size, m.vocab_size], dtype,
                                                                 session.device, 0)
+        self.initial = None  # the device-side reset, made at the first reset
         self.bindings, self.options = [], []
         for side in (0, 1):
             b = session.sess.io_binding()
@@ -62,8 +65,9 @@ class StaticSteps:
         """The session's state, set back to the initial values (in place: the captured addresses stay)."""
         if batch != self.batch:
             raise InputError(f"this session is static for batch {self.batch}; asked for a state of batch {batch}")
-        for name, arr in initial_arrays(self.state.specs, self.batch, self.session.folder).items():
-            self.state.cur[name].update_inplace(arr)
+        if self.initial is None:
+            self.initial = InitialCopy(self.session, self.state)
+        self.initial.write_into(self.state.cur)
         return self.state
 
     def step(self, ids: np.ndarray, state: StateBuffers, fetch: bool):
@@ -85,6 +89,45 @@ class StaticSteps:
         return host.copy() if self.session.device == "cpu" else host
 
 
+class InitialCopy:
+    """The initial state on the device, and an onnxruntime session of Identity nodes that copies it into a set of
+    state buffers (``write_into``): a document's reset without a host upload. States whose initial value is zeros
+    share one device buffer per shape and dtype."""
+
+    def __init__(self, session, state: StateBuffers):
+        import onnxruntime as ort
+        from onnx import helper
+
+        sources, self.feeds, self.names = {}, {}, []
+        nodes, inputs, outputs = [], [], []
+        for s, arr in initial_arrays(state.specs, state.batch, session.folder).items():
+            spec = next(x for x in state.specs if x.input == s)
+            key = ("zeros", arr.shape, arr.dtype.str) if spec.init.get("kind") == "zeros" else ("value", s)
+            if key not in sources:
+                sources[key] = f"init_{len(sources)}"
+                self.feeds[sources[key]] = state._put(arr)
+                inputs.append(helper.make_tensor_value_info(sources[key], helper.np_dtype_to_tensor_dtype(arr.dtype),
+                                                            list(arr.shape)))
+            out = f"state_{len(self.names)}"
+            nodes.append(helper.make_node("Identity", [sources[key]], [out]))
+            outputs.append(helper.make_tensor_value_info(out, helper.np_dtype_to_tensor_dtype(arr.dtype), list(arr.shape)))
+            self.names.append(s)
+        graph = helper.make_graph(nodes, "initial_state_copy", inputs, outputs)
+        model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)], ir_version=10)
+        opts = ort.SessionOptions()
+        opts.log_severity_level = 3
+        self.sess = ort.InferenceSession(model.SerializeToString(), opts, providers=session.sess.get_providers())
+
+    def write_into(self, buffers) -> None:
+        """Copy the initial values into ``buffers`` (input name -> OrtValue of the state's shape), on their device."""
+        b = self.sess.io_binding()
+        for name, value in self.feeds.items():
+            b.bind_ortvalue_input(name, value)
+        for i, name in enumerate(self.names):
+            b.bind_ortvalue_output(f"state_{i}", buffers[name])
+        self.sess.run_with_iobinding(b)
+
+
 def check_static(manifest, batch: Optional[int]) -> None:
     """InputError unless a static session can be made for this export and batch."""
     if batch is None or isinstance(batch, bool) or not isinstance(batch, int) or batch < 1:
@@ -96,4 +139,4 @@ def check_static(manifest, batch: Optional[int]) -> None:
                          + (f", growing state {moving[:2]}" if moving else "") + ")")
 
 
-__all__ = ["StaticSteps", "check_static"]
+__all__ = ["InitialCopy", "StaticSteps", "check_static"]
