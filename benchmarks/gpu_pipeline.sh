@@ -7,6 +7,7 @@
 # Each `run` call must follow the last within the machine's idle release (30 s): poll with `sleep 240; ... status`.
 # Settings (environment): RUNS, STEPS, CONVERT (gpu_calibrate.sh), EVALS, ABLATE (gpu_eval.sh), OLD: a folder holding
 # an older checkout whose window graphs are exported and timed beside the new ones (names with suffix 3: base-w3, ...),
+# SDPA: attention kernel masks to profile the base window graph with besides onnxruntime's choice (e.g. "2 16"),
 # VERIFY: calibrated models whose window graphs (fp16 and fp32) are exported and verified on CUDA (default:
 # "fwl-cal ttt-mix"), STAGES: of "calibrate export profile eval verify bench 1b" (default: all of them; export, profile,
 # bench and 1b are the performance side, calibrate and eval the calibration side).
@@ -17,7 +18,7 @@ G=/tmp/fw-assets/SmolLM2-135M-Instruct.Q4_1.gguf; W=/tmp/w; X=$W/x
 case ${1:-} in
 start)
   rm -rf $R && mkdir -p $R $S $RES && tar -C "$(dirname "$0")/.." --exclude=./.device -cf - . | tar -C $R -xf -
-  for v in RUNS STEPS EVALS ABLATE OLD CONVERT STAGES VERIFY; do [ -n "${!v:-}" ] && printf '%s=%q\n' "$v" "${!v}"; done > $S/settings
+  for v in RUNS STEPS EVALS ABLATE OLD CONVERT STAGES VERIFY SDPA; do [ -n "${!v:-}" ] && printf '%s=%q\n' "$v" "${!v}"; done > $S/settings
   setsid nohup bash $R/benchmarks/gpu_pipeline.sh run > $S/pipeline.log 2>&1 < /dev/null &
   echo "started (pid $!); follow with: bash benchmarks/gpu_pipeline.sh status"
   exit 0;;
@@ -67,9 +68,10 @@ if on profile; then
   g=(); for n in base-w fwl-w ttt-w base-w3 fwl-w3 ttt-w3 base fwl ttt; do [ -d $X/$n ] && g+=("$n=$X/$n"); done
   (cd benchmarks && timeout 400 python3 kernel_profile.py "${g[@]}" --batch 1 8 --md $RES/kernels.md --json $RES/kernels.json \
      > $RES/kernels.log 2>&1)
-  g=(); for n in fwl-w3 fwl-w ttt-w; do [ -d $X/$n ] && g+=("$n=$X/$n"); done
-  (cd benchmarks && timeout 200 python3 kernel_profile.py "${g[@]}" --batch 8 --tf32 off --md $RES/kernels-tf32-off.md \
-     --json $RES/kernels-tf32-off.json > $RES/kernels-tf32-off.log 2>&1)
+  for k in ${SDPA:-}; do  # the base window graph with other attention kernels (onnxruntime's sdpa_kernel mask)
+    (cd benchmarks && timeout 200 python3 kernel_profile.py "base-w=$X/base-w" --batch 1 8 --sdpa-kernel "$k" \
+       --md $RES/kernels-sdpa$k.md --json $RES/kernels-sdpa$k.json > $RES/kernels-sdpa$k.log 2>&1)
+  done
 fi
 wait
 grep -h "^export" $RES/export-cal.log 2>/dev/null; echo "   ($((SECONDS - T0)) s so far)"

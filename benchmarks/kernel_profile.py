@@ -54,11 +54,11 @@ def dur(e) -> float:
     return e.time_range.end - e.time_range.start
 
 
-def profile_graph(folder: str, batch: int, steps: int, torch, cuda_graph: bool, tf32=None) -> dict:
+def profile_graph(folder: str, batch: int, steps: int, torch, cuda_graph: bool, tf32=None, sdpa=None) -> dict:
     from exporters.runtime.session import ChunkSession
 
     sess = ChunkSession(folder, provider="cuda", static_batch=batch if cuda_graph is not None else None,
-                        cuda_graph=cuda_graph, use_tf32=tf32)
+                        cuda_graph=cuda_graph, use_tf32=tf32, attention_kernels=sdpa)
     ids = np.random.default_rng(0).integers(0, sess.manifest.vocab_size, (batch, sess.chunk_size), dtype=np.int64)
 
     static_state = sess.new_state(batch) if sess.static is not None else None
@@ -140,6 +140,9 @@ def main():
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--tf32", choices=["auto", "on", "off"], default="auto",
                     help="TF32 for fp32 matmuls (auto: the sessions' policy, on for fp16 graphs)")
+    ap.add_argument("--sdpa-kernel", type=int, default=None,
+                    help="onnxruntime's sdpa_kernel mask for the fused attention (flash 1, memory-efficient 2, "
+                         "cuDNN flash 8, unfused 16; default: onnxruntime's own choice)")
     ap.add_argument("--json", default=None, help="write the results here too")
     ap.add_argument("--md", default=None, help="write the Markdown table here too")
     a = ap.parse_args()
@@ -161,7 +164,8 @@ def main():
         for b in a.batch:
             for mode in modes:
                 try:
-                    r = profile_graph(folder, b, a.steps, torch, mode, {"auto": None, "on": True, "off": False}[a.tf32])
+                    r = profile_graph(folder, b, a.steps, torch, mode, {"auto": None, "on": True, "off": False}[a.tf32],
+                                      a.sdpa_kernel)
                 except Exception as e:  # noqa: BLE001 - report and go on with the next graph
                     r = {"folder": folder, "batch": b, "wall_ms": float("nan"), "cuda_graph": mode,
                          "note": f"failed: {e}"}

@@ -85,7 +85,8 @@ def tf32_policy(dtype: str) -> bool:
     return dtype != "fp32"
 
 
-def _providers(provider: str, use_tf32: bool, cuda_graph: bool = False, fp32: bool = False):
+def _providers(provider: str, use_tf32: bool, cuda_graph: bool = False, fp32: bool = False,
+               attention_kernels: Optional[int] = None):
     import onnxruntime as ort
 
     ort.set_default_logger_severity(3)  # a missing CUDA runtime is reported by us, not as an ORT warning
@@ -94,7 +95,9 @@ def _providers(provider: str, use_tf32: bool, cuda_graph: bool = False, fp32: bo
         raise InputError("--provider cuda: this onnxruntime has no CUDA execution provider")
     if provider in ("cuda", "auto") and have_cuda:
         opts = {"use_tf32": "1" if use_tf32 else "0"}
-        if fp32:
+        if attention_kernels is not None:
+            opts["sdpa_kernel"] = str(int(attention_kernels))
+        elif fp32:
             opts["sdpa_kernel"] = FP32_SDPA_KERNELS
         if cuda_graph:
             opts["enable_cuda_graph"] = "1"
@@ -110,11 +113,14 @@ class ChunkSession:
     ``static_batch=B`` (window-attention exports only) pins the batch and chunk axes, allocates every buffer once
     and runs each step through fixed IO bindings; on the CUDA provider the steps are then captured as CUDA graphs
     (``cuda_graph=None``: whenever the session runs on CUDA). Such a session takes only full [B, C] chunks and
-    has one state (see ``exporters/runtime/static.py``)."""
+    has one state (see ``exporters/runtime/static.py``). ``attention_kernels`` (CUDA only): onnxruntime's
+    ``sdpa_kernel`` bit mask of the fused attention kernels it may pick (flash 1, memory-efficient 2, cuDNN flash 8,
+    unfused 16; default: onnxruntime's choice for fp16 graphs, flash + unfused for fp32 graphs)."""
 
     def __init__(self, folder: str, provider: str = "auto", use_tf32: Optional[bool] = None,
                  manifest: Optional[Manifest] = None, precheck: bool = True, threads: Optional[int] = None,
-                 static_batch: Optional[int] = None, cuda_graph: Optional[bool] = None):
+                 static_batch: Optional[int] = None, cuda_graph: Optional[bool] = None,
+                 attention_kernels: Optional[int] = None):
         import onnxruntime as ort
 
         self.folder = os.path.abspath(folder)
@@ -141,8 +147,8 @@ class ChunkSession:
         if use_tf32 is None:
             use_tf32 = tf32_policy(self.manifest.dtype)
         try:
-            self.sess = ort.InferenceSession(self.path, opts, providers=_providers(provider, use_tf32, graphs,
-                                                                                   self.manifest.dtype == "fp32"))
+            self.sess = ort.InferenceSession(self.path, opts, providers=_providers(
+                provider, use_tf32, graphs, self.manifest.dtype == "fp32", attention_kernels))
         except Exception as e:  # noqa: BLE001 - ORT raises its own exception types
             first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             raise InputError(f"{self.path}: onnxruntime cannot load it: {first}") from None
