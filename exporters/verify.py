@@ -3,8 +3,10 @@
     tokens --chunk k--> torch DecoderLM.step (fp32) ----> logits, state  \
                     --> ChunkSession.step (onnxruntime) -> logits, state  -> max-abs, rel, greedy, per name
 
-Every output (logits and every state tensor) is compared after every chunk; anything beyond the
-tolerance of ``fwconvert.config.TOLERANCES`` is a NumericError (exit 6). The artifact is never touched.
+Every output (logits and every state tensor) is compared after every chunk, and the perplexity of the whole token
+sequence at the end; anything beyond its tolerance in ``fwconvert.config.TOLERANCES`` is a NumericError (exit 6).
+fp16 graphs judge the states a mechanism declares as cancelling sums (``cancelling_sums``) with their own tolerance.
+The artifact is never touched.
 """
 from __future__ import annotations
 
@@ -29,6 +31,7 @@ class Row:
     max_abs: float
     rel: float
     greedy: Optional[float] = None  # fraction of positions where argmax agrees (logits only)
+    tolerance: Optional[float] = None  # this row's own tolerance (None: the report's)
 
 
 @dataclass
@@ -39,20 +42,32 @@ class Report:
     chunk_size: int
     chunks: int
     rows: List[Row] = field(default_factory=list)
+    # {"onnx": ..., "torch": ..., "rel": ..., "tolerance": ...} over the compared tokens (None before any chunk)
+    perplexity: Optional[dict] = None
+
+    def tolerance_of(self, r: Row) -> float:
+        return self.tolerance if r.tolerance is None else r.tolerance
 
     def worst(self) -> Row:
-        return max(self.rows, key=lambda r: (r.rel if math.isfinite(r.rel) else math.inf))
+        """The row nearest to (or furthest beyond) its tolerance."""
+        return max(self.rows, key=lambda r: (r.rel / self.tolerance_of(r) if math.isfinite(r.rel) else math.inf))
+
+    @property
+    def perplexity_passed(self) -> bool:
+        p = self.perplexity
+        return p is None or (math.isfinite(p["rel"]) and p["rel"] <= p["tolerance"])
 
     @property
     def passed(self) -> bool:
-        return all(math.isfinite(r.rel) and r.rel <= self.tolerance for r in self.rows)
+        return self.perplexity_passed and all(math.isfinite(r.rel) and r.rel <= self.tolerance_of(r) for r in self.rows)
 
     def to_dict(self) -> dict:
         w = self.worst()
         return {"folder": self.folder, "provider": self.provider, "tolerance": self.tolerance, "passed": self.passed,
                 "chunk_size": self.chunk_size, "chunks": self.chunks,
-                "worst": {"chunk": w.chunk, "name": w.name, "max_abs": w.max_abs, "rel": w.rel},
-                "rows": [vars(r) for r in self.rows]}
+                "worst": {"chunk": w.chunk, "name": w.name, "max_abs": w.max_abs, "rel": w.rel,
+                          "tolerance": self.tolerance_of(w)},
+                "perplexity": self.perplexity, "rows": [vars(r) for r in self.rows]}
 
 
 def compare(a: np.ndarray, b: np.ndarray) -> tuple:
@@ -102,8 +117,7 @@ def _tokens(session: ChunkSession, chunks: int, batch: int, seed: int, tokens) -
     return ids
 
 
-def _chunk_rows(k: int, lo: np.ndarray, lt: torch.Tensor, ort_state: Dict, ref_state: Dict) -> List[Row]:
-    ref = lt.float().numpy()
+def _chunk_rows(k: int, lo: np.ndarray, ref: np.ndarray, ort_state: Dict, ref_state: Dict, own: Dict) -> List[Row]:
     mx, rel = compare(lo, ref)
     rows = [Row(k, "logits", mx, rel, float((lo.argmax(-1) == ref.argmax(-1)).mean()))]
     for key, val in ort_state.items():
@@ -111,8 +125,28 @@ def _chunk_rows(k: int, lo: np.ndarray, lt: torch.Tensor, ort_state: Dict, ref_s
             raise InputError(f"state {key!r} of the export does not exist in the reference model")
         r = ref_state[key].float().numpy() if ref_state[key].is_floating_point() else ref_state[key].numpy()
         mx, rel = compare(_align(val, r, key), r)
-        rows.append(Row(k, key, mx, rel))
+        rows.append(Row(k, key, mx, rel, tolerance=own.get(key)))
     return rows
+
+
+def _nll_sum(logits: np.ndarray, targets: np.ndarray) -> float:
+    """Σ -log softmax(logits)[target] over logits [B, n, V] and targets [B, n] (float64 sums, one row at a time)."""
+    total = 0.0
+    for b in range(logits.shape[0]):
+        x = logits[b].astype(np.float64)
+        m = x.max(-1, keepdims=True)
+        lse = np.log(np.exp(x - m).sum(-1)) + m[:, 0]
+        total += float((lse - np.take_along_axis(x, targets[b][:, None], -1)[:, 0]).sum())
+    return total
+
+
+def _own_tolerances(model: DecoderLM, dtype: str) -> Dict[str, float]:
+    """State key -> its own tolerance: in fp16 graphs, the cancelling sums each mechanism declares."""
+    if dtype != "fp16":
+        return {}
+    tol = TOLERANCES["ort_fp16_cancelling_sums"].rel
+    return {f"fast_weights.{owner}.{name}": tol for owner, mod in model.stateful_modules().items()
+            for name in getattr(mod, "cancelling_sums", ())}
 
 
 def verify(folder: str, against=None, chunks: int = 16, provider: str = "cpu", batch: int = 1, seed: int = 0,
@@ -124,8 +158,11 @@ def verify(folder: str, against=None, chunks: int = 16, provider: str = "cpu", b
     session = ChunkSession(folder, provider=provider, threads=threads,  # TF32 as deployed (tf32_policy)
                            static_batch=batch if static else None)
     model = _load_reference(session, against)
-    key = "ort_fp32_vs_torch_fp32" if session.manifest.dtype == "fp32" else "ort_fp16_vs_torch_fp32"
+    fp32 = session.manifest.dtype == "fp32"
+    key = "ort_fp32_vs_torch_fp32" if fp32 else "ort_fp16_vs_torch_fp32"
     report = Report(session.folder, session.provider_note, TOLERANCES[key].rel, session.chunk_size, 0)
+    own = _own_tolerances(model, session.manifest.dtype)
+    ppl_tol = TOLERANCES["ort_fp32_vs_torch_fp32" if fp32 else "ppl_fp16_vs_fp32"].rel
     ids = _tokens(session, chunks, batch, seed, tokens)
     if static:  # a static session takes full chunks only: a document's ragged tail is not compared
         full = ids.shape[1] // session.chunk_size * session.chunk_size
@@ -137,18 +174,34 @@ def verify(folder: str, against=None, chunks: int = 16, provider: str = "cpu", b
     state = session.new_state(batch)
     tstate = model.init_state(batch)
     c = session.chunk_size
+    nll = {"onnx": 0.0, "torch": 0.0, "n": 0}
     with torch.no_grad():
         for k, a in enumerate(range(0, ids.shape[1], c)):
             chunk = ids[:, a:a + c]
             lo = session.step(chunk, state)
             lt, tstate = model.step(torch.from_numpy(chunk), tstate)
-            report.rows.extend(_chunk_rows(k, lo, lt, state.to_numpy(), tstate))
+            ref = lt.float().numpy()
+            report.rows.extend(_chunk_rows(k, lo, ref, state.to_numpy(), tstate, own))
+            n = min(chunk.shape[1], ids.shape[1] - 1 - a)  # positions a..a+n-1 predict tokens a+1..a+n
+            if n > 0:
+                tgt = ids[:, a + 1:a + 1 + n]
+                nll["onnx"] += _nll_sum(lo[:, :n], tgt)
+                nll["torch"] += _nll_sum(ref[:, :n], tgt)
+                nll["n"] += tgt.size
             report.chunks = k + 1
+    if nll["n"]:
+        po, pt = (math.exp(nll[s] / nll["n"]) for s in ("onnx", "torch"))
+        report.perplexity = {"onnx": po, "torch": pt, "rel": abs(po - pt) / pt, "tolerance": ppl_tol, "tokens": nll["n"]}
     if not report.passed:
         w = report.worst()
-        err = NumericError(f"verify failed: output {w.name!r} at chunk {w.chunk}: max abs {w.max_abs:.3g}, "
-                           f"max rel {w.rel:.3g} > tolerance {report.tolerance:g} ({key}); "
-                           f"the export is kept at {session.folder} but does not match PyTorch")
+        if math.isfinite(w.rel) and w.rel <= report.tolerance_of(w):
+            p = report.perplexity
+            what = (f"perplexity {p['onnx']:.6g} against torch's {p['torch']:.6g}: rel {p['rel']:.3g} > tolerance "
+                    f"{p['tolerance']:g}")
+        else:
+            what = (f"output {w.name!r} at chunk {w.chunk}: max abs {w.max_abs:.3g}, max rel {w.rel:.3g} > tolerance "
+                    f"{report.tolerance_of(w):g}" + (f" ({key})" if w.tolerance is None else " (ort_fp16_cancelling_sums)"))
+        err = NumericError(f"verify failed: {what}; the export is kept at {session.folder} but does not match PyTorch")
         err.report = report
         raise err
     return report
@@ -182,7 +235,11 @@ def format_table(report: Report) -> str:
         worst = f"{st.name} {st.rel:.2e}" if st else "-"
         lines.append(f"{k:>5}  {lg.max_abs:>14.3e}  {lg.rel:>10.3e}  {lg.greedy:>6.1%}  {worst:<40}")
     w = report.worst()
+    p = report.perplexity
+    if p is not None:
+        lines.append(f"perplexity over {p['tokens']} tokens: {p['onnx']:.6g} (onnxruntime) vs {p['torch']:.6g} (torch), "
+                     f"rel {p['rel']:.2e} (tolerance {p['tolerance']:g})")
     verdict = "PASS" if report.passed else "FAIL"
     lines.append(f"{verdict}: {report.chunks} chunks of {report.chunk_size} on {report.provider}; worst {w.name!r} "
-                 f"rel {w.rel:.3e} (tolerance {report.tolerance:g})")
+                 f"rel {w.rel:.3e} (tolerance {report.tolerance_of(w):g})")
     return "\n".join(lines)

@@ -23,6 +23,13 @@ def test_fp16_fwl_export(tmp_path):
     assert s.manifest.dtype == "fp16"
     rep = verify(out, against=model, chunks=16)
     assert rep.passed and rep.tolerance == TOLERANCES["ort_fp16_vs_torch_fp32"].rel
+    # FWL's six gradient sums get their own tolerance in fp16 graphs; logits and every other state the report's
+    own = {r.name for r in rep.rows if r.tolerance is not None}
+    assert own == {f"fast_weights.fwl.{n}" for n in ("sum_w1", "sum_b1", "sum_w2", "sum_b2", "sum_gamma", "sum_beta")}
+    assert {r.tolerance for r in rep.rows if r.tolerance is not None} == {TOLERANCES["ort_fp16_cancelling_sums"].rel}
+    p = rep.perplexity
+    assert p["tokens"] == 16 * 8 - 1 and p["tolerance"] == TOLERANCES["ppl_fp16_vs_fp32"].rel
+    assert 0 < p["rel"] <= p["tolerance"] and rep.to_dict()["perplexity"] == p
     assert max(r.rel for r in rep.rows if r.name == "logits") > 1e-6  # really ran in fp16
     ids = torch.randint(0, 256, (1, 96), generator=torch.Generator().manual_seed(3))
     lp = torch.log_softmax(model(ids)[0, :-1].double(), -1)
@@ -45,3 +52,42 @@ def test_fp16_fwl_export(tmp_path):
     other.model.layers[0].mlp.down_proj.weight.mul_(-1.0)
     with pytest.raises(NumericError, match="disagrees with torch"):
         smoke_check(other, s.path, s.manifest, out, tol)
+
+
+def test_verify_report_judges_each_row_by_its_own_tolerance_and_the_perplexity():
+    from exporters.verify import Report, Row
+
+    rep = Report("f", "cpu", 1e-2, 8, 1, [Row(0, "logits", 0.1, 5e-3, 1.0), Row(0, "fast_weights.fwl.sum_b1", 1e-4, 3e-2,
+                                                                               tolerance=5e-2)])
+    assert rep.passed and rep.worst().name == "fast_weights.fwl.sum_b1"  # 3e-2 of 5e-2 is nearer than 5e-3 of 1e-2
+    rep.rows[1].rel = 6e-2
+    assert not rep.passed
+    rep.rows[1].rel = 3e-2
+    rep.rows.append(Row(0, "past_key_values.0.key", 1e-3, 3e-2))  # the same error, no own tolerance: a failure
+    assert not rep.passed and rep.worst().name == "past_key_values.0.key"
+    rep.rows.pop()
+    rep.perplexity = {"onnx": 10.3, "torch": 10.0, "rel": 0.03, "tolerance": 1e-2, "tokens": 7}
+    assert not rep.passed and not rep.perplexity_passed
+    rep.perplexity["rel"] = float("nan")
+    assert not rep.passed
+
+
+@torch.no_grad()
+def test_verify_fails_on_perplexity_alone(tmp_path, monkeypatch):
+    """Every tensor within its tolerance but the perplexity not: a failure that says so."""
+    import pytest
+
+    import exporters.verify as v
+    from fwconvert.errors import NumericError
+
+    model = tiny_model("llama", "base", seed=2)
+    out = export_onnx(model, str(tmp_path / "onnx"), chunk_size=8)
+    real, calls = v._nll_sum, []
+
+    def skewed(logits, targets):  # each chunk sums onnxruntime's losses first, then torch's: shift onnxruntime's by 1e-3
+        calls.append(1)
+        return real(logits, targets) + (1e-3 * targets.size if len(calls) % 2 else 0.0)
+
+    monkeypatch.setattr(v, "_nll_sum", skewed)
+    with pytest.raises(NumericError, match="perplexity"):
+        verify(out, against=model, chunks=3)

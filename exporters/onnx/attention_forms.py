@@ -53,14 +53,18 @@ def _dims(v) -> Optional[list]:
     return [d if isinstance(d, int) else str(d) for d in v.shape]
 
 
+def _sole_producer(v, op_type: str):
+    """The ``op_type`` node that makes ``v`` when nothing but one node reads ``v``, else None."""
+    p = v.producer() if v is not None else None
+    return p if p is not None and p.op_type == op_type and len(v.uses()) == 1 else None
+
+
 def _bnsh_source(v):
     """X when ``v = Reshape(Transpose(X, perm=[0, 2, 1, 3]), 3-D shape)`` and nothing else reads that Reshape;
     else None. (The form the MultiHeadAttention fusion gives its inputs: heads moved back behind positions.)"""
-    r = v.producer() if v is not None else None
-    if r is None or r.op_type != "Reshape" or len(v.uses()) != 1:
-        return None
-    t = r.inputs[0].producer()
-    if t is None or t.op_type != "Transpose" or len(r.inputs[0].uses()) != 1:
+    r = _sole_producer(v, "Reshape")
+    t = _sole_producer(r.inputs[0], "Transpose") if r is not None else None
+    if t is None:
         return None
     perm = t.attributes.get("perm")
     x = t.inputs[0]
@@ -111,11 +115,9 @@ def attention_without_transposes(graph) -> int:
 def _repeat_kv_source(v, heads: int):
     """(X, rep) when ``v = Reshape(Expand(Unsqueeze(X, axis 2), ...), ...)`` is X [B, H_kv, L, hd] with each head
     repeated rep = heads / H_kv times ([B, heads, L, hd], the same B, L and hd: transformers' repeat_kv), else None."""
-    r = v.producer() if v is not None else None
-    if r is None or r.op_type != "Reshape" or len(v.uses()) != 1:
-        return None
-    e = r.inputs[0].producer()
-    if e is None or e.op_type != "Expand" or len(r.inputs[0].uses()) != 1:
+    r = _sole_producer(v, "Reshape")
+    e = _sole_producer(r.inputs[0], "Expand") if r is not None else None
+    if e is None:
         return None
     u = e.inputs[0].producer()
     if u is None or u.op_type != "Unsqueeze" or _const_ints(u.inputs[1] if len(u.inputs) > 1 else None) != [2]:
@@ -134,8 +136,6 @@ def grouped_queries(graph) -> int:
     cached heads directly, the query heads of a group stacked along the query axis. Needs the key and value in
     [B, N, L, hd] form (``attention_without_transposes`` first) and an attention bias without a head axis (or
     none). Returns the number of nodes rewritten."""
-    import onnx_ir as ir
-
     tiled = {}  # one tiled bias per (bias value, rep), shared by the layers
     done = 0
     for n, ins in _plain_mha_nodes(graph):
@@ -143,62 +143,73 @@ def grouped_queries(graph) -> int:
         if not isinstance(heads, int):
             continue
         k, v = _repeat_kv_source(ins[1], heads), _repeat_kv_source(ins[2], heads)
-        if k is None or v is None or k[1] != v[1] or k[1] < 2:
-            continue
-        (xk, rep), (xv, _) = k, v
-        kv, hd = heads // rep, _dims(xk)[3]
         bias = ins[5]
-        if bias is not None and (_dims(bias) is None or len(_dims(bias)) != 4 or _dims(bias)[1] != 1):
+        if k is None or v is None or k[1] != v[1] or k[1] < 2 or (bias is not None and (
+                _dims(bias) is None or len(_dims(bias)) != 4 or _dims(bias)[1] != 1)):
             continue
-        new = []
-
-        def op(op_type, *inputs, domain="", **kw):
-            attrs = [_ints(a, val) if isinstance(val, (list, tuple)) else ir.AttrInt64(a, val) for a, val in kw.items()]
-            node = ir.Node(domain, op_type, list(inputs), attributes=attrs, num_outputs=1)
-            new.append(node)
-            return node.outputs[0]
-
-        def const(values):
-            return _const_node(new, np.asarray(values, dtype=np.int64))
-
-        q = op("Reshape", ins[0], const([0, 0, kv, rep, hd]))  # [B, T, H_kv, rep, hd]
-        q = op("Transpose", q, perm=[0, 3, 1, 2, 4])  # [B, rep, T, H_kv, hd]
-        q = op("Reshape", q, const([0, -1, kv * hd]))  # [B, rep·T, H_kv·hd]
         if bias is not None:
-            bias = _without_broadcast(bias)
-            key = (id(bias), rep)
-            if key not in tiled:
-                tile_nodes = []
-                reps = _const_node(tile_nodes, np.array([1, 1, rep, 1], dtype=np.int64))
-                t = ir.Node("", "Tile", [bias, reps], num_outputs=1)
-                tile_nodes.append(t)
-                producer = bias.producer()
-                if producer is not None:
-                    graph.insert_after(producer, tile_nodes)
-                else:  # a graph input: before the first node
-                    graph.insert_before(next(iter(graph)), tile_nodes)
-                tiled[key] = t.outputs[0]
-            bias = tiled[key]
-        attrs = [a for name, a in n.attributes.items() if name != "num_heads"] + [ir.AttrInt64("num_heads", kv)]
-        mha = ir.Node("com.microsoft", "MultiHeadAttention", [q, xk, xv, None, None, bias], attributes=attrs,
-                      num_outputs=1)
-        new.append(mha)
-        o = op("Reshape", mha.outputs[0], const([0, rep, -1, kv, hd]))  # [B, rep, T, H_kv, hd]
-        o = op("Transpose", o, perm=[0, 2, 3, 1, 4])  # [B, T, H_kv, rep, hd]
-        o = op("Reshape", o, const([0, 0, heads * hd]))  # [B, T, H·hd]
-        graph.insert_before(n, new)
-        ir.convenience.replace_all_uses_with(n.outputs[0], o)
-        for i, out in enumerate(graph.outputs):
-            if out is n.outputs[0]:
-                graph.outputs[i] = o
-        old = [ins[1].producer(), ins[2].producer()]
-        graph.remove(n, safe=True)
-        for r in old:  # Reshape, Expand, Unsqueeze of the repeat-KV copy
-            e = r.inputs[0].producer()
-            _remove_dead(graph, [r, e, e.inputs[0].producer()])
-        _remove_dead(graph, [ins[5].producer() if ins[5] is not None else None])  # the bias's Expand
+            bias = _tiled_bias(graph, _without_broadcast(bias), k[1], tiled)
+        _stack_query_heads(graph, n, ins, k[0], v[0], bias, heads, k[1])
         done += 1
     return done
+
+
+def _tiled_bias(graph, bias, rep: int, cache: dict):
+    """``Tile(bias, [1, 1, rep, 1])``: the bias rows for the stacked queries, made once per bias value (cached)."""
+    import onnx_ir as ir
+
+    key = (id(bias), rep)
+    if key not in cache:
+        nodes = []
+        reps = _const_node(nodes, np.array([1, 1, rep, 1], dtype=np.int64))
+        t = ir.Node("", "Tile", [bias, reps], num_outputs=1)
+        nodes.append(t)
+        producer = bias.producer()
+        if producer is not None:
+            graph.insert_after(producer, nodes)
+        else:  # a graph input: before the first node
+            graph.insert_before(next(iter(graph)), nodes)
+        cache[key] = t.outputs[0]
+    return cache[key]
+
+
+def _stack_query_heads(graph, n, ins, xk, xv, bias, heads: int, rep: int) -> None:
+    """Replace the MultiHeadAttention ``n`` by one over the H_kv heads xk, xv with the query heads stacked (module
+    doc), and remove the repeat-KV copies and the bias broadcast it read."""
+    import onnx_ir as ir
+
+    kv, hd = heads // rep, _dims(xk)[3]
+    new = []
+
+    def op(op_type, *inputs, **kw):
+        attrs = [_ints(a, val) if isinstance(val, (list, tuple)) else ir.AttrInt64(a, val) for a, val in kw.items()]
+        node = ir.Node("", op_type, list(inputs), attributes=attrs, num_outputs=1)
+        new.append(node)
+        return node.outputs[0]
+
+    def const(values):
+        return _const_node(new, np.asarray(values, dtype=np.int64))
+
+    q = op("Reshape", ins[0], const([0, 0, kv, rep, hd]))  # [B, T, H_kv, rep, hd]
+    q = op("Transpose", q, perm=[0, 3, 1, 2, 4])  # [B, rep, T, H_kv, hd]
+    q = op("Reshape", q, const([0, -1, kv * hd]))  # [B, rep·T, H_kv·hd]
+    attrs = [a for name, a in n.attributes.items() if name != "num_heads"] + [ir.AttrInt64("num_heads", kv)]
+    mha = ir.Node("com.microsoft", "MultiHeadAttention", [q, xk, xv, None, None, bias], attributes=attrs, num_outputs=1)
+    new.append(mha)
+    o = op("Reshape", mha.outputs[0], const([0, rep, -1, kv, hd]))  # [B, rep, T, H_kv, hd]
+    o = op("Transpose", o, perm=[0, 2, 3, 1, 4])  # [B, T, H_kv, rep, hd]
+    o = op("Reshape", o, const([0, 0, heads * hd]))  # [B, T, H·hd]
+    graph.insert_before(n, new)
+    ir.convenience.replace_all_uses_with(n.outputs[0], o)
+    for i, out in enumerate(graph.outputs):
+        if out is n.outputs[0]:
+            graph.outputs[i] = o
+    old = [ins[1].producer(), ins[2].producer()]
+    graph.remove(n, safe=True)
+    for r in old:  # Reshape, Expand, Unsqueeze of the repeat-KV copy
+        e = r.inputs[0].producer()
+        _remove_dead(graph, [r, e, e.inputs[0].producer()])
+    _remove_dead(graph, [ins[5].producer() if ins[5] is not None else None])  # the bias's Expand
 
 
 def _without_broadcast(v):

@@ -40,6 +40,9 @@ class FastWeightModule(nn.Module):
     """Base class of stateful mechanisms. Subclasses implement ``state_shapes`` and ``forward``."""
 
     stateful = True
+    # local state names that are sums over tokens of signals which largely cancel (their relative error in an fp16
+    # graph is a multiple of the activations'; exporters/verify.py judges them with their own tolerance)
+    cancelling_sums: Tuple[str, ...] = ()
 
     def state_shapes(self, batch_size: int) -> Dict[str, Tuple[Tuple[int, ...], torch.dtype]]:
         """Local state name -> (shape, dtype) of a fresh state (all zeros unless ``init_state`` overrides)."""

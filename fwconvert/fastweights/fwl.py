@@ -144,6 +144,8 @@ def fast_residual(p, eta, x, xk, sig, sums: State, eps: float, chunk: Optional[i
 class FWLHead(FastWeightModule):
     """The FWL block as a residual before the base unembedding (see the module docstring)."""
 
+    cancelling_sums = ("sum_w1", "sum_b1", "sum_w2", "sum_b2", "sum_gamma", "sum_beta")  # sums of δ-weighted terms
+
     def __init__(self, cfg: ModelConfig, fw: FWLConfig):
         super().__init__()
         validate_fwl_config(cfg, fw)
