@@ -1,6 +1,8 @@
 """Static sessions (exporters/runtime/static.py): batch and chunk pinned, buffers bound once, the ping-pong sides
 alternating; on CPU they must give exactly what the ordinary session gives (the CUDA-graph capture itself needs a
 GPU: benchmarks/gpu_export.sh checks it there). Also what they refuse."""
+import os
+
 import numpy as np
 import pytest
 
@@ -129,3 +131,35 @@ def test_tf32_policy_by_graph_dtype():
 
     assert tf32_policy("fp32") is False
     assert tf32_policy("fp16") is True
+
+
+def test_reset_writes_nonzero_initial_values_from_the_device(exports, tmp_path):
+    """A state that starts from an array (not zeros) is reset to it after steps, on both ping-pong sides, and the
+    static session keeps its initial values on the device: removing the array file after the first reset changes
+    nothing (the ordinary session still reads it per state, and refuses without it)."""
+    import json
+    import shutil
+
+    d = tmp_path / "fwl"
+    shutil.copytree(exports["fwl"], d)
+    man = json.loads((d / "manifest.json").read_text())
+    spec = next(s for s in man["state"] if s["key"] == "fast_weights.fwl.pending_x")
+    spec["init"] = {"kind": "array", "file": "initial_state.npz", "array": "x"}
+    (d / "manifest.json").write_text(json.dumps(man))
+    start = np.linspace(-1.0, 1.0, spec["shape"][1], dtype=np.float32)[None]
+    np.savez(d / "initial_state.npz", x=start)
+    s = ChunkSession(str(d), provider="cpu", static_batch=2)
+    st = s.new_state(2)
+    np.testing.assert_array_equal(st.to_numpy()["fast_weights.fwl.pending_x"], np.repeat(start, 2, 0))
+    os.remove(d / "initial_state.npz")
+    ids = np.random.default_rng(4).integers(0, s.manifest.vocab_size, (2, 3 * C))
+    for _ in range(2):  # 3 steps (odd): the second reset writes into the other side's buffers
+        for a in range(0, ids.shape[1], C):
+            s.step(ids[:, a:a + C], st)
+        assert not np.array_equal(st.to_numpy()["fast_weights.fwl.pending_x"], np.repeat(start, 2, 0))
+        st = s.new_state(2)
+        got = st.to_numpy()
+        np.testing.assert_array_equal(got["fast_weights.fwl.pending_x"], np.repeat(start, 2, 0))
+        assert not got["past_key_values.0.key"].any() and got["position"].tolist() == [0, 0]
+    with pytest.raises(InputError, match="missing or not a regular file"):
+        ChunkSession(str(d), provider="cpu").new_state(1)
