@@ -7,6 +7,7 @@
 # Each `run` call must follow the last within the machine's idle release (30 s): poll with `sleep 240; ... status`.
 # Settings (environment): RUNS, STEPS, CONVERT (gpu_calibrate.sh), EVALS, ABLATE (gpu_eval.sh), OLD: a folder holding
 # an older checkout whose window graphs are exported and timed beside the new ones (names with suffix 3: base-w3, ...),
+# PROFILE: the graphs whose kernels are profiled (default: every SmolLM2 graph; 20-30 s each),
 # SDPA: attention kernel masks to profile the base window graph with besides onnxruntime's choice (e.g. "2 16"),
 # VERIFY: calibrated models whose window graphs (fp16 and fp32) are exported and verified on CUDA (default:
 # "fwl-cal ttt-mix"), STAGES: of "calibrate export profile eval verify bench 1b" (default: all of them; export, profile,
@@ -18,7 +19,7 @@ G=/tmp/fw-assets/SmolLM2-135M-Instruct.Q4_1.gguf; W=/tmp/w; X=$W/x
 case ${1:-} in
 start)
   rm -rf $R && mkdir -p $R $S $RES && tar -C "$(dirname "$0")/.." --exclude=./.device -cf - . | tar -C $R -xf -
-  for v in RUNS STEPS EVALS ABLATE OLD CONVERT STAGES VERIFY SDPA; do [ -n "${!v:-}" ] && printf '%s=%q\n' "$v" "${!v}"; done > $S/settings
+  for v in RUNS STEPS EVALS ABLATE OLD CONVERT STAGES VERIFY SDPA PROFILE; do [ -n "${!v:-}" ] && printf '%s=%q\n' "$v" "${!v}"; done > $S/settings
   setsid nohup bash $R/benchmarks/gpu_pipeline.sh run > $S/pipeline.log 2>&1 < /dev/null &
   echo "started (pid $!); follow with: bash benchmarks/gpu_pipeline.sh status"
   exit 0;;
@@ -65,7 +66,7 @@ if on verify; then
   EXPORTS="$e" PART=export bash benchmarks/gpu_export.sh > $RES/export-cal.log 2>&1 &
 fi
 if on profile; then
-  g=(); for n in base-w fwl-w ttt-w base-w3 fwl-w3 ttt-w3 base fwl ttt; do [ -d $X/$n ] && g+=("$n=$X/$n"); done
+  g=(); for n in ${PROFILE:-base-w fwl-w ttt-w base-w3 fwl-w3 ttt-w3 base fwl ttt}; do [ -d $X/$n ] && g+=("$n=$X/$n"); done
   (cd benchmarks && timeout 400 python3 kernel_profile.py "${g[@]}" --batch 1 8 --md $RES/kernels.md --json $RES/kernels.json \
      > $RES/kernels.log 2>&1)
   for k in ${SDPA:-}; do  # the base window graph with other attention kernels (onnxruntime's sdpa_kernel mask)
