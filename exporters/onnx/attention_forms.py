@@ -143,8 +143,8 @@ def grouped_queries(graph) -> int:
         if not isinstance(heads, int):
             continue
         k, v = _repeat_kv_source(ins[1], heads), _repeat_kv_source(ins[2], heads)
-        bias = ins[5]
-        if k is None or v is None or k[1] != v[1] or k[1] < 2 or (bias is not None and (
+        bias, qd = ins[5], _dims(ins[0])
+        if k is None or v is None or k[1] != v[1] or k[1] < 2 or qd is None or len(qd) != 3 or (bias is not None and (
                 _dims(bias) is None or len(_dims(bias)) != 4 or _dims(bias)[1] != 1)):
             continue
         if bias is not None:
