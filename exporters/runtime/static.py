@@ -98,20 +98,21 @@ class InitialCopy:
         import onnxruntime as ort
         from onnx import helper
 
+        arrays = initial_arrays(state.specs, state.batch, session.folder)
         sources, self.feeds, self.names = {}, {}, []
         nodes, inputs, outputs = [], [], []
-        for s, arr in initial_arrays(state.specs, state.batch, session.folder).items():
-            spec = next(x for x in state.specs if x.input == s)
-            key = ("zeros", arr.shape, arr.dtype.str) if spec.init.get("kind") == "zeros" else ("value", s)
+        for spec in state.specs:
+            arr = arrays[spec.input]
+            info = (helper.np_dtype_to_tensor_dtype(arr.dtype), list(arr.shape))
+            key = ("zeros", arr.shape, arr.dtype.str) if spec.init.get("kind") == "zeros" else ("value", spec.input)
             if key not in sources:
                 sources[key] = f"init_{len(sources)}"
                 self.feeds[sources[key]] = state._put(arr)
-                inputs.append(helper.make_tensor_value_info(sources[key], helper.np_dtype_to_tensor_dtype(arr.dtype),
-                                                            list(arr.shape)))
+                inputs.append(helper.make_tensor_value_info(sources[key], *info))
             out = f"state_{len(self.names)}"
             nodes.append(helper.make_node("Identity", [sources[key]], [out]))
-            outputs.append(helper.make_tensor_value_info(out, helper.np_dtype_to_tensor_dtype(arr.dtype), list(arr.shape)))
-            self.names.append(s)
+            outputs.append(helper.make_tensor_value_info(out, *info))
+            self.names.append(spec.input)
         graph = helper.make_graph(nodes, "initial_state_copy", inputs, outputs)
         model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)], ir_version=10)
         opts = ort.SessionOptions()
