@@ -85,13 +85,14 @@ def _time_updates(times: list):
 
 
 def run(model_dir: str, data: str, steps: int, seq_len: int, device: str = "cpu", warmup_steps: int = 2,
-        train: str = "fast", ext: str = ".py", batch_size: int = 1, peak_flops: float | None = None) -> dict:
+        train: str = "fast", ext: str = ".py", batch_size: int = 1, peak_flops: float | None = None,
+        tf32: bool = False) -> dict:
     import torch
     from fwconvert.calibrate.loop import CalibrationSettings
     from fwconvert.calibrate.run import calibrate
 
     rec = {"model": os.path.abspath(model_dir), "device": device, "seq_len": seq_len, "batch_size": batch_size,
-           "steps": steps, "warmup_steps": warmup_steps, "train": train}
+           "steps": steps, "warmup_steps": warmup_steps, "train": train, "tf32": tf32}
     if device.startswith("cuda"):
         rec["gpu"] = torch.cuda.get_device_name(device)
         if peak_flops is None:
@@ -101,7 +102,7 @@ def run(model_dir: str, data: str, steps: int, seq_len: int, device: str = "cpu"
     shape = count_params(model_dir)
     fpt = flops_per_token(seq_len=seq_len, **shape)
     settings = CalibrationSettings(steps=steps + warmup_steps, seq_len=seq_len, batch_size=batch_size, train=train,
-                                   save_every=steps + warmup_steps)
+                                   save_every=steps + warmup_steps, tf32=tf32)
     times, undo = [], None
     out = tempfile.mkdtemp(prefix="calib-throughput-")
     try:
@@ -140,12 +141,13 @@ def main(argv=None) -> int:
     ap.add_argument("--train", default="fast")
     ap.add_argument("--ext", default=".py")
     ap.add_argument("--peak-tflops", type=float, help="peak for MFU (default on CUDA: the measured bf16 matmul rate)")
+    ap.add_argument("--tf32", action="store_true", help="calibrate --tf32: fp32 matmuls on CUDA may use TF32")
     ap.add_argument("--label", default="")
     ap.add_argument("--json-out", help="append the JSON line to this file")
     a = ap.parse_args(argv)
     peak = a.peak_tflops * 1e12 if a.peak_tflops else None
     rec = {"label": a.label, **run(a.model, a.data, a.steps, a.seq_len, a.device, a.warmup_steps, a.train, a.ext,
-                                   a.batch_size, peak)}
+                                   a.batch_size, peak, a.tf32)}
     line = json.dumps(rec)
     print(line, flush=True)
     if a.json_out:

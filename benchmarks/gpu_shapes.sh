@@ -55,15 +55,15 @@ fi
 wait
 
 # 2. Calibration throughput at sequence $SEQ (GPU; one run at a time): $STEPS timed updates after 2 warm-up ones.
-calib() {  # label model
+calib() {  # label model [more calib_throughput.py flags]
   [ -d "$2" ] || { echo "  skip calibrate $1: no $2"; return; }
   [ "$(left)" -gt 60 ] || { echo "  skip calibrate $1: $(left) s left"; return; }
   t -l $W/logs/calib-$1.log timeout $(cap 120 40) python3 benchmarks/calib_throughput.py "$2" --data $W/docs \
-    --steps $STEPS --warmup-steps 2 --seq-len $SEQ --device $DEVICE --label "$1" --json-out "$OUT/shapes-calib.jsonl"
+    --steps $STEPS --warmup-steps 2 --seq-len $SEQ --device $DEVICE --label "$1" --json-out "$OUT/shapes-calib.jsonl" "${@:3}"
   tail -n 1 $W/logs/calib-$1.log
 }
 if [[ " $PARTS " = *" calib "* ]]; then
-  calib fwl-$SHAPE $W/fwl; calib ttt-$SHAPE $W/ttt
+  calib fwl-$SHAPE $W/fwl; calib ttt-$SHAPE $W/ttt; calib ttt-$SHAPE-tf32 $W/ttt --tf32
   [ "$SMOL" = 1 ] && { calib fwl-smollm2 $SF; calib ttt-smollm2 $ST; }
 fi
 

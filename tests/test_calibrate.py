@@ -226,3 +226,23 @@ def test_manifest_is_strict_json_even_with_a_skipped_step(tmp_path, fwl_folder, 
     rec = load_json_strict(str(tmp_path / "o" / "MANIFEST.json"))["calibration"]
     assert rec["losses"][0] is None and rec["skipped_steps"] == [1]
     assert rec["data"]["train"]["documents"] + len(rec["data"]["heldout"]) == 6
+
+
+def test_tf32_is_recorded_and_keeps_runs_apart(tmp_path, fwl_folder):
+    """--tf32 reaches the settings the manifest records, and a run with it is another run for --resume (run id); on
+    the CPU it changes no number."""
+    import dataclasses
+
+    from fwconvert.calibrate.run import calibrate, run_id
+
+    model, data = fwl_folder
+    s = CalibrationSettings(seq_len=64, batch_size=2, lr=3e-2, steps=2, save_every=2)
+    assert run_id("m", s, ["d"], {}) != run_id("m", dataclasses.replace(s, tf32=True), ["d"], {})
+    out = str(tmp_path / "tf32")
+    r = run_cli(["calibrate", model, "--data", data, "-o", out, "--seq-len", "64", "--batch-size", "2", "--lr", "3e-2",
+                 "--steps", "2", "--save-every", "2", "--no-progress", "--tf32"])
+    assert r.returncode == 0, r.stderr
+    rec = json.load(open(os.path.join(out, "MANIFEST.json")))["calibration"]
+    assert rec["settings"]["tf32"] is True
+    plain = calibrate(model, [data], str(tmp_path / "plain"), s, progress=False)
+    assert plain["settings"]["tf32"] is False and plain["losses"] == rec["losses"]

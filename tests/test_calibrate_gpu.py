@@ -47,3 +47,13 @@ def test_cuda_eval_with_dynamic_eval(tmp_path):
     assert set(out["models"]) == {"fwl", "base", "dynamic_eval"}
     # converted == base at conversion values (bf16 rounding aside)
     assert abs(out["models"]["fwl"]["perplexity"] / out["models"]["base"]["perplexity"] - 1) < 2e-2
+
+
+def test_cuda_tf32_setting_reaches_the_matmul_flag(tmp_path):
+    model = save_tiny(tmp_path / "m", InPlaceTTTConfig(layers=(0, 1), chunk_size=16))
+    data = write_token_docs(tmp_path / "data", n=4, length=600)
+    for tf32 in (True, False):
+        s = CalibrationSettings(steps=3, seq_len=256, batch_size=2, lr=3e-2, save_every=3, tf32=tf32)
+        rec = calibrate(model, [data], str(tmp_path / f"o{tf32}"), s, device="cuda", progress=False)
+        assert rec["flags"]["cuda_matmul_allow_tf32"] is tf32 and rec["settings"]["tf32"] is tf32
+        assert torch.backends.cuda.matmul.allow_tf32 is tf32

@@ -44,6 +44,7 @@ class CalibrationSettings:
     clip: float = 1.0
     weight_decay: float = 0.0
     loss_block: int = 1024  # CE computed in blocks of this many positions (fp32, recomputed in backward)
+    tf32: bool = False  # fp32 matmuls on CUDA may use TF32 (the fp32 fast-weight products; not bit-identical)
 
     def validate(self) -> None:
         for name in ("steps", "seq_len", "batch_size", "save_every", "loss_block"):
@@ -103,15 +104,19 @@ def parse_fault() -> Dict[str, int]:
     return out
 
 
-def seed_everything(seed: int, device: torch.device) -> dict:
-    """Seed python/numpy/torch and set deterministic flags; returns the flags for the manifest."""
+def seed_everything(seed: int, device: torch.device, tf32: bool = False) -> dict:
+    """Seed python/numpy/torch and set deterministic flags; returns the flags for the manifest. ``tf32``: let fp32
+    matmuls on CUDA use TF32 (fp32 accumulation of products rounded to a 10-bit mantissa). The bf16 trunk does not
+    change; the fp32 parts do: in-place TTT's fast-weight products and FWL's head. Those parts run in TF32 in the
+    fp16 exports too (exporters/runtime/session.py::tf32_policy). Off by default, so a run is bit-identical to a
+    run without it."""
     random.seed(seed)
     np.random.seed(seed % (2 ** 32))
     torch.manual_seed(seed)
     flags = {"cudnn_deterministic": True, "cudnn_benchmark": False}
     torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = True, False
     if device.type == "cuda":
-        flags["cuda_matmul_allow_tf32"] = torch.backends.cuda.matmul.allow_tf32 = False
+        flags["cuda_matmul_allow_tf32"] = torch.backends.cuda.matmul.allow_tf32 = bool(tf32)
     return flags
 
 

@@ -112,7 +112,7 @@ def calibrate(model_path: str, data: Sequence[str], out: str, settings: Calibrat
     dist = ddp.setup(device)
     try:
         dev = ddp.device_for(dist, device)
-        flags = seed_everything(settings.seed, dev)
+        flags = seed_everything(settings.seed, dev, settings.tf32)
         model = load_for_calibration(ck, baseline, dev)
         layers = None
         if baseline or settings.train == "fast+baseline":

@@ -54,16 +54,20 @@ def _exts(ext: str):
               help="Skip up to N updates with a non-finite loss or gradient before stopping (exit 6).")
 @click.option("--force", is_flag=True, help="Replace an existing output folder.")
 @click.option("--no-progress", is_flag=True, help="No progress bar.")
+@click.option("--tf32", is_flag=True,
+              help="On CUDA, let fp32 matmuls use TF32: the fp32 fast-weight products (in-place TTT's updates, FWL's "
+                   "head) run on tensor cores, as they do in fp16 exports. Not bit-identical to a run without it "
+                   "(recorded in the manifest; --resume continues only a run with the same setting).")
 def calibrate_cmd(model, data, ext, out, steps, seq_len, batch_size, lr, fast_lr, warmup, train, device, resume, seed,
-                  save_every, heldout, baseline, skip_nonfinite, force, no_progress):
+                  save_every, heldout, baseline, skip_nonfinite, force, no_progress, tf32):
     """Train MODEL's fast-weight parameters on local documents (through the fast-weight updates)."""
     from ..calibrate.loop import CalibrationSettings
     from ..calibrate.run import calibrate
 
     out = out or model.rstrip("/\\") + ("-baseline" if baseline else "-calibrated")
     settings = CalibrationSettings(steps=steps, seq_len=seq_len, batch_size=batch_size, lr=lr, fast_lr=fast_lr,
-                                   train=train, seed=seed,
-                                   save_every=save_every, skip_nonfinite=skip_nonfinite, warmup=warmup)
+                                   train=train, seed=seed, save_every=save_every, skip_nonfinite=skip_nonfinite,
+                                   warmup=warmup, tf32=tf32)
     rec = calibrate(model, list(data), out, settings, device=device, resume=resume, baseline=baseline, force=force,
                     heldout=heldout, exts=_exts(ext), log=_log, progress=not no_progress)
     if os.environ.get("RANK", "0") == "0":
