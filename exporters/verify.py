@@ -22,6 +22,7 @@ from fwconvert.errors import InputError, NumericError
 from fwconvert.modeling.decoder import DecoderLM
 
 from .runtime.session import ChunkSession
+from .runtime.stream import log_softmax
 
 
 @dataclass
@@ -130,14 +131,9 @@ def _chunk_rows(k: int, lo: np.ndarray, ref: np.ndarray, ort_state: Dict, ref_st
 
 
 def _nll_sum(logits: np.ndarray, targets: np.ndarray) -> float:
-    """Σ -log softmax(logits)[target] over logits [B, n, V] and targets [B, n] (float64 sums, one row at a time)."""
-    total = 0.0
-    for b in range(logits.shape[0]):
-        x = logits[b].astype(np.float64)
-        m = x.max(-1, keepdims=True)
-        lse = np.log(np.exp(x - m).sum(-1)) + m[:, 0]
-        total += float((lse - np.take_along_axis(x, targets[b][:, None], -1)[:, 0]).sum())
-    return total
+    """Σ -log softmax(logits)[target] over logits [B, n, V] and targets [B, n] (float64, one row at a time)."""
+    return float(sum(-np.take_along_axis(log_softmax(logits[b]), targets[b][:, None], -1).sum()
+                     for b in range(logits.shape[0])))
 
 
 def _own_tolerances(model: DecoderLM, dtype: str) -> Dict[str, float]:
@@ -146,7 +142,7 @@ def _own_tolerances(model: DecoderLM, dtype: str) -> Dict[str, float]:
         return {}
     tol = TOLERANCES["ort_fp16_cancelling_sums"].rel
     return {f"fast_weights.{owner}.{name}": tol for owner, mod in model.stateful_modules().items()
-            for name in getattr(mod, "cancelling_sums", ())}
+            for name in mod.cancelling_sums}
 
 
 def verify(folder: str, against=None, chunks: int = 16, provider: str = "cpu", batch: int = 1, seed: int = 0,

@@ -30,7 +30,8 @@ def iter_chunks(session: ChunkSession, ids: np.ndarray, state: StateBuffers = No
         yield a, session.step(ids[:, a:a + c], state)
 
 
-def _log_softmax(x: np.ndarray) -> np.ndarray:
+def log_softmax(x: np.ndarray) -> np.ndarray:
+    """log softmax over the last axis, in float64."""
     x = x.astype(np.float64)
     m = x.max(-1, keepdims=True)
     return x - m - np.log(np.exp(x - m).sum(-1, keepdims=True))
@@ -41,7 +42,7 @@ def token_losses(session: ChunkSession, ids: np.ndarray) -> np.ndarray:
     ids = np.asarray(ids, dtype=np.int64)
     out = np.zeros((ids.shape[0], max(ids.shape[1] - 1, 0)), dtype=np.float64)
     for a, logits in iter_chunks(session, ids):
-        lp = _log_softmax(logits)  # [B, c, V]
+        lp = log_softmax(logits)  # [B, c, V]
         c = lp.shape[1]
         n = min(c, ids.shape[1] - 1 - a)  # positions a..a+n-1 predict tokens a+1..a+n
         if n > 0:
