@@ -122,15 +122,17 @@ def test_iter_tensors_streams_exact_bytes(tmp_path):
 
 @pytest.mark.timeout(120)
 def test_streaming_memory_is_one_tensor(tmp_path):
-    """8 shards x 16 MiB: iterating (with the finiteness check) raises peak RSS by a few tensors (the loop
-    variable keeps the previous one alive while the next is read; allocator slack), never by all 128 MiB."""
+    """16 shards x 16 MiB: iterating (with the finiteness check) raises peak RSS by a few tensors (the loop
+    variable keeps the previous one alive while the next is read; allocator slack), never by all 256 MiB, nor by
+    half of it. (With 8 shards and a bound of 64 MiB the slack alone measured 67 MiB in one CI run on the 2-core
+    host, 2026-12-02: four tensors; so more shards, and a bound with room for that slack.)"""
     import subprocess
     import sys
 
     from badinputs import st_bytes
 
     names = {}
-    for k in range(8):
+    for k in range(16):
         shard = f"s{k}.safetensors"
         write(tmp_path / shard, st_bytes({f"t{k}": np.full((4 << 20,), k, np.float32)}))
         names[f"t{k}"] = shard
@@ -148,7 +150,7 @@ def test_streaming_memory_is_one_tensor(tmp_path):
     env = dict(os.environ, PYTHONPATH=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     r = subprocess.run([sys.executable, "-c", code, str(tmp_path)], capture_output=True, text=True, timeout=100, env=env)
     assert r.returncode == 0, r.stderr
-    assert 16 <= int(r.stdout) < 64, f"peak RSS grew by {r.stdout.strip()} MiB for 128 MiB of 16 MiB tensors"
+    assert 16 <= int(r.stdout) < 112, f"peak RSS grew by {r.stdout.strip()} MiB for 256 MiB of 16 MiB tensors"
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
