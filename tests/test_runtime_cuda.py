@@ -44,3 +44,23 @@ def test_cuda_graph_static_sessions_verify(tmp_path, kind, dtype):
     assert s.cuda_graph and "CUDA graphs" in s.provider_note
     rep = verify(out, against=model, chunks=12, provider="cuda", batch=2, static=True)
     assert rep.passed, rep.worst()
+
+
+@pytest.mark.parametrize("kind", ["base", "fwl", "inplace"])
+def test_cuda_graph_full_attention_static_sessions(tmp_path, kind):
+    """A full-attention export through a static session: one pinned session and one captured graph per past length;
+    three documents (the first runs capture, the last replay) equal the ordinary session's steps, and verify passes."""
+    import numpy as np
+
+    model = tiny_model("qwen3", kind, seed=6)
+    out = export_onnx(model, str(tmp_path / "onnx"), chunk_size=8, dtype="fp32")
+    dyn = ChunkSession(out, provider="cuda")
+    s = ChunkSession(out, provider="cuda", static_batch=2, static_context=48)
+    assert s.cuda_graph and "CUDA graphs" in s.provider_note
+    ids = np.random.default_rng(2).integers(0, s.manifest.vocab_size, (2, 48))
+    for _ in range(3):
+        sd, ss = dyn.new_state(2), s.new_state(2)
+        for a in range(0, 48, 8):
+            np.testing.assert_allclose(s.step(ids[:, a:a + 8], ss), dyn.step(ids[:, a:a + 8], sd), rtol=1e-5, atol=1e-5)
+    rep = verify(out, against=model, chunks=6, provider="cuda", batch=2, static=True)
+    assert rep.passed, rep.worst()

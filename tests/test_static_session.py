@@ -1,6 +1,7 @@
-"""Static sessions (exporters/runtime/static.py): batch and chunk pinned, buffers bound once, the ping-pong sides
-alternating; on CPU they must give exactly what the ordinary session gives (the CUDA-graph capture itself needs a
-GPU: benchmarks/gpu_export.sh checks it there). Also what they refuse."""
+"""Static sessions (exporters/runtime/static.py): batch and chunk pinned (and the past length of a full-attention
+export, one pinned session per step), buffers bound once, the ping-pong sides alternating; on CPU they must give
+exactly what the ordinary session gives (the CUDA-graph capture itself needs a GPU: tests/test_runtime_cuda.py and
+benchmarks/gpu_export.sh check it there). Also what they refuse."""
 import os
 
 import numpy as np
@@ -23,23 +24,49 @@ def exports(tmp_path_factory):
     for kind in ("base", "fwl", "inplace"):
         out[kind] = export_onnx(tiny_model(kind=kind, window=W), str(root / f"{kind}-win"), chunk_size=C,
                                 attention="window", window=W)
-    out["full"] = export_onnx(tiny_model(), str(root / "full"), chunk_size=C)
+    for kind in ("base", "fwl", "inplace"):
+        out[f"{kind}-full"] = export_onnx(tiny_model(kind=kind), str(root / f"{kind}-full"), chunk_size=C)
     return out
 
 
-@pytest.mark.parametrize("kind", ["base", "fwl", "inplace"])
+@pytest.mark.parametrize("kind", ["base", "fwl", "inplace", "base-full", "fwl-full", "inplace-full"])
 def test_static_equals_dynamic_across_resets(exports, kind):
     dyn = ChunkSession(exports[kind], provider="cpu")
-    sta = ChunkSession(exports[kind], provider="cpu", static_batch=2)
+    sta = ChunkSession(exports[kind], provider="cpu", static_batch=2, static_context=5 * C)
     assert sta.static is not None and not sta.cuda_graph
     ids = np.random.default_rng(1).integers(0, dyn.manifest.vocab_size, (2, 5 * C))
-    for _ in range(2):  # 5 steps (odd): the second pass starts on the other ping-pong side
+    for steps in (5, 3, 5):  # odd: the next pass starts after the other ping-pong side; 3: a reset mid-context
         sd, ss = dyn.new_state(2), sta.new_state(2)
-        for a in range(0, ids.shape[1], C):  # 40 tokens through a window of 24: the window slides
+        for a in range(0, steps * C, C):  # 40 tokens through a window of 24: the window slides
             ld, ls = dyn.step(ids[:, a:a + C], sd), sta.step(ids[:, a:a + C], ss)
             np.testing.assert_array_equal(ld, ls)
         for key, v in sd.to_numpy().items():
             np.testing.assert_array_equal(v, ss.to_numpy()[key])
+    if kind.endswith("-full"):  # one pinned session per past length, the KV buffers of each kept
+        assert sorted(sta.static.sessions) == [0, 1, 2, 3, 4]
+        assert [v.shape()[2] for v in sta.static.chain["past_key_values.0.key"]] == [0, C, 2 * C, 3 * C, 4 * C, 5 * C]
+        with pytest.raises(InputError, match=r"holds 40 tokens of context \(static_context\)"):
+            sta.step(ids[:, :C], ss)
+
+
+def test_full_static_sessions_share_the_weights(exports, monkeypatch):
+    """The pinned sessions of a full-attention export read one copy of the weights: changing the shared embedding
+    in place changes what a pinned session computes (onnxruntime uses the given buffer, not a copy)."""
+    from exporters.runtime import static
+
+    monkeypatch.setattr(static, "SHARE_BYTES", 1)
+    s = ChunkSession(exports["base-full"], provider="cpu", static_batch=1)
+    st = s.new_state(1)
+    ids = np.arange(2 * C).reshape(1, -1) % s.manifest.vocab_size
+    s.step(ids[:, :C], st)
+    before = s.step(ids[:, C:], st)
+    emb = next(n for n in s.static.weights if "embed" in n)
+    value = s.static.weights[emb]
+    value.update_inplace(np.zeros(value.shape(), dtype=value.numpy().dtype))
+    st = s.new_state(1)
+    s.step(ids[:, :C], st)
+    after = s.step(ids[:, C:], st)  # the pinned session of past C: its weights are the shared ones
+    assert not np.array_equal(before, after)
 
 
 def test_static_logits_buffer_is_reused_and_fetch_copies(exports):
@@ -68,8 +95,8 @@ def test_static_refusals(exports):
         s.step(ids, other)
     with pytest.raises(InputError, match="static_batch"):
         greedy_generate(s, ids[:, :3], 2)
-    with pytest.raises(InputError, match="--attention window"):
-        ChunkSession(exports["full"], provider="cpu", static_batch=1)
+    with pytest.raises(InputError, match="static_context must be an integer of at least one chunk"):
+        ChunkSession(exports["base-full"], provider="cpu", static_batch=1, static_context=C - 1)
     with pytest.raises(InputError, match="static session"):
         ChunkSession(exports["base"], provider="cpu", cuda_graph=True)
     with pytest.raises(InputError, match="CUDA provider"):
@@ -82,12 +109,15 @@ def test_verify_static_passes(exports):
     report = verify(exports["inplace"], against=tiny_model(kind="inplace", window=W), chunks=5, batch=2,
                     provider="cpu", static=True)
     assert report.passed and report.chunks == 5
+    report = verify(exports["fwl-full"], against=tiny_model(kind="fwl"), chunks=4, provider="cpu", static=True)
+    assert report.passed and report.chunks == 4
 
 
-@pytest.mark.parametrize("kind", ["base", "fwl", "inplace"])
+@pytest.mark.parametrize("kind", ["base", "fwl", "inplace", "base-full", "fwl-full", "inplace-full"])
 def test_pinned_graph_has_no_shape_arithmetic(exports, kind, tmp_path):
-    """What CUDA-graph capture relies on: with batch and chunk pinned, onnxruntime's optimizer folds every shape
-    computation, so no node has to run on the host (a Memcpy node would make ORT refuse the capture)."""
+    """What CUDA-graph capture relies on: with batch and chunk (and a full-attention export's past) pinned,
+    onnxruntime's optimizer folds every shape computation, so no node has to run on the host (a Memcpy node would
+    make ORT refuse the capture)."""
     import onnx
     import onnxruntime as ort
 
@@ -96,6 +126,8 @@ def test_pinned_graph_has_no_shape_arithmetic(exports, kind, tmp_path):
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC  # folding only, no CPU kernels
     opts.add_free_dimension_override_by_name("batch", 2)
     opts.add_free_dimension_override_by_name("chunk", C)
+    if kind.endswith("-full"):
+        opts.add_free_dimension_override_by_name("past", 3 * C)
     ort.InferenceSession(f"{exports[kind]}/model.onnx", opts, providers=["CPUExecutionProvider"])
     ops = [n.op_type for n in onnx.load(str(tmp_path / "opt.onnx")).graph.node]
     assert not {"Shape", "Size", "Range", "ConstantOfShape"} & set(ops), sorted(set(ops))

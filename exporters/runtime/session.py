@@ -110,8 +110,9 @@ def _providers(provider: str, use_tf32: bool, cuda_graph: bool = False, fp32: bo
 class ChunkSession:
     """An exported graph plus its manifest; allocates state, runs chunks, streams documents.
 
-    ``static_batch=B`` (window-attention exports only) pins the batch and chunk axes, allocates every buffer once
-    and runs each step through fixed IO bindings; on the CUDA provider the steps are then captured as CUDA graphs
+    ``static_batch=B`` pins the batch and chunk axes (and, for a full-attention export, the past axis: one pinned
+    session per past length, up to ``static_context`` tokens, default 8192), allocates every buffer once and runs
+    each step through fixed IO bindings; on the CUDA provider the steps are then captured as CUDA graphs
     (``cuda_graph=None``: whenever the session runs on CUDA). Such a session takes only full [B, C] chunks and
     has one state (see ``exporters/runtime/static.py``). ``attention_kernels`` (CUDA only): onnxruntime's
     ``sdpa_kernel`` bit mask of the fused attention kernels it may pick (flash 1, memory-efficient 2, cuDNN flash 8,
@@ -120,7 +121,7 @@ class ChunkSession:
     def __init__(self, folder: str, provider: str = "auto", use_tf32: Optional[bool] = None,
                  manifest: Optional[Manifest] = None, precheck: bool = True, threads: Optional[int] = None,
                  static_batch: Optional[int] = None, cuda_graph: Optional[bool] = None,
-                 attention_kernels: Optional[int] = None):
+                 attention_kernels: Optional[int] = None, static_context: Optional[int] = None):
         import onnxruntime as ort
 
         self.folder = os.path.abspath(folder)
@@ -128,16 +129,10 @@ class ChunkSession:
         self.path = os.path.join(self.folder, self.manifest.graph)
         if precheck:
             check_graph_file(self.path)
-        opts = ort.SessionOptions()
-        if threads:
-            opts.intra_op_num_threads = threads
-        opts.log_severity_level = 3
         if static_batch is not None:
-            check_static(self.manifest, static_batch)
-            opts.add_free_dimension_override_by_name(BATCH, static_batch)
-            opts.add_free_dimension_override_by_name(CHUNK, self.chunk_size)
+            check_static(self.manifest, static_batch, static_context, self.chunk_size)
         elif cuda_graph:
-            raise InputError("cuda_graph needs a static session (static_batch=B, a window-attention export)")
+            raise InputError("cuda_graph needs a static session (static_batch=B)")
         if cuda_graph and provider == "cpu":
             raise InputError("CUDA graphs need the CUDA provider (got provider 'cpu')")
         graphs = static_batch is not None and cuda_graph is not False and provider != "cpu" \
@@ -146,12 +141,10 @@ class ChunkSession:
             raise InputError("CUDA graphs need the CUDA provider, which this onnxruntime does not have")
         if use_tf32 is None:
             use_tf32 = tf32_policy(self.manifest.dtype)
-        try:
-            self.sess = ort.InferenceSession(self.path, opts, providers=_providers(
-                provider, use_tf32, graphs, self.manifest.dtype == "fp32", attention_kernels))
-        except Exception as e:  # noqa: BLE001 - ORT raises its own exception types
-            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            raise InputError(f"{self.path}: onnxruntime cannot load it: {first}") from None
+        self._threads, self._static_batch = threads, static_batch
+        self._providers = _providers(provider, use_tf32, graphs, self.manifest.dtype == "fp32", attention_kernels)
+        growing = any(PAST in s.shape for s in self.manifest.state)
+        self.sess = self.open_pinned(0 if static_batch is not None and growing else None)
         used = self.sess.get_providers()
         self.device = "cuda" if used and used[0] == "CUDAExecutionProvider" else "cpu"
         self.provider_note = ("CUDA execution provider" + (" (TF32 on)" if use_tf32 else " (TF32 off)")) if self.device == "cuda" \
@@ -162,7 +155,32 @@ class ChunkSession:
         self.cuda_graph = graphs and self.device == "cuda"
         if self.cuda_graph:
             self.provider_note += ", CUDA graphs"
-        self.static = StaticSteps(self, static_batch, self.cuda_graph) if static_batch is not None else None
+        self.static = StaticSteps(self, static_batch, self.cuda_graph, static_context) \
+            if static_batch is not None else None
+
+    def open_pinned(self, past: Optional[int] = None, initializers=None):
+        """An onnxruntime session of this graph with this session's options; with ``static_batch``, the batch and
+        chunk axes pinned, and with ``past`` the past axis too (a static session of a full-attention export opens one
+        per past length). ``initializers``: name -> OrtValue on the session's device, used instead of the graph's
+        own copies (the pinned sessions of one static session share one set of weights)."""
+        import onnxruntime as ort
+
+        opts = ort.SessionOptions()
+        if self._threads:
+            opts.intra_op_num_threads = self._threads
+        opts.log_severity_level = 3
+        if self._static_batch is not None:
+            opts.add_free_dimension_override_by_name(BATCH, self._static_batch)
+            opts.add_free_dimension_override_by_name(CHUNK, self.chunk_size)
+        if past is not None:
+            opts.add_free_dimension_override_by_name(PAST, past)
+        for name, value in (initializers or {}).items():
+            opts.add_initializer(name, value)
+        try:
+            return ort.InferenceSession(self.path, opts, providers=self._providers)
+        except Exception as e:  # noqa: BLE001 - ORT raises its own exception types
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise InputError(f"{self.path}: onnxruntime cannot load it: {first}") from None
 
     @property
     def chunk_size(self) -> int:

@@ -1,72 +1,119 @@
-"""Static steps: one batch size, full chunks, every buffer allocated once, and on CUDA two captured CUDA graphs.
+"""Static steps: one batch size, full chunks, every buffer allocated once, and on CUDA captured CUDA graphs.
 
-A window-attention export (``--attention window``) carries only fixed-shape state. Pinning its two free axes
-(``batch``, ``chunk``) when the session is created lets onnxruntime fold away all shape arithmetic, so no node
-needs the host and the step can be captured as a CUDA graph (ORT refuses capture while a Memcpy node remains).
-A captured graph replays fixed device addresses, so the buffers never move:
+Pinning the free axes (``batch``, ``chunk``, and ``past`` where the state grows) when a session is created lets
+onnxruntime fold away all shape arithmetic, so no node needs the host and the step can be captured as a CUDA graph
+(ORT refuses capture while a Memcpy node remains). A captured graph replays fixed device addresses, so no buffer
+ever moves.
+
+A window-attention export (``--attention window``) carries only fixed-shape state: one session, two sides.
 
     side 0:  input_ids, state A  --graph 0-->  logits, state B
     side 1:  input_ids, state B  --graph 1-->  logits, state A      (gpu_graph_id 0 / 1, one capture each)
 
-Each step copies the chunk into the one ``input_ids`` buffer (``OrtValue.update_inplace``), runs the side whose
-inputs hold the current state, and swaps. The logits buffer is reused: a step's logits are valid until the next
-step. One set of state buffers per session: ``reset`` writes the initial values into them in place, on the device,
-with a small graph of Identity copies from device-resident initial values (made once; one shared zero buffer per
-shape), instead of uploading every document's initial state from the host (tens of MB for SmolLM2's window caches).
-numpy + onnxruntime (+ onnx's helper to build that copy graph).
+A full-attention export's KV cache grows by C per step, so its step k has its own shapes: one session per past
+length k·C (all sharing one device copy of the weights), opened at the first document that gets that far, and a
+chain of KV buffers, one per past length, that step k reads (past k·C) and writes (past (k+1)·C) in place of a
+Concat's fresh allocation. The fixed-shape state (position, fast weights) ping-pongs as above; step k is always on
+side k mod 2, because a reset puts the state back on side 0. ``static_context`` bounds the chain (default 8192
+tokens): the buffers of every past length are kept, ≈ (n + 1) / 2 times one full cache for n steps.
+
+Each step copies the chunk into the one ``input_ids`` buffer (``OrtValue.update_inplace``), runs the binding of
+(step, side), and advances. The logits buffer is reused: a step's logits are valid until the next step. One set of
+state buffers per session: ``reset`` writes the initial values into side 0 in place, on the device, with a small
+graph of Identity copies from device-resident initial values (made once; one shared zero buffer per shape),
+instead of uploading every document's initial state from the host (tens of MB for SmolLM2's window caches).
+numpy + onnxruntime (+ onnx to build that copy graph and to read the weights that the pinned sessions share).
 """
 from __future__ import annotations
 
-from typing import Optional
+from typing import Dict, Optional
 
 import numpy as np
 
 from fwconvert.errors import InputError
 
+from ..onnx.io_spec import BATCH, PAST
 from .state import StateBuffers, initial_arrays
 
 _NP = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(double)": np.float64}
+DEFAULT_STATIC_CONTEXT = 8192  # tokens a static session of a full-attention export holds unless told otherwise
+SHARE_BYTES = 1 << 16  # weights at least this large are shared between the pinned sessions (not shape constants)
 
 
 class StaticSteps:
-    """The fixed buffers and the two IO bindings of a session created with ``static_batch``."""
+    """The fixed buffers, pinned sessions and IO bindings of a session created with ``static_batch``."""
 
-    def __init__(self, session, batch: int, cuda_graph: bool):
+    def __init__(self, session, batch: int, cuda_graph: bool, context: Optional[int] = None):
         import onnxruntime as ort
 
+        self._ort = ort
         self.session, self.batch, self.cuda_graph = session, batch, cuda_graph
         m = session.manifest
         self.state = StateBuffers(m, batch, session.folder, session.device)
-        self.side0 = next(iter(self.state.cur.values()))  # a buffer graph 0 reads (and graph 1 writes)
-        self.ids = self.state._put(np.zeros((batch, session.chunk_size), dtype=np.int64))
+        fixed = [s for s in m.state if self.state.fixed[s.input]]
+        self.growing = [s for s in m.state if not self.state.fixed[s.input]]
+        self.sides = ({s.input: self.state.cur[s.input] for s in fixed},
+                      {s.input: self.state.spare[s.input] for s in fixed})
+        self.chain = {s.input: [self.state.cur[s.input]] for s in self.growing}  # [k]: the state at past k·C
+        c = session.chunk_size
+        self.max_steps = (context or DEFAULT_STATIC_CONTEXT) // c if self.growing else None
+        self.steps_done = 0
+        self.sessions = {0: session.sess}  # step k's session (full attention); 0 serves every step of a window
+        self.weights = None  # the shared device weights of the pinned sessions, read at the first step k >= 1
+        self.ids = self.state._put(np.zeros((batch, c), dtype=np.int64))
         out = next(o for o in session.sess.get_outputs() if o.name == "logits")
         dtype = _NP.get(out.type)
         if dtype is None:
             raise InputError(f"{session.path}: logits of type {out.type} are not supported by a static session")
-        self.logits = ort.OrtValue.ortvalue_from_shape_and_type([batch, session.chunk_size, m.vocab_size], dtype,
-                                                                session.device, 0)
+        self.logits = ort.OrtValue.ortvalue_from_shape_and_type([batch, c, m.vocab_size], dtype, session.device, 0)
         self.initial = None  # the device-side reset, made at the first reset
-        self.bindings, self.options = [], []
-        for side in (0, 1):
-            b = session.sess.io_binding()
-            b.bind_ortvalue_input("input_ids", self.ids)
-            src, dst = (self.state.cur, self.state.spare) if side == 0 else (self.state.spare, self.state.cur)
-            for s in m.state:
+        self.bindings: Dict = {}
+
+    def _session(self, k: int):
+        if k not in self.sessions:
+            if self.weights is None:
+                self.weights = shared_weights(self.session.path, self.state)
+            self.sessions[k] = self.session.open_pinned(k * self.session.chunk_size, self.weights)
+        return self.sessions[k]
+
+    def _binding(self, k: int, side: int):
+        """The IO binding and run options of step ``k`` (0 for every step of a window export) on ``side``."""
+        if (k, side) in self.bindings:
+            return self.bindings[k, side]
+        b = self._session(k).io_binding()
+        b.bind_ortvalue_input("input_ids", self.ids)
+        src, dst = self.sides[side], self.sides[1 - side]
+        for s in self.session.manifest.state:
+            if s.input in src:
                 b.bind_ortvalue_input(s.input, src[s.input])
                 b.bind_ortvalue_output(s.output, dst[s.input])
-            b.bind_ortvalue_output("logits", self.logits)
-            self.bindings.append(b)
-            opt = ort.RunOptions()
-            if cuda_graph:
-                opt.add_run_config_entry("gpu_graph_id", str(side))
-            self.options.append(opt)
+            else:
+                chain = self.chain[s.input]
+                if len(chain) == k + 1:
+                    shape = [self.batch if d == BATCH else (k + 1) * self.session.chunk_size if d == PAST else int(d)
+                             for d in s.shape]
+                    chain.append(self._ort.OrtValue.ortvalue_from_shape_and_type(
+                        shape, np.dtype(s.dtype), self.session.device, 0))
+                b.bind_ortvalue_input(s.input, chain[k])
+                b.bind_ortvalue_output(s.output, chain[k + 1])
+        b.bind_ortvalue_output("logits", self.logits)
+        opt = self._ort.RunOptions()
+        if self.cuda_graph:
+            opt.add_run_config_entry("gpu_graph_id", str(side))
+        self.bindings[k, side] = (b, opt)
+        return b, opt
 
     def reset(self, batch: int) -> StateBuffers:
-        """The session's state, set back to the initial values (in place: the captured addresses stay)."""
+        """The session's state, set back to the initial values (in place: the captured addresses stay), on side 0."""
         if batch != self.batch:
             raise InputError(f"this session is static for batch {self.batch}; asked for a state of batch {batch}")
+        for name in self.sides[0]:
+            self.state.cur[name], self.state.spare[name] = self.sides[0][name], self.sides[1][name]
+        for name, chain in self.chain.items():
+            self.state.cur[name] = chain[0]
+        self.steps_done = 0
         if self.initial is None:
-            self.initial = InitialCopy(self.session, self.state)
+            self.initial = InitialCopy(self.session, self.state, list(self.sides[0]))
         self.initial.write_into(self.state.cur)
         return self.state
 
@@ -79,29 +126,55 @@ class StaticSteps:
         if ids.shape != (self.batch, c):
             raise InputError(f"input 'input_ids': this session is static for chunks of exactly [{self.batch}, {c}] "
                              f"tokens, got {list(ids.shape)} (pad the last chunk, or use a session without static_batch)")
+        k = 0
+        if self.growing:
+            k = self.steps_done
+            if k >= self.max_steps:
+                raise InputError(f"this static session holds {self.max_steps * c} tokens of context (static_context) "
+                                 f"and the document is past them: open it with a larger static_context, or export "
+                                 f"with --attention window for documents of any length")
+        side = 0 if state.cur["position"] is self.sides[0]["position"] else 1
         self.ids.update_inplace(ids)
-        side = 0 if next(iter(state.cur.values())) is self.side0 else 1
-        self.session.sess.run_with_iobinding(self.bindings[side], self.options[side])
-        state.advance({})
+        b, opt = self._binding(k, side)
+        self._session(k).run_with_iobinding(b, opt)
+        self.steps_done += 1
+        state.advance({s.output: self.chain[s.input][k + 1] for s in self.growing})
         if not fetch:
             return self.logits
         host = self.logits.numpy()  # on the CPU provider a view of the reused buffer: copy it
         return host.copy() if self.session.device == "cpu" else host
 
 
+def shared_weights(path: str, state: StateBuffers) -> Dict[str, object]:
+    """The graph's float initializers of at least SHARE_BYTES as OrtValues on the state's device: given to every
+    pinned session (``SessionOptions.add_initializer``), which onnxruntime then uses in place instead of loading
+    its own copy (where its plan puts the weight on that device; elsewhere it keeps its own)."""
+    import onnx
+    from onnx import numpy_helper
+
+    model = onnx.load(path, load_external_data=True)
+    out = {}
+    for t in model.graph.initializer:
+        arr = numpy_helper.to_array(t)
+        if arr.dtype.kind == "f" and arr.nbytes >= SHARE_BYTES:
+            out[t.name] = state._put(np.ascontiguousarray(arr))
+    return out
+
+
 class InitialCopy:
     """The initial state on the device, and an onnxruntime session of Identity nodes that copies it into a set of
     state buffers (``write_into``): a document's reset without a host upload. States whose initial value is zeros
-    share one device buffer per shape and dtype."""
+    share one device buffer per shape and dtype. ``names``: only these states (input names; default all)."""
 
-    def __init__(self, session, state: StateBuffers):
+    def __init__(self, session, state: StateBuffers, names=None):
         import onnxruntime as ort
         from onnx import helper
 
-        arrays = initial_arrays(state.specs, state.batch, session.folder)
+        specs = [s for s in state.specs if names is None or s.input in names]
+        arrays = initial_arrays(specs, state.batch, session.folder)
         sources, self.feeds, self.names = {}, {}, []
         nodes, inputs, outputs = [], [], []
-        for spec in state.specs:
+        for spec in specs:
             arr = arrays[spec.input]
             info = (helper.np_dtype_to_tensor_dtype(arr.dtype), list(arr.shape))
             key = ("zeros", arr.shape, arr.dtype.str) if spec.init.get("kind") == "zeros" else ("value", spec.input)
@@ -129,15 +202,12 @@ class InitialCopy:
         self.sess.run_with_iobinding(b)
 
 
-def check_static(manifest, batch: Optional[int]) -> None:
-    """InputError unless a static session can be made for this export and batch."""
+def check_static(manifest, batch: Optional[int], context: Optional[int] = None, chunk: int = 1) -> None:
+    """InputError unless a static session can be made for this export, batch and context (tokens)."""
     if batch is None or isinstance(batch, bool) or not isinstance(batch, int) or batch < 1:
         raise InputError(f"static_batch must be a positive integer, got {batch!r}")
-    moving = [s.input for s in manifest.state if "past" in s.shape]
-    if manifest.attention != "window" or moving:
-        raise InputError("a static session (CUDA graphs) needs fixed-shape state: export with --attention window "
-                         f"(this export has attention {manifest.attention!r}"
-                         + (f", growing state {moving[:2]}" if moving else "") + ")")
+    if context is not None and (isinstance(context, bool) or not isinstance(context, int) or context < chunk):
+        raise InputError(f"static_context must be an integer of at least one chunk ({chunk} tokens), got {context!r}")
 
 
-__all__ = ["InitialCopy", "StaticSteps", "check_static"]
+__all__ = ["DEFAULT_STATIC_CONTEXT", "InitialCopy", "StaticSteps", "check_static", "shared_weights"]

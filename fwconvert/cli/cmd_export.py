@@ -147,7 +147,8 @@ def run_cmd(exported, text, tokens, generate, provider, as_json):
 @click.option("--tokens", type=click.Path(), default=None, help="Like --text, from whitespace-separated token ids.")
 @click.option("--static", is_flag=True,
               help="Run the export as a static session: batch and chunk pinned, buffers bound once, and on the CUDA "
-                   "provider every step replayed as a captured CUDA graph (window-attention exports; full chunks).")
+                   "provider every step replayed as a captured CUDA graph (full chunks; a full-attention export "
+                   "gets one pinned session per past length).")
 @click.option("--json", "as_json", is_flag=True, help="Print the full report as JSON.")
 def verify_cmd(exported, against, chunks, provider, batch, text, tokens, static, as_json):
     """Compare EXPORTED with PyTorch chunk by chunk (logits and every state tensor) and the perplexity over all the

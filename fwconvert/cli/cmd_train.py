@@ -78,11 +78,12 @@ def calibrate_cmd(model, data, ext, out, steps, seq_len, batch_size, lr, fast_lr
                    f"documents; wrote {out}")
 
 
-def _ort_runner(folder: str, device: str, chunk: int, static: bool = False):
+def _ort_runner(folder: str, device: str, chunk: int, static: bool = False, context: int = 8192):
     """(step, init_state) over an exported ONNX folder via ``exporters.runtime`` (imported lazily: the
     ``fwconvert`` package itself never imports ``exporters``). The state lives in ORT buffers.
 
-    ``static``: one static session per batch size (window exports; CUDA graphs on the CUDA provider). A document's
+    ``static``: one static session per batch size, holding ``context`` tokens (CUDA graphs on the CUDA provider; a
+    full-attention export gets one pinned session per past length). A document's
     short last chunk is padded to the full chunk (its padded positions' logits are dropped; the state after it,
     which nothing reads, is not that of the real tokens)."""
     import numpy as np
@@ -104,11 +105,12 @@ def _ort_runner(folder: str, device: str, chunk: int, static: bool = False):
     def session_for(batch: int):  # static: one session per batch size; else one session for all
         key = batch if static else None
         if key not in sessions:
-            sessions[key] = ChunkSession(folder, provider=provider, static_batch=key)
+            sessions[key] = ChunkSession(folder, provider=provider, static_batch=key,
+                                         static_context=-(-context // chunk) * chunk if static else None)
         return sessions[key]
 
-    if static:  # refuse a full-attention export before any document is read
-        check_static(manifest, 1)
+    if static:  # refuse a bad setting before any document is read
+        check_static(manifest, 1, context, chunk)
     else:
         session_for(1)  # the one session, loaded (and checked) now
 
@@ -144,8 +146,9 @@ def _ort_vocab(folder: str) -> int:
 @click.option("--runtime", default="torch", show_default=True, type=click.Choice(["torch", "ort"]),
               help="ort: MODEL is an exported ONNX folder (export-onnx) run by onnxruntime.")
 @click.option("--static", is_flag=True,
-              help="With --runtime ort: run static sessions (a window-attention export; batch and chunk pinned, "
-                   "buffers bound once, CUDA graphs on the CUDA provider); short last chunks are padded.")
+              help="With --runtime ort: run static sessions (batch and chunk pinned, and the past length for a "
+                   "full-attention export; buffers bound once, CUDA graphs on the CUDA provider); short last chunks "
+                   "are padded.")
 @click.option("--base", "base", default=None, type=click.Path(), help="Also evaluate this base model.")
 @click.option("--baseline", "baseline", default=None, type=click.Path(), help="Also evaluate this calibrated baseline.")
 @click.option("--dynamic-eval", is_flag=True, help="Also run dynamic evaluation of the base model (--base, else "
@@ -172,7 +175,7 @@ def eval_cmd(model, data, ext, context, min_tokens, chunk_size, runtime, static,
     if chunk_size < 1 or batch_size < 1:
         raise InputError("--chunk-size and --batch-size must be at least 1")
     if static and runtime != "ort":
-        raise InputError("--static applies to --runtime ort (an exported window-attention graph)")
+        raise InputError("--static applies to --runtime ort (an exported graph)")
     if device.startswith("cuda"):
         import torch
 
@@ -186,7 +189,7 @@ def eval_cmd(model, data, ext, context, min_tokens, chunk_size, runtime, static,
     dt = DTYPES[dtype]
     runners = {}
     if runtime == "ort":
-        runners["onnx"] = _ort_runner(model, device, chunk_size, static)
+        runners["onnx"] = _ort_runner(model, device, chunk_size, static, context)
     else:
         primary = ev.load_eval_model(model, device, dt)
         runners[ev.model_name(primary)] = ev.torch_runner(primary)
