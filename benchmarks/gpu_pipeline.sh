@@ -1,17 +1,20 @@
 #!/usr/bin/env bash
-# The GPU session in one go, in the background: calibrate (GPU) while every graph exports (CPUs), then the kernel
-# profiles, the evaluation (alone on the machine: its tokens/s are compared), verify, the chunk-step benchmark and
-# the 1B-shape chunk step. Each stage uses the scripts beside this one; a failing stage does not stop the next.
+# The GPU session in one go, in the background: calibrate (GPU) while every graph exports (CPUs), then the chunk-step
+# benchmark (alone on the machine), the kernel profiles, the evaluation (alone: its tokens/s are compared), verify,
+# the 1B-shape chunk step, the 1B calibration throughput (TF32 off/on) and the GPU-only tests. Each stage uses the
+# scripts beside this one; a failing stage does not stop the next.
 #   bash benchmarks/gpu_pipeline.sh start     copies the repo to /tmp/repo and starts (setsid: survives the call)
 #   bash benchmarks/gpu_pipeline.sh status    stage log so far; /tmp/out as $OUT/results.tgz (the device's return folder)
 # Each `run` call must follow the last within the machine's idle release (30 s): poll with `sleep 240; ... status`.
 # Settings (environment): RUNS, STEPS, CONVERT (gpu_calibrate.sh), EVALS, ABLATE (gpu_eval.sh), OLD: a folder holding
 # an older checkout whose window graphs are exported and timed beside the new ones (names with suffix 3: base-w3, ...),
-# PROFILE: the graphs whose kernels are profiled (default: every SmolLM2 graph; 20-30 s each),
+# PROFILE: the graphs whose kernels are profiled (default: every SmolLM2 graph; 20-30 s each), PROFILE_1B=0 to
+# skip the 1B kernel profile,
 # SDPA: attention kernel masks to profile the base window graph with besides onnxruntime's choice (e.g. "2 16"),
-# VERIFY: calibrated models whose window graphs (fp16 and fp32) are exported and verified on CUDA (default:
-# "fwl-cal ttt-mix"), STAGES: of "calibrate export profile eval verify bench 1b" (default: all of them; export, profile,
-# bench and 1b are the performance side, calibrate and eval the calibration side).
+# VERIFY: calibrated models whose window and full graphs (fp16 and fp32) are exported and verified on CUDA through
+# static sessions (default: "fwl-cal ttt-mix"), STAGES: of "calibrate export bench profile eval verify 1b mfu tests"
+# (default: all of them; export, bench, profile, 1b and mfu are the performance side, calibrate and eval the
+# calibration side, tests the GPU-only tests).
 # Needs the device staging (/tmp/fw-site with onnxruntime-gpu, onnxscript; the SmolLM2 GGUF in /tmp/fw-assets).
 set -uo pipefail
 R=/tmp/repo; S=/tmp/pipeline; RES=/tmp/out
@@ -19,7 +22,7 @@ G=/tmp/fw-assets/SmolLM2-135M-Instruct.Q4_1.gguf; W=/tmp/w; X=$W/x
 case ${1:-} in
 start)
   rm -rf $R && mkdir -p $R $S $RES && tar -C "$(dirname "$0")/.." --exclude=./.device -cf - . | tar -C $R -xf -
-  for v in RUNS STEPS EVALS ABLATE OLD CONVERT STAGES VERIFY SDPA PROFILE; do [ -n "${!v:-}" ] && printf '%s=%q\n' "$v" "${!v}"; done > $S/settings
+  for v in RUNS STEPS EVALS ABLATE OLD CONVERT STAGES VERIFY SDPA PROFILE PROFILE_1B; do [ -n "${!v:-}" ] && printf '%s=%q\n' "$v" "${!v}"; done > $S/settings
   setsid nohup bash $R/benchmarks/gpu_pipeline.sh run > $S/pipeline.log 2>&1 < /dev/null &
   echo "started (pid $!); follow with: bash benchmarks/gpu_pipeline.sh status"
   exit 0;;
@@ -37,7 +40,7 @@ cd $R
 export PYTHONPATH=/tmp/fw-site:$R PYTHONUNBUFFERED=1 OUT=$RES W
 RUNS=${RUNS:-"ttt-mix:ttt:1e-3:fast=1e-4 ttt-base-hi:ttt:1e-3:baseline fwl-cal:fwl:1e-3"}
 EVALS=${EVALS:-"ttt-mix:ttt-base-hi ttt-mix-static:ttt-base-hi"}; ABLATE=${ABLATE:-ttt-mix}
-VERIFY=${VERIFY:-"fwl-cal ttt-mix"}; STAGES=${STAGES:-"calibrate export profile eval verify bench 1b"}
+VERIFY=${VERIFY:-"fwl-cal ttt-mix"}; STAGES=${STAGES:-"calibrate export bench profile eval verify 1b mfu tests"}
 DOC=$(python3 -c "import sysconfig, os; print(os.path.join(sysconfig.get_paths()['stdlib'], 'typing.py'))")
 on() { [[ " $STAGES " == *" $1 "* ]]; }
 stage() { echo "== $(date +%T) stage $*"; }
@@ -60,13 +63,21 @@ wait
 tail -n 8 $RES/calibrate.log 2>/dev/null; grep -h "^export" $RES/export-*.log 2>/dev/null
 cat $RES/shapes-export/shapes.md 2>/dev/null; echo "   ($((SECONDS - T0)) s so far)"
 
-stage "calibrated window graphs of $VERIFY export (CPUs) while the kernel profiles run (GPU)"
+if on bench; then
+  stage "chunk-step benchmark (SmolLM2), alone on the machine"
+  g=(); for n in base fwl ttt base-w fwl-w ttt-w base-w3 fwl-w3 ttt-w3; do [ -d $X/$n ] && g+=(--graph "$n=$X/$n"); done
+  (cd benchmarks && timeout 600 python3 chunk_step.py --gguf "$G" "${g[@]}" --doc "$DOC" \
+     --out-md $RES/chunk-step.md --out-json $RES/chunk-step.json > $RES/chunk-step.log 2>&1)
+  tail -n 40 $RES/chunk-step.md; echo "   ($((SECONDS - T0)) s so far)"
+fi
+
+stage "calibrated graphs of $VERIFY export (CPUs) while the kernel profiles run (GPU)"
 if on verify; then
-  e=""; for m in $VERIFY; do e+=" $m-w:$W/$m:fp16:2048 $m-w32:$W/$m:fp32:2048"; done
+  e=""; for m in $VERIFY; do e+=" $m-w:$W/$m:fp16:2048 $m-f:$W/$m:fp16 $m-f32:$W/$m:fp32"; done
   EXPORTS="$e" PART=export bash benchmarks/gpu_export.sh > $RES/export-cal.log 2>&1 &
 fi
 if on profile; then
-  g=(); for n in ${PROFILE:-base-w fwl-w ttt-w base-w3 fwl-w3 ttt-w3 base fwl ttt}; do [ -d $X/$n ] && g+=("$n=$X/$n"); done
+  g=(); for n in ${PROFILE:-base fwl ttt base-w fwl-w ttt-w base-w3 fwl-w3 ttt-w3}; do [ -d $X/$n ] && g+=("$n=$X/$n"); done
   (cd benchmarks && timeout 400 python3 kernel_profile.py "${g[@]}" --batch 1 8 --md $RES/kernels.md --json $RES/kernels.json \
      > $RES/kernels.log 2>&1)
   for k in ${SDPA:-}; do  # the base window graph with other attention kernels (onnxruntime's sdpa_kernel mask)
@@ -90,9 +101,9 @@ vf() { local tag=$1 name=$2; shift 2; [ -d $X/$name ] || { echo "verify $name: n
   timeout 300 python3 -m fwconvert verify $X/$name --provider cuda "$@" --json > $V/$tag.json 2> $V/$tag.err
   echo "verify $tag ($name $*): rc $?"; }
 for m in $VERIFY; do
-  vf $m-w32-static $m-w32 --static --chunks 16
-  vf $m-w32-static-b8 $m-w32 --static --batch 8 --chunks 8
   vf $m-w-fp16-text $m-w --static --chunks 16 --text "$DOC"
+  vf $m-f32-static-b8 $m-f32 --static --batch 8 --chunks 8  # full attention: one pinned session and graph per past
+  vf $m-f-fp16-text $m-f --static --chunks 16 --text "$DOC"
 done
 python3 - $V/*.json <<'PY'
 import json, sys
@@ -106,19 +117,24 @@ PY
 echo "   ($((SECONDS - T0)) s so far)"
 fi
 
-if on bench; then
-  stage "chunk-step benchmark (SmolLM2), alone on the machine"
-  g=(); for n in base fwl ttt base-w fwl-w ttt-w base-w3 fwl-w3 ttt-w3; do [ -d $X/$n ] && g+=(--graph "$n=$X/$n"); done
-  (cd benchmarks && timeout 600 python3 chunk_step.py --gguf "$G" "${g[@]}" --doc "$DOC" \
-     --out-md $RES/chunk-step.md --out-json $RES/chunk-step.json > $RES/chunk-step.log 2>&1)
-  tail -n 40 $RES/chunk-step.md; echo "   ($((SECONDS - T0)) s so far)"
-fi
-
 if on 1b; then
   stage "chunk step of the LLaMA-1B shape"
   W=/tmp/w1b OUT=$RES/shapes-chunk PARTS=chunk SMOL=0 BUDGET=500 bash benchmarks/gpu_shapes.sh > /dev/null 2>&1
   tail -n 30 $RES/shapes-chunk/chunk-step-1b.md 2>/dev/null
-  (cd benchmarks && timeout 200 python3 kernel_profile.py base=/tmp/w1b/base-fp16 fwl=/tmp/w1b/fwl-fp16 \
-     ttt=/tmp/w1b/ttt-fp16 --batch 8 --md $RES/kernels-1b.md --json $RES/kernels-1b.json > $RES/kernels-1b.log 2>&1)
+  if [ "${PROFILE_1B:-1}" != 0 ]; then
+    (cd benchmarks && timeout 200 python3 kernel_profile.py base=/tmp/w1b/base-fp16 fwl=/tmp/w1b/fwl-fp16 \
+       ttt=/tmp/w1b/ttt-fp16 --batch 8 --md $RES/kernels-1b.md --json $RES/kernels-1b.json > $RES/kernels-1b.log 2>&1)
+  fi
+fi
+if on mfu; then
+  stage "calibration throughput and MFU of the LLaMA-1B shape, TF32 off and on"
+  W=/tmp/w1b OUT=$RES/shapes-calib PARTS=calib SMOL=0 BUDGET=400 bash benchmarks/gpu_shapes.sh > /dev/null 2>&1
+  tail -n 6 $RES/shapes-calib/shapes.md 2>/dev/null
+fi
+if on tests; then
+  stage "GPU-only tests"
+  timeout 400 python3 -m pytest -q -p no:cacheprovider tests/test_runtime_cuda.py tests/test_calibrate_gpu.py \
+    > $RES/gpu-tests.log 2>&1
+  echo "gpu tests: rc $?"; tail -n 5 $RES/gpu-tests.log
 fi
 stage "done in $((SECONDS - T0)) s"
