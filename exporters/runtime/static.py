@@ -60,6 +60,7 @@ class StaticSteps:
         self.steps_done = 0
         self.sessions = {0: session.sess}  # step k's session (full attention); 0 serves every step of a window
         self.weights = None  # the shared device weights of the pinned sessions, read at the first step k >= 1
+        self.sharing = "on"
         self.ids = self.state._put(np.zeros((batch, c), dtype=np.int64))
         out = next(o for o in session.sess.get_outputs() if o.name == "logits")
         dtype = _NP.get(out.type)
@@ -73,7 +74,14 @@ class StaticSteps:
         if k not in self.sessions:
             if self.weights is None:
                 self.weights = shared_weights(self.session.path, self.state)
-            self.sessions[k] = self.session.open_pinned(k * self.session.chunk_size, self.weights)
+            try:
+                self.sessions[k] = self.session.open_pinned(k * self.session.chunk_size, self.weights)
+            except InputError:
+                if not self.weights:
+                    raise
+                # an onnxruntime that refuses the shared weights: each pinned session loads its own copy
+                self.weights, self.sharing = {}, "off (onnxruntime refused the shared weights)"
+                self.sessions[k] = self.session.open_pinned(k * self.session.chunk_size)
         return self.sessions[k]
 
     def _binding(self, k: int, side: int):
