@@ -11,11 +11,14 @@ A window-attention export (``--attention window``) carries only fixed-shape stat
     side 1:  input_ids, state B  --graph 1-->  logits, state A      (gpu_graph_id 0 / 1, one capture each)
 
 A full-attention export's KV cache grows by C per step, so its step k has its own shapes: one session per past
-length k·C (all sharing one device copy of the weights), opened at the first document that gets that far, and a
-chain of KV buffers, one per past length, that step k reads (past k·C) and writes (past (k+1)·C) in place of a
-Concat's fresh allocation. The fixed-shape state (position, fast weights) ping-pongs as above; step k is always on
-side k mod 2, because a reset puts the state back on side 0. ``static_context`` bounds the chain (default 8192
-tokens): the buffers of every past length are kept, ≈ (n + 1) / 2 times one full cache for n steps.
+length k·C, opened at the first document that gets that far, and a chain of KV buffers, one per past length, that
+step k reads (past k·C) and writes (past (k+1)·C) in place of a Concat's fresh allocation. The fixed-shape state
+(position, fast weights) ping-pongs as above; step k is always on side k mod 2, because a reset puts the state back
+on side 0. ``static_context`` bounds the chain (default 8192 tokens). Memory, for n = static_context / C steps: the
+KV buffers of every past length, ≈ (n + 1) / 2 times one full cache; on CUDA n copies of the weights (one per pinned
+session: onnxruntime's Python API cannot hand it a device buffer it will share, see ``_session``; on the CPU the
+pinned sessions share one copy); and each captured graph keeps its own activation memory. SmolLM2-135M fp16 at
+n = 16: about 16 × 270 MB of weights.
 
 Each step copies the chunk into the one ``input_ids`` buffer (``OrtValue.update_inplace``), runs the binding of
 (step, side), and advances. The logits buffer is reused: a step's logits are valid until the next step. One set of
@@ -73,13 +76,17 @@ class StaticSteps:
     def _session(self, k: int):
         if k not in self.sessions:
             if self.weights is None:
-                self.weights = shared_weights(self.session.path, self.state)
+                # onnxruntime takes a shared weight only from a buffer its caller owns (add_initializer); an OrtValue
+                # it allocates on CUDA itself is refused ("must be owned by the user", ORT 1.31), and its Python API
+                # has no user-owned CUDA buffer, so on CUDA each pinned session loads its own copy of the weights
+                self.weights = shared_weights(self.session.path, self.state) if self.session.device == "cpu" else {}
+                if not self.weights:
+                    self.sharing = "off (each pinned session holds its own copy of the weights)"
             try:
                 self.sessions[k] = self.session.open_pinned(k * self.session.chunk_size, self.weights)
-            except InputError:
+            except (InputError, RuntimeError):
                 if not self.weights:
                     raise
-                # an onnxruntime that refuses the shared weights: each pinned session loads its own copy
                 self.weights, self.sharing = {}, "off (onnxruntime refused the shared weights)"
                 self.sessions[k] = self.session.open_pinned(k * self.session.chunk_size)
         return self.sessions[k]
