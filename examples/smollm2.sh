@@ -51,7 +51,9 @@ fwconvert run "$W/fwl-onnx" --text "$W/excerpt.txt" --generate 16 --provider "$P
 if [ "$DEVICE" = cuda ]; then  # fp16 for deployment: check it on a real document (random tokens overflow fp16's range)
   fwconvert export-onnx "$W/ttt-cal" -o "$W/ttt-onnx-fp16" --dtype fp16 --force
   fwconvert verify "$W/ttt-onnx-fp16" --provider cuda --text "$DOC" --chunks 16
-  # the fastest deployment form: a 2048-token attention window, run as a static session with CUDA graphs
+  # deployment: static sessions with CUDA graphs. The full-attention export pins one session per past length (up to
+  # 8192 tokens); a 2048-token attention window keeps fixed-shape state for documents of any length
+  fwconvert verify "$W/ttt-onnx-fp16" --provider cuda --static --text "$DOC" --chunks 16
   fwconvert export-onnx "$W/ttt-cal" -o "$W/ttt-onnx-w" --dtype fp16 --attention window --window 2048 --force
   fwconvert verify "$W/ttt-onnx-w" --provider cuda --static --text "$DOC" --chunks 16
   fwconvert eval "$W/ttt-onnx-w" --runtime ort --static --split-from "$W/ttt-cal" --data "$W/docs" --ext .py \
