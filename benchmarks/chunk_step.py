@@ -132,7 +132,8 @@ def reset_ms(folder, batch, device="cuda", iters=10):
     return out
 
 
-def stream_graph(folder, ids, chunk, device="cuda", static=False):
+def stream_graph(folder, ids, chunk, device="cuda", static=False, notes=None):
+    """tokens/s of streaming ``ids`` (one warm-up pass first); ``notes``: gets a static session's weight sharing."""
     from exporters.runtime.session import ChunkSession
 
     sess = ChunkSession(folder, provider=device, static_batch=ids.shape[0] if static else None)
@@ -147,7 +148,10 @@ def stream_graph(folder, ids, chunk, device="cuda", static=False):
     t = time.perf_counter()
     st = run()
     st.position()  # device -> host: waits for the last step
-    return ids.size / (time.perf_counter() - t)
+    rate = ids.size / (time.perf_counter() - t)
+    if notes is not None and sess.static is not None and sess.static.growing:
+        notes[folder] = {"pinned_sessions": len(sess.static.sessions), "weight_sharing": sess.static.sharing}
+    return rate
 
 
 def plot_results(results: dict, path: str) -> str:
@@ -247,7 +251,8 @@ def main():
         for name, folder in graphs.items():
             stream[f"ours: {name} graph (ORT CUDA fp16)"] = stream_graph(folder, ids_np, args.chunk)
             if ids_np.shape[1] % args.chunk == 0:  # a full export: one pinned session and graph per past length
-                stream[f"ours: {name} graph (ORT CUDA fp16, CUDA graphs)"] = stream_graph(folder, ids_np, args.chunk, static=True)
+                stream[f"ours: {name} graph (ORT CUDA fp16, CUDA graphs)"] = stream_graph(
+                    folder, ids_np, args.chunk, static=True, notes=results.setdefault("static_full_sessions", {}))
                 results.setdefault("reset_ms", {})[name] = reset_ms(folder, 1)
         results["stream_tokens_per_s"] = stream
         results["stream_tokens"] = int(ids_np.shape[1])
@@ -260,6 +265,10 @@ def main():
         md += ["", f"Streaming one {results['stream_tokens']}-token document in {args.chunk}-token chunks (batch 1, KV cache growing):", "",
                markdown_table([{"path": k, "tokens/s": f"{v:,.0f}", "× eager": f"{v / eager:.1f}"}
                                for k, v in results["stream_tokens_per_s"].items()], ["path", "tokens/s", "× eager"])]
+    if results.get("static_full_sessions"):
+        md += ["", "Static sessions of full-attention graphs (streaming): " + "; ".join(
+            f"{os.path.basename(k)}: {v['pinned_sessions']} pinned sessions, weight sharing {v['weight_sharing']}"
+            for k, v in results["static_full_sessions"].items())]
     if results.get("reset_ms"):
         md += ["", "A static session's reset for the next document (batch 1), ms per reset, median of 10:", "",
                markdown_table([{"graph": k, **{m: f"{v:.2f}" for m, v in r.items()}} for k, r in results["reset_ms"].items()],

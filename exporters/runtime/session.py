@@ -111,8 +111,8 @@ class ChunkSession:
     """An exported graph plus its manifest; allocates state, runs chunks, streams documents.
 
     ``static_batch=B`` pins the batch and chunk axes (and, for a full-attention export, the past axis: one pinned
-    session per past length, up to ``static_context`` tokens, default 8192; on CUDA each holds its own copy of the
-    weights), allocates every buffer once and runs
+    session per past length, up to ``static_context`` tokens, default 8192, sharing one copy of the weights),
+    allocates every buffer once and runs
     each step through fixed IO bindings; on the CUDA provider the steps are then captured as CUDA graphs
     (``cuda_graph=None``: whenever the session runs on CUDA). Such a session takes only full [B, C] chunks and
     has one state (see ``exporters/runtime/static.py``). ``attention_kernels`` (CUDA only): onnxruntime's
@@ -163,7 +163,7 @@ class ChunkSession:
         """An onnxruntime session of this graph with this session's options; with ``static_batch``, the batch and
         chunk axes pinned, and with ``past`` the past axis too (a static session of a full-attention export opens one
         per past length). ``initializers``: name -> OrtValue on the session's device, used instead of the graph's
-        own copies (on the CPU the pinned sessions of one static session share one set of weights)."""
+        own copies (the pinned sessions of one static session share one set of weights)."""
         import onnxruntime as ort
 
         opts = ort.SessionOptions()

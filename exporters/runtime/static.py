@@ -15,10 +15,9 @@ length k·C, opened at the first document that gets that far, and a chain of KV 
 step k reads (past k·C) and writes (past (k+1)·C) in place of a Concat's fresh allocation. The fixed-shape state
 (position, fast weights) ping-pongs as above; step k is always on side k mod 2, because a reset puts the state back
 on side 0. ``static_context`` bounds the chain (default 8192 tokens). Memory, for n = static_context / C steps: the
-KV buffers of every past length, ≈ (n + 1) / 2 times one full cache; on CUDA n copies of the weights (one per pinned
-session: onnxruntime's Python API cannot hand it a device buffer it will share, see ``_session``; on the CPU the
-pinned sessions share one copy); and each captured graph keeps its own activation memory. SmolLM2-135M fp16 at
-n = 16: about 16 × 270 MB of weights.
+KV buffers of every past length, ≈ (n + 1) / 2 times one full cache; one more copy of the weights, which the pinned
+sessions of past ≥ C share (``shared_weights``; should onnxruntime refuse them, each loads its own copy, and
+``sharing`` says so); and each captured graph keeps its own activation memory.
 
 Each step copies the chunk into the one ``input_ids`` buffer (``OrtValue.update_inplace``), runs the binding of
 (step, side), and advances. The logits buffer is reused: a step's logits are valid until the next step. One set of
@@ -63,7 +62,7 @@ class StaticSteps:
         self.steps_done = 0
         self.sessions = {0: session.sess}  # step k's session (full attention); 0 serves every step of a window
         self.weights = None  # the shared device weights of the pinned sessions, read at the first step k >= 1
-        self.sharing = "on"
+        self._weight_owners, self.sharing = [], "on"
         self.ids = self.state._put(np.zeros((batch, c), dtype=np.int64))
         out = next(o for o in session.sess.get_outputs() if o.name == "logits")
         dtype = _NP.get(out.type)
@@ -76,17 +75,16 @@ class StaticSteps:
     def _session(self, k: int):
         if k not in self.sessions:
             if self.weights is None:
-                # onnxruntime takes a shared weight only from a buffer its caller owns (add_initializer); an OrtValue
-                # it allocates on CUDA itself is refused ("must be owned by the user", ORT 1.31), and its Python API
-                # has no user-owned CUDA buffer, so on CUDA each pinned session loads its own copy of the weights
-                self.weights = shared_weights(self.session.path, self.state) if self.session.device == "cpu" else {}
-                if not self.weights:
-                    self.sharing = "off (each pinned session holds its own copy of the weights)"
+                try:
+                    self._weight_owners, self.weights = shared_weights(self.session.path, self.state)
+                except Exception as e:  # noqa: BLE001 - sharing saves memory only: without it each loads its own
+                    self.weights, self.sharing = {}, f"off ({type(e).__name__}: {e})"
             try:
                 self.sessions[k] = self.session.open_pinned(k * self.session.chunk_size, self.weights)
             except (InputError, RuntimeError):
                 if not self.weights:
                     raise
+                # an onnxruntime that refuses the shared weights: each pinned session loads its own copy
                 self.weights, self.sharing = {}, "off (onnxruntime refused the shared weights)"
                 self.sessions[k] = self.session.open_pinned(k * self.session.chunk_size)
         return self.sessions[k]
@@ -160,20 +158,29 @@ class StaticSteps:
         return host.copy() if self.session.device == "cpu" else host
 
 
-def shared_weights(path: str, state: StateBuffers) -> Dict[str, object]:
-    """The graph's float initializers of at least SHARE_BYTES as OrtValues on the state's device: given to every
-    pinned session (``SessionOptions.add_initializer``), which onnxruntime then uses in place instead of loading
-    its own copy (where its plan puts the weight on that device; elsewhere it keeps its own)."""
+def shared_weights(path: str, state: StateBuffers):
+    """The graph's float initializers of at least SHARE_BYTES, once on the state's device, for every pinned session
+    (``SessionOptions.add_initializer``), which onnxruntime then uses in place instead of loading its own copy (where
+    its plan puts the weight on that device; elsewhere it keeps its own).
+
+    onnxruntime takes only a buffer its caller owns: an OrtValue it allocated itself is refused ("Buffer containing
+    the initializer must be owned by the user", ORT 1.31, on CUDA and CPU alike), and its Python API allocates every
+    device OrtValue itself. So each weight is allocated by onnxruntime (the owner, kept alive here) and handed over
+    as a DLPack view of the same memory, which does not own its buffer. Returns (owners, name -> view)."""
     import onnx
+    import onnxruntime as ort
     from onnx import numpy_helper
 
     model = onnx.load(path, load_external_data=True)
-    out = {}
+    owners, views = [], {}
     for t in model.graph.initializer:
         arr = numpy_helper.to_array(t)
         if arr.dtype.kind == "f" and arr.nbytes >= SHARE_BYTES:
-            out[t.name] = state._put(np.ascontiguousarray(arr))
-    return out
+            owner = ort.OrtValue.ortvalue_from_shape_and_type(list(arr.shape), arr.dtype, state.device, state.device_id)
+            owner.update_inplace(np.ascontiguousarray(arr))
+            owners.append(owner)
+            views[t.name] = ort.OrtValue.from_dlpack(owner)
+    return owners, views
 
 
 class InitialCopy:
