@@ -136,17 +136,19 @@ def test_graph_uses_fused_ort_attention_and_norms(llama_export, qwen3_export):
 
 
 def test_export_form_rotates_with_one_matmul_and_the_model_is_left_as_it_was(llama_export, qwen3_export):
-    """Exports rotate the rotary halves with one ±1 matmul (no Neg/Slice/Concat chain) and, without q/k norms,
-    project q, k and v with one matmul: 6 MatMuls per layer (qkv, rotation, o, gate, up, down) where there were 9.
-    The traced model itself is restored afterwards."""
+    """Exports trace the rotary halves' rotation as one ±1 matmul (no Neg/Slice/Concat chain), which the graph
+    rewrite then fuses with its multiplies and add into one RotaryEmbedding per RoPE (exporters/onnx/rotary_form.py);
+    without q/k norms q, k and v come from one matmul and get one RoPE: 5 MatMuls per layer (qkv, o, gate, up,
+    down) where there were 9, and 1 RotaryEmbedding (q/k norms: 2, for q and for k). The traced model itself is
+    restored afterwards."""
     from fwconvert.modeling.rope import _rotate_half, rotation_matrix
 
-    for out, layers in ((llama_export[1], 2), (qwen3_export[1], 2)):
+    for out, ropes in ((llama_export[1], 1), (qwen3_export[1], 2)):
         ops = [n.op_type for n in onnx.load(os.path.join(out, "model.onnx"), load_external_data=False).graph.node]
-        assert "Neg" not in ops
+        assert "Neg" not in ops and ops.count("RotaryEmbedding") == ropes * 2
     llama_ops = [n.op_type for n in onnx.load(os.path.join(llama_export[1], "model.onnx"),
                                               load_external_data=False).graph.node]
-    assert llama_ops.count("MatMul") == 6 * 2
+    assert llama_ops.count("MatMul") == 5 * 2
     model = qwen3_export[0]
     assert all(m.rope_rotation is None and m.fused_qkv is None for m in model.modules() if hasattr(m, "fused_qkv"))
     x = torch.randn(2, 3, 5, 16, generator=torch.Generator().manual_seed(0))
@@ -269,3 +271,24 @@ def test_grouped_queries_attend_the_cached_heads_exactly(tmp_path, heads, kv, wi
     assert {onnx.helper.get_attribute_value(a) for n in mha for a in n.attribute if a.name == "num_heads"} == {kv}
     rep = verify(out, against=model, chunks=6, batch=2)
     assert rep.passed and rep.worst().rel <= TOL, rep.worst()
+
+
+def test_rotary_embedding_takes_any_position(qwen3_export):
+    """The fused RoPE reads each token's own cos/sin row (no table indexed by position): a chunk at position
+    200,000 (far past max_position_embeddings), two documents at different positions, matches PyTorch's step."""
+    from exporters.runtime.session import ChunkSession
+
+    model, out = qwen3_export
+    s = ChunkSession(out, provider="cpu")
+    state = s.new_state(2)
+    starts = np.array([200_000, 1_234], dtype=np.int64)
+    state.cur["position"].update_inplace(starts)
+    tstate = model.init_state(2)
+    tstate["position"] = torch.from_numpy(starts)
+    ids = np.random.default_rng(3).integers(0, s.manifest.vocab_size, (2, 5))
+    got = s.step(ids, state)
+    with torch.no_grad():
+        want, _ = model.step(torch.from_numpy(ids), tstate)
+    np.testing.assert_allclose(got, want.numpy(), rtol=1e-4, atol=1e-4)
+    at_zero = s.step(ids, s.new_state(2))  # the positions reach the rotation: other positions, other logits
+    assert not np.allclose(got, at_zero, atol=1e-3)

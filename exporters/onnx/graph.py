@@ -18,6 +18,7 @@ from fwconvert.errors import InputError, NumericError
 from fwconvert.modeling.decoder import DecoderLM
 
 from .attention_forms import attention_without_transposes, grouped_queries
+from .rotary_form import rotary_embedding
 from .io_spec import BATCH, CHUNK, GRAPH_NAME, INITIAL_STATE_NAME, PAST, Manifest, StateSpec, chunk_rule, input_name, output_name
 from .wrapper import ChunkStep, initial_state, state_layout
 
@@ -107,7 +108,7 @@ def _trace(wrapper, ids, state, keys, shapes, opset):
 
 def fuse_for_ort(model) -> Dict[str, int]:
     """Rewrite ``model`` (onnx_ir, in place) with onnxruntime's fused contrib ops: RMSNorm and residual+RMSNorm
-    to (Skip)SimplifiedLayerNormalization, QK^T-mask-softmax-V to MultiHeadAttention. Besides fewer kernels,
+    to (Skip)SimplifiedLayerNormalization, QK^T-mask-softmax-V to MultiHeadAttention, RoPE to RotaryEmbedding. Besides fewer kernels,
     this fixes fp16 accuracy: the decomposed attention rounds its scores to fp16 before the softmax (logits off
     by 5e-2 on the GPU), the fused kernel keeps them in fp32 as torch's SDPA does. Returns the count of each
     contrib op in the result, e.g. ``{"com.microsoft.MultiHeadAttention": 30, ...}``."""
@@ -122,7 +123,8 @@ def fuse_for_ort(model) -> Dict[str, int]:
     _decompose_plain_rms(model.graph)
     attention_without_transposes(model.graph)
     grouped_queries(model.graph)
-    ir_passes.RemoveUnusedNodesPass()(model)  # the shape arithmetic of the removed broadcasts
+    rotary_embedding(model.graph)
+    ir_passes.RemoveUnusedNodesPass()(model)  # the shape arithmetic of the removed broadcasts, the RoPE tables
     fused_ops: Dict[str, int] = {}
     for n in model.graph:
         if n.domain not in ("", "ai.onnx"):
