@@ -31,8 +31,8 @@ def _ints(name: str, values):
     return ir.AttrInt64s(name, [int(v) for v in values])
 
 
-def _const_ints(v) -> Optional[list]:
-    """The values of a constant int tensor (an initializer or a ``Constant`` node's output), else None."""
+def _const_array(v) -> Optional[np.ndarray]:
+    """The value of a constant tensor (an initializer or a ``Constant`` node's output), else None."""
     if v is None:
         return None
     t = v.const_value
@@ -42,9 +42,15 @@ def _const_ints(v) -> Optional[list]:
             return None
         t = p.attributes["value"].value
     try:
-        return [int(x) for x in np.asarray(t.numpy()).reshape(-1)]
+        return np.asarray(t.numpy())
     except Exception:  # noqa: BLE001 - not a readable constant
         return None
+
+
+def _const_ints(v) -> Optional[list]:
+    """The values of a constant int tensor, flattened, else None."""
+    a = _const_array(v)
+    return None if a is None else [int(x) for x in a.reshape(-1)]
 
 
 def _dims(v) -> Optional[list]:

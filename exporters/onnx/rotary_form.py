@@ -19,27 +19,9 @@ are made once per step and shared by every layer; the Reshapes are views.
 """
 from __future__ import annotations
 
-from typing import Optional
-
 import numpy as np
 
-from .attention_forms import _const_node, _dims, _remove_dead
-
-
-def _const_array(v) -> Optional[np.ndarray]:
-    """The value of a constant tensor (an initializer or a ``Constant`` node's output), else None."""
-    if v is None:
-        return None
-    t = v.const_value
-    if t is None:
-        p = v.producer()
-        if p is None or p.op_type != "Constant" or "value" not in p.attributes:
-            return None
-        t = p.attributes["value"].value
-    try:
-        return np.asarray(t.numpy())
-    except Exception:  # noqa: BLE001 - not a readable constant
-        return None
+from .attention_forms import _const_array, _const_ints, _const_node, _dims, _remove_dead
 
 
 def _is_rotation(v, hd: int) -> bool:
@@ -73,8 +55,7 @@ def _angles(table, fn: str):
     u = table.producer()
     if u is None or u.op_type != "Unsqueeze" or len(u.inputs) < 2:
         return None
-    axes = _const_array(u.inputs[1])
-    if axes is None or [int(a) for a in axes.reshape(-1)] != [2]:
+    if _const_ints(u.inputs[1]) != [2]:
         return None
     c = u.inputs[0].producer()
     cast = None

@@ -62,7 +62,7 @@ class StaticSteps:
         self.steps_done = 0
         self.sessions = {0: session.sess}  # step k's session (full attention); 0 serves every step of a window
         self.weights = None  # the shared device weights of the pinned sessions, read at the first step k >= 1
-        self._weight_owners, self.sharing = [], "on"
+        self._weight_refs, self.sharing = None, "on"
         self.ids = self.state._put(np.zeros((batch, c), dtype=np.int64))
         out = next(o for o in session.sess.get_outputs() if o.name == "logits")
         dtype = _NP.get(out.type)
@@ -76,7 +76,9 @@ class StaticSteps:
         if k not in self.sessions:
             if self.weights is None:
                 try:
-                    self._weight_owners, self.weights = shared_weights(self.session.path, self.state)
+                    owners, self.weights = shared_weights(self.session.path, self.state)
+                    # kept for the sessions' lifetime (onnxruntime holds pointers to them, not references)
+                    self._weight_refs = (owners, dict(self.weights))
                 except Exception as e:  # noqa: BLE001 - sharing saves memory only: without it each loads its own
                     self.weights, self.sharing = {}, f"off ({type(e).__name__}: {e})"
             try:
