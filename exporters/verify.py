@@ -22,7 +22,7 @@ from fwconvert.errors import InputError, NumericError
 from fwconvert.modeling.decoder import DecoderLM
 
 from .runtime.session import ChunkSession, load_manifest
-from .runtime.stream import log_softmax
+from .runtime.stream import token_nll
 
 
 @dataclass
@@ -132,8 +132,7 @@ def _chunk_rows(k: int, lo: np.ndarray, ref: np.ndarray, ort_state: Dict, ref_st
 
 def _nll_sum(logits: np.ndarray, targets: np.ndarray) -> float:
     """Σ -log softmax(logits)[target] over logits [B, n, V] and targets [B, n] (float64, one row at a time)."""
-    return float(sum(-np.take_along_axis(log_softmax(logits[b]), targets[b][:, None], -1).sum()
-                     for b in range(logits.shape[0])))
+    return float(sum(token_nll(logits[b], targets[b]).sum() for b in range(logits.shape[0])))
 
 
 def _own_tolerances(model: DecoderLM, dtype: str) -> Dict[str, float]:

@@ -246,3 +246,21 @@ def test_initial_value_from_array_file(tmp_path):
     os.remove(d / "initial_state.npz")
     with pytest.raises(InputError, match="missing or not a regular file"):
         s.new_state(1)
+
+
+def test_token_nll_is_cross_entropy_in_float64():
+    """The runtime's per-token loss (used by `run` and by verify's perplexity) equals torch's float64 cross-entropy,
+    for fp16 and fp32 logits with a batch axis, including logits far from zero."""
+    import torch
+
+    from exporters.runtime.stream import token_nll
+
+    rng = np.random.default_rng(0)
+    for dtype in (np.float32, np.float16):
+        logits = (rng.standard_normal((2, 7, 301)) * 20 + 500).astype(dtype)
+        targets = rng.integers(0, 301, (2, 7))
+        want = torch.nn.functional.cross_entropy(torch.from_numpy(logits.astype(np.float64)).reshape(-1, 301),
+                                                 torch.from_numpy(targets).reshape(-1), reduction="none")
+        got = token_nll(logits, targets)
+        assert got.dtype == np.float64 and got.shape == (2, 7)
+        np.testing.assert_allclose(got.reshape(-1), want.numpy(), rtol=1e-12, atol=1e-9)
