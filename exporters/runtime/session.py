@@ -112,8 +112,8 @@ class ChunkSession:
 
     ``static_batch=B`` pins the batch and chunk axes (and, for a full-attention export, the past axis: one pinned
     session per past length, up to ``static_context`` tokens, default 8192, sharing one copy of the weights),
-    allocates every buffer once and runs
-    each step through fixed IO bindings; on the CUDA provider the steps are then captured as CUDA graphs
+    allocates every buffer once and runs each step through fixed IO bindings; on the CUDA provider the steps are
+    then captured as CUDA graphs
     (``cuda_graph=None``: whenever the session runs on CUDA). Such a session takes only full [B, C] chunks and
     has one state (see ``exporters/runtime/static.py``). ``attention_kernels`` (CUDA only): onnxruntime's
     ``sdpa_kernel`` bit mask of the fused attention kernels it may pick (flash 1, memory-efficient 2, cuDNN flash 8,
