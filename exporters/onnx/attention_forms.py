@@ -24,11 +24,7 @@ from typing import Optional
 
 import numpy as np
 
-
-def _ints(name: str, values):
-    import onnx_ir as ir
-
-    return ir.AttrInt64s(name, [int(v) for v in values])
+from .ir_nodes import Nodes, replace_value
 
 
 def _const_array(v) -> Optional[np.ndarray]:
@@ -162,20 +158,15 @@ def grouped_queries(graph) -> int:
 
 def _tiled_bias(graph, bias, rep: int, cache: dict):
     """``Tile(bias, [1, 1, rep, 1])``: the bias rows for the stacked queries, made once per bias value (cached)."""
-    import onnx_ir as ir
-
     key = (id(bias), rep)
     if key not in cache:
-        nodes = []
-        reps = _const_node(nodes, np.array([1, 1, rep, 1], dtype=np.int64))
-        t = ir.Node("", "Tile", [bias, reps], num_outputs=1)
-        nodes.append(t)
+        new = Nodes()
+        cache[key] = new.op("Tile", bias, new.const(np.array([1, 1, rep, 1], dtype=np.int64)))
         producer = bias.producer()
         if producer is not None:
-            graph.insert_after(producer, nodes)
+            graph.insert_after(producer, new.nodes)
         else:  # a graph input: before the first node
-            graph.insert_before(next(iter(graph)), nodes)
-        cache[key] = t.outputs[0]
+            graph.insert_before(next(iter(graph)), new.nodes)
     return cache[key]
 
 
@@ -185,31 +176,22 @@ def _stack_query_heads(graph, n, ins, xk, xv, bias, heads: int, rep: int) -> Non
     import onnx_ir as ir
 
     kv, hd = heads // rep, _dims(xk)[3]
-    new = []
-
-    def op(op_type, *inputs, **kw):
-        attrs = [_ints(a, val) if isinstance(val, (list, tuple)) else ir.AttrInt64(a, val) for a, val in kw.items()]
-        node = ir.Node("", op_type, list(inputs), attributes=attrs, num_outputs=1)
-        new.append(node)
-        return node.outputs[0]
+    new = Nodes()
 
     def const(values):
-        return _const_node(new, np.asarray(values, dtype=np.int64))
+        return new.const(np.asarray(values, dtype=np.int64))
 
-    q = op("Reshape", ins[0], const([0, 0, kv, rep, hd]))  # [B, T, H_kv, rep, hd]
-    q = op("Transpose", q, perm=[0, 3, 1, 2, 4])  # [B, rep, T, H_kv, hd]
-    q = op("Reshape", q, const([0, -1, kv * hd]))  # [B, rep·T, H_kv·hd]
+    q = new.op("Reshape", ins[0], const([0, 0, kv, rep, hd]))  # [B, T, H_kv, rep, hd]
+    q = new.op("Transpose", q, perm=[0, 3, 1, 2, 4])  # [B, rep, T, H_kv, hd]
+    q = new.op("Reshape", q, const([0, -1, kv * hd]))  # [B, rep·T, H_kv·hd]
     attrs = [a for name, a in n.attributes.items() if name != "num_heads"] + [ir.AttrInt64("num_heads", kv)]
     mha = ir.Node("com.microsoft", "MultiHeadAttention", [q, xk, xv, None, None, bias], attributes=attrs, num_outputs=1)
-    new.append(mha)
-    o = op("Reshape", mha.outputs[0], const([0, rep, -1, kv, hd]))  # [B, rep, T, H_kv, hd]
-    o = op("Transpose", o, perm=[0, 2, 3, 1, 4])  # [B, T, H_kv, rep, hd]
-    o = op("Reshape", o, const([0, 0, heads * hd]))  # [B, T, H·hd]
-    graph.insert_before(n, new)
-    ir.convenience.replace_all_uses_with(n.outputs[0], o)
-    for i, out in enumerate(graph.outputs):
-        if out is n.outputs[0]:
-            graph.outputs[i] = o
+    new.nodes.append(mha)
+    o = new.op("Reshape", mha.outputs[0], const([0, rep, -1, kv, hd]))  # [B, rep, T, H_kv, hd]
+    o = new.op("Transpose", o, perm=[0, 2, 3, 1, 4])  # [B, T, H_kv, rep, hd]
+    o = new.op("Reshape", o, const([0, 0, heads * hd]))  # [B, T, H·hd]
+    graph.insert_before(n, new.nodes)
+    replace_value(graph, n.outputs[0], o)
     old = [ins[1].producer(), ins[2].producer()]
     graph.remove(n, safe=True)
     for r in old:  # Reshape, Expand, Unsqueeze of the repeat-KV copy
@@ -225,14 +207,6 @@ def _without_broadcast(v):
     if p is not None and p.op_type == "Expand" and _dims(p.inputs[0]) is not None and _dims(p.inputs[0]) == _dims(v):
         return p.inputs[0]
     return v
-
-
-def _const_node(new: list, arr: np.ndarray):
-    import onnx_ir as ir
-
-    node = ir.Node("", "Constant", [], attributes=[ir.AttrTensor("value", ir.tensor(arr))], num_outputs=1)
-    new.append(node)
-    return node.outputs[0]
 
 
 __all__ = ["attention_without_transposes", "grouped_queries"]

@@ -18,6 +18,7 @@ from fwconvert.errors import InputError, NumericError
 from fwconvert.modeling.decoder import DecoderLM
 
 from .attention_forms import attention_without_transposes, grouped_queries
+from .ir_nodes import Nodes, replace_value
 from .rotary_form import rotary_embedding
 from .io_spec import BATCH, CHUNK, GRAPH_NAME, INITIAL_STATE_NAME, PAST, Manifest, StateSpec, chunk_rule, input_name, output_name
 from .wrapper import ChunkStep, initial_state, state_layout
@@ -145,39 +146,19 @@ def _decompose_plain_rms(graph) -> int:
             raise AssertionError(f"unexpected SimplifiedLayerNormalization form: {attrs}")
         x, scale = n.inputs[0], n.inputs[1]
         dtype = x.dtype
-        new = []
-
-        def op(op_type, *inputs, **kw):
-            node = ir.Node("", op_type, list(inputs), attributes=[_attr(k, v) for k, v in kw.items()], num_outputs=1)
-            new.append(node)
-            return node.outputs[0]
-
-        x32 = op("Cast", x, to=ir.DataType.FLOAT) if dtype != ir.DataType.FLOAT else x
-        axes = op("Constant", value=ir.tensor(np.array([-1], dtype=np.int64)))
-        eps = op("Constant", value=ir.tensor(np.array(attrs.get("epsilon", 1e-5), dtype=np.float32)))
-        var = op("ReduceMean", op("Mul", x32, x32), axes, keepdims=1)
-        y = op("Mul", x32, op("Reciprocal", op("Sqrt", op("Add", var, eps))))
+        new = Nodes()
+        x32 = new.op("Cast", x, to=ir.DataType.FLOAT) if dtype != ir.DataType.FLOAT else x
+        axes = new.const(np.array([-1], dtype=np.int64))
+        eps = new.const(np.array(attrs.get("epsilon", 1e-5), dtype=np.float32))
+        var = new.op("ReduceMean", new.op("Mul", x32, x32), axes, keepdims=1)
+        y = new.op("Mul", x32, new.op("Reciprocal", new.op("Sqrt", new.op("Add", var, eps))))
         if dtype != ir.DataType.FLOAT:
-            y = op("Cast", y, to=dtype)
-        y = op("Mul", y, scale)
-        graph.insert_before(n, new)
-        y.shape, y.type = n.outputs[0].shape, n.outputs[0].type
-        ir.convenience.replace_all_uses_with(n.outputs[0], y)
-        for i, out in enumerate(graph.outputs):
-            if out is n.outputs[0]:
-                graph.outputs[i] = y
+            y = new.op("Cast", y, to=dtype)
+        y = new.op("Mul", y, scale)
+        graph.insert_before(n, new.nodes)
+        replace_value(graph, n.outputs[0], y)
         graph.remove(n, safe=True)
     return len(todo)
-
-
-def _attr(name: str, value):
-    import onnx_ir as ir
-
-    if isinstance(value, ir.DataType):
-        return ir.AttrInt64(name, int(value))
-    if isinstance(value, int):
-        return ir.AttrInt64(name, value)
-    return ir.AttrTensor(name, value)
 
 
 def _to_fp16(model: DecoderLM) -> DecoderLM:

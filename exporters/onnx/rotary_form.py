@@ -21,7 +21,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from .attention_forms import _const_array, _const_ints, _const_node, _dims, _remove_dead
+from .attention_forms import _const_array, _const_ints, _dims, _remove_dead
+from .ir_nodes import Nodes, replace_value
 
 
 def _is_rotation(v, hd: int) -> bool:
@@ -102,8 +103,6 @@ def _match(matmul):
 
 def rotary_embedding(graph) -> int:
     """Rewrite every traced RoPE (module doc) into a fused ``com.microsoft.RotaryEmbedding``; returns how many."""
-    import onnx_ir as ir
-
     shared = {}  # per angle tensor f: (ids, cos rows, sin rows), made once after f's producer
     done = 0
     for mm in [n for n in graph if n.op_type == "MatMul" and n.domain in ("", "ai.onnx")]:
@@ -115,21 +114,12 @@ def rotary_embedding(graph) -> int:
         if id(f) not in shared:
             shared[id(f)] = _rows(graph, f, cast, hd)
         ids, cos_rows, sin_rows = shared[id(f)]
-        new = []
-        x3 = ir.Node("", "Reshape", [x, _const_node(new, np.array([0, 0, heads * hd], dtype=np.int64))], num_outputs=1)
-        new.append(x3)
-        rot = ir.Node("com.microsoft", "RotaryEmbedding", [x3.outputs[0], ids, cos_rows, sin_rows],
-                      attributes=[ir.AttrInt64("interleaved", 0)], num_outputs=1)
-        new.append(rot)
-        out = ir.Node("", "Reshape", [rot.outputs[0], _const_node(new, np.array([0, 0, heads, hd], dtype=np.int64))],
-                      num_outputs=1)
-        new.append(out)
-        graph.insert_before(add, new)
-        out.outputs[0].shape, out.outputs[0].type = add.outputs[0].shape, add.outputs[0].type
-        ir.convenience.replace_all_uses_with(add.outputs[0], out.outputs[0])
-        for i, o in enumerate(graph.outputs):
-            if o is add.outputs[0]:
-                graph.outputs[i] = out.outputs[0]
+        new = Nodes()
+        x3 = new.op("Reshape", x, new.const(np.array([0, 0, heads * hd], dtype=np.int64)))
+        rot = new.op("RotaryEmbedding", x3, ids, cos_rows, sin_rows, domain="com.microsoft", interleaved=0)
+        out = new.op("Reshape", rot, new.const(np.array([0, 0, heads, hd], dtype=np.int64)))
+        graph.insert_before(add, new.nodes)
+        replace_value(graph, add.outputs[0], out)
         _remove_dead(graph, old)
         done += 1
     return done
@@ -137,36 +127,26 @@ def rotary_embedding(graph) -> int:
 
 def _rows(graph, f, cast, hd: int):
     """(ids [B, T], cos rows [B·T, hd/2], sin rows [B·T, hd/2]) from the angles f [B, T, hd/2], inserted after f."""
-    import onnx_ir as ir
+    new = Nodes()
 
-    new = []
+    def i64(values):
+        return new.const(np.array(values, dtype=np.int64))
 
-    def op(op_type, *inputs, to=None):
-        attrs = [ir.AttrInt64("to", to)] if to is not None else []
-        node = ir.Node("", op_type, list(inputs), attributes=attrs, num_outputs=1)
-        new.append(node)
-        return node.outputs[0]
-
-    to = cast.attributes["to"].value if cast is not None else None
-    flat = _const_node(new, np.array([-1, hd // 2], dtype=np.int64))
+    flat = i64([-1, hd // 2])
     rows = []
     for fn in ("Cos", "Sin"):
-        v = op(fn, f)
-        if to is not None:
-            v = op("Cast", v, to=int(to))
-        rows.append(op("Reshape", v, flat))
-    shape = op("Shape", f)
-    bt = op("Slice", shape, _const_node(new, np.array([0], dtype=np.int64)), _const_node(new, np.array([2], dtype=np.int64)))
-    count = op("ReduceProd", bt)  # B·T (keepdims: [1])
-    zero = _const_node(new, np.array(0, dtype=np.int64))
-    one = _const_node(new, np.array(1, dtype=np.int64))
-    n = op("Squeeze", count, _const_node(new, np.array([0], dtype=np.int64)))
-    ids = op("Reshape", op("Range", zero, n, one), bt)
+        v = new.op(fn, f)
+        if cast is not None:
+            v = new.op("Cast", v, to=int(cast.attributes["to"].value))
+        rows.append(new.op("Reshape", v, flat))
+    bt = new.op("Slice", new.op("Shape", f), i64([0]), i64([2]))  # [B, T]
+    n = new.op("Squeeze", new.op("ReduceProd", bt), i64([0]))  # B·T
+    ids = new.op("Reshape", new.op("Range", i64(0), n, i64(1)), bt)
     producer = f.producer()
     if producer is not None:
-        graph.insert_after(producer, new)
+        graph.insert_after(producer, new.nodes)
     else:
-        graph.insert_before(next(iter(graph)), new)
+        graph.insert_before(next(iter(graph)), new.nodes)
     return ids, rows[0], rows[1]
 
 
