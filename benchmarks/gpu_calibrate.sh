@@ -6,10 +6,15 @@
 #                                                      interrupted ones continue with --resume)
 # CONVERT (optional): more conversions of the GGUF, "name=command args;...", e.g.
 #   CONVERT="ttt3=mark-fast --chunk-size 512 --layers every:3;ttt-eta10=mark-fast --chunk-size 512 --lr 10"
-# RUNS: "name:model:lr[:baseline|:fast=LR]" entries; model is fwl, ttt or a CONVERT name; ":baseline"
-# calibrates the plain base model with the same recipe (--baseline); ":fast=LR" gives the new fast-weight
-# parameters their own peak lr (--fast-lr), e.g. "ttt-mix:ttt:1e-3:fast=1e-4 ttt-base-hi:ttt:1e-3:baseline". Every run uses --train $TRAIN, the same data, seed,
-# steps and schedule, so a model and its baseline differ only by the fast weights (and lr where named).
+# RUNS: "name:model:lr[:options]" entries; model is fwl, ttt or a CONVERT name; options, comma-separated:
+# "baseline" calibrates the plain base model with the same recipe (--baseline); "fast=LR" gives the new fast-weight
+# parameters their own peak lr (--fast-lr); "train=SET" replaces --train $TRAIN; "steps=N" replaces $STEPS.
+# E.g. "ttt-mix:ttt:1e-3:fast=1e-4 ttt-base-hi:ttt:1e-3:baseline". Every run uses the same data, seed and schedule,
+# so a model and its baseline differ only by the fast weights (and what the options name).
+# A second phase (optional) starts from calibrated runs: CONVERT2 = "name=command args @run;..." converts the
+# calibrated folder of a finished run (e.g. "ttt-on-base=mark-fast --chunk-size 512 @ttt-base-hi": fast weights
+# added to the tuned baseline), then RUNS2 (same syntax as RUNS) calibrates, e.g. "ttt2:ttt-on-base:1e-4:train=fast"
+# (only the new parameters: the baseline's W_down stay as they are, so its η = 0 ablation is the baseline itself).
 # Data: the stdlib's .py files >= 8 KB (DOCS, its long held-out files are the evaluation set of gpu_eval.sh)
 # plus MORE_MB of the host's long library .py files (dist-packages, >= 16 KB; training data unless held out).
 set -uo pipefail
@@ -31,19 +36,36 @@ for c in "${convs[@]}"; do
 done
 wait
 [ "${PREP_ONLY:-0}" = 1 ] && exit 0  # data and converted models only
-CAL=(--data $W/docs --data $W/more --ext .py --steps "$STEPS" --seq-len "$SEQ" --batch-size 1 --device "$DEVICE" --heldout 0.15
-     --no-progress --seed 0 --save-every 100 --train "$TRAIN")
-for r in $RUNS; do
-  IFS=: read -r name model lr kind <<< "$r"
-  [ -f "$W/$name/MANIFEST.json" ] && { echo "$name: done already"; continue; }
-  extra=(--resume)  # continues from the run's newest checkpoint, or starts at step 0 when there is none
-  [ "${kind:-}" = baseline ] && extra+=(--baseline)
-  case ${kind:-} in fast=*) extra+=(--fast-lr "${kind#fast=}");; esac
-  echo "+ $name: calibrate $model lr $lr ${extra[*]}"
-  OMP_NUM_THREADS=2 timeout "$LIMIT" python3 -m fwconvert calibrate "$W/$model" -o "$W/$name" "${CAL[@]}" --lr "$lr" "${extra[@]}" \
-    > "$W/logs/$name.log" 2>&1 &
+CAL=(--data $W/docs --data $W/more --ext .py --seq-len "$SEQ" --batch-size 1 --device "$DEVICE" --heldout 0.15
+     --no-progress --seed 0 --save-every 100)
+calibrate_runs() {  # RUNS entries, all at once on the GPU
+  for r in "$@"; do
+    IFS=: read -r name model lr opts <<< "$r"
+    [ -f "$W/$name/MANIFEST.json" ] && { echo "$name: done already"; continue; }
+    extra=(--resume)  # continues from the run's newest checkpoint, or starts at step 0 when there is none
+    train=$TRAIN; steps=$STEPS
+    IFS=, read -r -a kinds <<< "${opts:-}"
+    for k in "${kinds[@]}"; do
+      case $k in baseline) extra+=(--baseline);; fast=*) extra+=(--fast-lr "${k#fast=}");; train=*) train=${k#train=};;
+        steps=*) steps=${k#steps=};; "") ;; *) echo "$name: unknown option $k" >&2; continue 2;; esac
+    done
+    echo "+ $name: calibrate $model lr $lr train $train steps $steps ${extra[*]}"
+    OMP_NUM_THREADS=2 timeout "$LIMIT" python3 -m fwconvert calibrate "$W/$model" -o "$W/$name" "${CAL[@]}" --lr "$lr" \
+      --train "$train" --steps "$steps" "${extra[@]}" > "$W/logs/$name.log" 2>&1 &
+  done
+  wait
+}
+calibrate_runs $RUNS
+IFS=';' read -r -a convs2 <<< "${CONVERT2:-}"  # the second phase: conversions of calibrated runs, then RUNS2
+for c in "${convs2[@]}"; do
+  [ -n "$c" ] || continue
+  name=${c%%=*}; spec=${c#*=}; src=${spec##*@}; read -r -a cmd <<< "${spec%@*}"
+  [ -f "$W/$src/MANIFEST.json" ] || { echo "$name: run $src did not finish, not converted" >&2; continue; }
+  [ -d "$W/$name" ] || t python3 -m fwconvert "${cmd[@]}" "$W/$src" -o "$W/$name" &
 done
 wait
+calibrate_runs ${RUNS2:-}
+RUNS="$RUNS ${RUNS2:-}"
 for r in $RUNS; do n=${r%%:*}; echo "== $n"; tail -n 3 "$W/logs/$n.log"; done
 python3 - "$W" $RUNS <<'PY'
 import json, os, sys
