@@ -27,6 +27,8 @@ from .ir_nodes import Nodes, replace_value
 
 def _is_rotation(v, hd: int) -> bool:
     """Whether ``v`` is the constant R [hd, hd] with x @ R == rotate_half(x) (rope.py::rotation_matrix)."""
+    if _dims(v) != [hd, hd]:  # checked first: reading a projection weight just to compare it would be slow
+        return False
     r = _const_array(v)
     if r is None or r.shape != (hd, hd):
         return False
