@@ -133,9 +133,13 @@ def reset_ms(folder, batch, device="cuda", iters=10):
 
 
 def stream_graph(folder, ids, chunk, device="cuda", static=False, notes=None):
-    """tokens/s of streaming ``ids`` (one warm-up pass first); ``notes``: gets a static session's weight sharing."""
+    """tokens/s of streaming ``ids`` (one warm-up pass first); ``notes``: gets a static full-attention session's
+    pinned sessions, weight sharing and the device memory the session took (free memory before and after, GB)."""
+    import torch
+
     from exporters.runtime.session import ChunkSession
 
+    free_before = torch.cuda.mem_get_info()[0]
     sess = ChunkSession(folder, provider=device, static_batch=ids.shape[0] if static else None)
 
     def run():
@@ -150,7 +154,8 @@ def stream_graph(folder, ids, chunk, device="cuda", static=False, notes=None):
     st.position()  # device -> host: waits for the last step
     rate = ids.size / (time.perf_counter() - t)
     if notes is not None and sess.static is not None and sess.static.growing:
-        notes[folder] = {"pinned_sessions": len(sess.static.sessions), "weight_sharing": sess.static.sharing}
+        notes[folder] = {"pinned_sessions": len(sess.static.sessions), "weight_sharing": sess.static.sharing,
+                         "device_gb": round((free_before - torch.cuda.mem_get_info()[0]) / 2 ** 30, 2)}
     return rate
 
 
@@ -267,7 +272,8 @@ def main():
                                for k, v in results["stream_tokens_per_s"].items()], ["path", "tokens/s", "× eager"])]
     if results.get("static_full_sessions"):
         md += ["", "Static sessions of full-attention graphs (streaming): " + "; ".join(
-            f"{os.path.basename(k)}: {v['pinned_sessions']} pinned sessions, weight sharing {v['weight_sharing']}"
+            f"{os.path.basename(k)}: {v['pinned_sessions']} pinned sessions, weight sharing {v['weight_sharing']}, "
+            f"{v['device_gb']} GB of device memory"
             for k, v in results["static_full_sessions"].items())]
     if results.get("reset_ms"):
         md += ["", "A static session's reset for the next document (batch 1), ms per reset, median of 10:", "",
