@@ -215,15 +215,20 @@ class InitialCopy:
         opts = ort.SessionOptions()
         opts.log_severity_level = 3
         self.sess = ort.InferenceSession(model.SerializeToString(), opts, providers=session.sess.get_providers())
+        self._bound = (None, None, None)  # (the output buffers' ids, their binding, the buffers)
 
     def write_into(self, buffers) -> None:
-        """Copy the initial values into ``buffers`` (input name -> OrtValue of the state's shape), on their device."""
-        b = self.sess.io_binding()
-        for name, value in self.feeds.items():
-            b.bind_ortvalue_input(name, value)
-        for i, name in enumerate(self.names):
-            b.bind_ortvalue_output(f"state_{i}", buffers[name])
-        self.sess.run_with_iobinding(b)
+        """Copy the initial values into ``buffers`` (input name -> OrtValue of the state's shape), on their device.
+        The binding is kept while the same buffers come back (a static session resets into side 0 every time)."""
+        key = tuple(id(buffers[name]) for name in self.names)
+        if self._bound[0] != key:
+            b = self.sess.io_binding()
+            for name, value in self.feeds.items():
+                b.bind_ortvalue_input(name, value)
+            for i, name in enumerate(self.names):
+                b.bind_ortvalue_output(f"state_{i}", buffers[name])
+            self._bound = (key, b, [buffers[name] for name in self.names])  # the buffers, kept alive with their ids
+        self.sess.run_with_iobinding(self._bound[1])
 
 
 def check_static(manifest, batch: Optional[int], context: Optional[int] = None, chunk: int = 1) -> None:
