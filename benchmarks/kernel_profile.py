@@ -101,6 +101,10 @@ def profile_graph(folder: str, batch: int, steps: int, torch, cuda_graph: bool, 
         by_name[e.name] += d
         count_name[e.name] += 1
     busy = sum(by_class.values()) / 1e3 / steps
+    copy_t, copy_n = collections.Counter(), collections.Counter()  # memcpy / memset events by name (direction)
+    for e in copies:
+        copy_t[e.name] += dur(e)
+        copy_n[e.name] += 1
     return {
         "folder": folder, "batch": batch, "cuda_graph": sess.cuda_graph, "provider": sess.provider_note,
         "steps": steps, "wall_ms": round(wall, 3),
@@ -112,6 +116,8 @@ def profile_graph(folder: str, batch: int, steps: int, torch, cuda_graph: bool, 
         "top_kernels": [{"name": short(k), "class": classify(k), "ms_per_step": round(v / 1e3 / steps, 4),
                          "per_step": count_name[k] / steps, "us_each": round(v / count_name[k], 2)}
                         for k, v in by_name.most_common(25)],
+        "copies": [{"name": k, "per_step": copy_n[k] / steps, "ms_per_step": round(v / 1e3 / steps, 4)}
+                   for k, v in copy_t.most_common()],
     }
 
 
@@ -132,6 +138,9 @@ def markdown(results: list) -> str:
                 "| kernel | class | per step | µs each | ms per step |", "|---|---|---|---|---|"]
         out += [f"| `{k['name']}` | {k['class']} | {k['per_step']:g} | {k['us_each']} | {k['ms_per_step']:.3f} |"
                 for k in r["top_kernels"]]
+        if r.get("copies"):
+            out += ["", "Copies per step: " + "; ".join(f"`{c['name']}` {c['per_step']:g} × ({c['ms_per_step']:.3f} ms)"
+                                                    for c in r["copies"])]
     return "\n".join(out)
 
 

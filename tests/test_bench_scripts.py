@@ -118,11 +118,13 @@ def test_kernel_profile_classes_and_table():
     assert kp.classify("void onnxruntime::cuda::_BinaryElementWise<__half, __half, __half>") == "elementwise"
     r = {"batch": 1, "provider": "CUDA execution provider (TF32 on), CUDA graphs", "wall_ms": 4.05,
          "kernels_per_step": 750, "busy_ms": 3.5, "span_ms": 4.25, "by_class_ms": {"attention": 1.38, "gemm": 0.79},
-         "top_kernels": [{"name": "k", "class": "gemm", "per_step": 60, "us_each": 4.75, "ms_per_step": 0.285}]}
+         "top_kernels": [{"name": "k", "class": "gemm", "per_step": 60, "us_each": 4.75, "ms_per_step": 0.285}],
+         "copies": [{"name": "Memcpy DtoD (Device -> Device)", "per_step": 60, "ms_per_step": 0.12}]}
     md = kp.markdown([("base-w", r), ("bad", {"batch": 8, "cuda_graph": None, "wall_ms": float("nan"),
                                               "note": "failed: x"})])
     assert "| base-w | 1 | CUDA execution provider (TF32 on), CUDA graphs | 4.05 | 750 | 3.50 | 4.25 |" in md
     assert "attention 1.38, gemm 0.79" in md and "failed: x" in md and "| `k` | gemm | 60 | 4.75 | 0.285 |" in md
+    assert "Copies per step: `Memcpy DtoD (Device -> Device)` 60 × (0.120 ms)" in md
 
 
 def test_fwl_step_sweep_at_zero_is_the_base_model(tiny):
