@@ -150,11 +150,10 @@ def verify(folder: str, against=None, chunks: int = 16, provider: str = "cpu", b
     ``static``: through a static session (``ChunkSession(static_batch=batch)``; CUDA graphs on CUDA)."""
     if chunks < 1:
         raise InputError(f"--chunks must be >= 1, got {chunks}")
-    static_context = None
-    if static:  # enough pinned past lengths for every compared chunk
-        static_context = chunks * int(load_manifest(folder).chunking["chunk_size"])
-    session = ChunkSession(folder, provider=provider, threads=threads,  # TF32 as deployed (tf32_policy)
-                           static_batch=batch if static else None, static_context=static_context)
+    manifest = load_manifest(folder)
+    session = ChunkSession(folder, provider=provider, threads=threads, manifest=manifest,  # TF32 as deployed
+                           static_batch=batch if static else None,  # enough pinned past lengths for every chunk:
+                           static_context=chunks * int(manifest.chunking["chunk_size"]) if static else None)
     model = _load_reference(session, against)
     fp32 = session.manifest.dtype == "fp32"
     key = "ort_fp32_vs_torch_fp32" if fp32 else "ort_fp16_vs_torch_fp32"

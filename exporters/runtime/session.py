@@ -131,7 +131,7 @@ class ChunkSession:
         if precheck:
             check_graph_file(self.path)
         if static_batch is not None:
-            check_static(self.manifest, static_batch, static_context, self.chunk_size)
+            check_static(static_batch, static_context, self.chunk_size)
         elif cuda_graph:
             raise InputError("cuda_graph needs a static session (static_batch=B)")
         if cuda_graph and provider == "cpu":

@@ -92,10 +92,11 @@ class StaticSteps:
         return self.sessions[k]
 
     def _binding(self, k: int, side: int):
-        """The IO binding and run options of step ``k`` (0 for every step of a window export) on ``side``."""
+        """(session, IO binding, run options) of step ``k`` (0 for every step of a window export) on ``side``."""
         if (k, side) in self.bindings:
             return self.bindings[k, side]
-        b = self._session(k).io_binding()
+        sess = self._session(k)
+        b = sess.io_binding()
         b.bind_ortvalue_input("input_ids", self.ids)
         src, dst = self.sides[side], self.sides[1 - side]
         for s in self.session.manifest.state:
@@ -108,15 +109,15 @@ class StaticSteps:
                     shape = [self.batch if d == BATCH else (k + 1) * self.session.chunk_size if d == PAST else int(d)
                              for d in s.shape]
                     chain.append(self._ort.OrtValue.ortvalue_from_shape_and_type(
-                        shape, np.dtype(s.dtype), self.session.device, 0))
+                        shape, np.dtype(s.dtype), self.session.device, self.state.device_id))
                 b.bind_ortvalue_input(s.input, chain[k])
                 b.bind_ortvalue_output(s.output, chain[k + 1])
         b.bind_ortvalue_output("logits", self.logits)
         opt = self._ort.RunOptions()
         if self.cuda_graph:
             opt.add_run_config_entry("gpu_graph_id", str(side))
-        self.bindings[k, side] = (b, opt)
-        return b, opt
+        self.bindings[k, side] = (sess, b, opt)
+        return self.bindings[k, side]
 
     def reset(self, batch: int) -> StateBuffers:
         """The session's state, set back to the initial values (in place: the captured addresses stay), on side 0."""
@@ -150,8 +151,8 @@ class StaticSteps:
                                  f"with --attention window for documents of any length")
         side = 0 if state.cur["position"] is self.sides[0]["position"] else 1
         self.ids.update_inplace(ids)
-        b, opt = self._binding(k, side)
-        self._session(k).run_with_iobinding(b, opt)
+        sess, b, opt = self._binding(k, side)
+        sess.run_with_iobinding(b, opt)
         self.steps_done += 1
         state.advance({s.output: self.chain[s.input][k + 1] for s in self.growing})
         if not fetch:
@@ -231,8 +232,8 @@ class InitialCopy:
         self.sess.run_with_iobinding(self._bound[1])
 
 
-def check_static(manifest, batch: Optional[int], context: Optional[int] = None, chunk: int = 1) -> None:
-    """InputError unless a static session can be made for this export, batch and context (tokens)."""
+def check_static(batch: Optional[int], context: Optional[int] = None, chunk: int = 1) -> None:
+    """InputError unless a static session can be made for this batch and context (tokens); any export can."""
     if batch is None or isinstance(batch, bool) or not isinstance(batch, int) or batch < 1:
         raise InputError(f"static_batch must be a positive integer, got {batch!r}")
     if context is not None and (isinstance(context, bool) or not isinstance(context, int) or context < chunk):

@@ -105,12 +105,12 @@ def _ort_runner(folder: str, device: str, chunk: int, static: bool = False, cont
     def session_for(batch: int):  # static: one session per batch size; else one session for all
         key = batch if static else None
         if key not in sessions:
-            sessions[key] = ChunkSession(folder, provider=provider, static_batch=key,
+            sessions[key] = ChunkSession(folder, provider=provider, manifest=manifest, static_batch=key,
                                          static_context=-(-context // chunk) * chunk if static else None)
         return sessions[key]
 
     if static:  # refuse a bad setting before any document is read
-        check_static(manifest, 1, context, chunk)
+        check_static(1, context, chunk)
     else:
         session_for(1)  # the one session, loaded (and checked) now
 
