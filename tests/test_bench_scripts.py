@@ -147,3 +147,20 @@ def test_fwl_step_sweep_at_zero_is_the_base_model(tiny):
     assert res["runs"]["0.0"]["perplexity"] == ref["perplexity"]
     assert res["runs"]["0.5"]["perplexity"] != ref["perplexity"]
     assert "| 0.5 |" in fwl_step_sweep.markdown(res)
+
+
+def test_window_perplexity_equals_full_until_the_window_slides(tiny, tmp_path):
+    """benchmarks/window_perplexity.py: while every earlier position fits the window (chunks 0 and 1 of 32 tokens,
+    window 64), the window model's chunk perplexities are the full model's; once positions leave it they differ."""
+    import window_perplexity
+
+    base, _, docs = tiny
+    text = os.path.join(docs, sorted(os.listdir(docs))[0])
+    out = window_perplexity.main([base, "--text", text, "--window", "64", "--context", "192", "--chunk", "32",
+                                  "--out-json", str(tmp_path / "w.json")])
+    full, win = out["full"]["chunk_perplexity"], out["window"]["chunk_perplexity"]
+    assert out["tokens"] == 192 and len(full) == len(win) == 6
+    assert full[:2] == win[:2]
+    assert any(abs(f - w) > 1e-3 * f for f, w in zip(full[3:], win[3:]))
+    with open(tmp_path / "w.json") as f:
+        assert json.load(f)["window"]["chunk_perplexity"] == win

@@ -20,7 +20,9 @@ from ..errors import InputError
 @click.option("--chunk-size", type=int, default=None,
               help="Default chunk length (in-place TTT models: must equal their TTT chunk size).")
 @click.option("--attention", type=click.Choice(["full", "window"]), default=None,
-              help="full: growing KV cache; window: fixed-size sliding-window KV state (constant memory).")
+              help="full: growing KV cache; window: fixed-size sliding-window KV state (constant memory). A "
+                   "pretrained model degrades sharply once a document's first tokens leave the window (SmolLM2: "
+                   "1.6-2x perplexity per chunk past W; see benchmarks/window_perplexity.py).")
 @click.option("--window", type=int, default=None,
               help="Attention window W for --attention window. Each chunk then attends over W + C positions; keep "
                    "W + C a multiple of 8 (e.g. W = 2048, C = 512) for onnxruntime's fused attention kernels.")
