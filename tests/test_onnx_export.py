@@ -271,6 +271,73 @@ def test_grouped_queries_attend_the_cached_heads_exactly(tmp_path, heads, kv, wi
     assert {onnx.helper.get_attribute_value(a) for n in mha for a in n.attribute if a.name == "num_heads"} == {kv}
     rep = verify(out, against=model, chunks=6, batch=2)
     assert rep.passed and rep.worst().rel <= TOL, rep.worst()
+    # the grouped query heads stack as a view (exporters/onnx/query_order.py): no 5-D transposes around the attention
+    assert _stacking_transposes(m) == 0
+
+
+def _stacking_transposes(m) -> int:
+    """The 5-D Transposes that stack grouped query heads around the attention (attention_forms.grouped_queries)."""
+    return sum(1 for n in m.graph.node if n.op_type == "Transpose" for a in n.attribute
+               if a.name == "perm" and len(a.ints) == 5)
+
+
+@pytest.mark.parametrize("family,kind,dtype,stacked_by_view", [
+    ("qwen2", "base", "fp32", True),  # a q bias: its entries move with the heads
+    ("mistral", "fwl", "fp32", True),
+    ("llama", "inplace", "fp32", True),
+    ("llama", "base", "fp16", True),
+    ("qwen3", "base", "fp32", True),  # per-head q norms (an RMS norm over hd in standard ops) treat heads alike
+    ("qwen3", "inplace", "fp16", True),  # the same with fp16 <-> fp32 casts around the norm
+])
+def test_query_heads_reordered_in_the_weights_exactly(tmp_path, family, kind, dtype, stacked_by_view):
+    """With the query projection's heads reordered (slot r·H_kv + g holds head g·rep + r) and the output
+    projection's rows to match, the stacked query is a view of the projection and the graph still equals the
+    model: every family's attention path, base / FWL / in-place, fp32 and fp16."""
+    from exporters.onnx.query_order import _slot_order
+
+    assert _slot_order(6, 3).tolist() == [0, 3, 1, 4, 2, 5]  # H = 6, H_kv = 2: slots (r, g) hold heads g·3 + r
+    model = tiny_model(family, kind, seed=7)
+    assert model.config.num_attention_heads > model.config.num_key_value_heads
+    out = export_onnx(model, str(tmp_path / "onnx"), chunk_size=8, dtype=dtype)
+    m = onnx.load(os.path.join(out, "model.onnx"), load_external_data=False)
+    assert _stacking_transposes(m) == (0 if stacked_by_view else 2 * model.config.num_hidden_layers)
+    rep = verify(out, against=model, chunks=4, batch=2)
+    assert rep.passed, rep.worst()
+    if dtype == "fp32":
+        assert rep.worst().rel <= TOL, rep.worst()
+
+
+def test_query_reorder_refuses_paths_that_do_not_treat_heads_alike():
+    """The walk from the attention's query back to its projection (query_order._trace_back) stops, and the layer
+    keeps its transposes, when a value on the way has another reader or an op mixes heads (a Softmax over the
+    channels); a plain projection -> Reshape path is accepted with the weight to reorder."""
+    import onnx_ir as ir
+    from exporters.onnx.ir_nodes import Nodes
+    from exporters.onnx.query_order import _trace_back
+
+    def path(mix=None, extra_reader=False):
+        x = ir.Value(name="x", type=ir.TensorType(ir.DataType.FLOAT), shape=ir.Shape(["b", "t", 16]))
+        new = Nodes()
+        w = ir.Value(name="w", type=ir.TensorType(ir.DataType.FLOAT), shape=ir.Shape([16, 24]),
+                     const_value=ir.tensor(np.ones((16, 24), np.float32), name="w"))
+        y = new.op("MatMul", x, w)
+        y.shape, y.type = ir.Shape(["b", "t", 24]), ir.TensorType(ir.DataType.FLOAT)
+        if mix:
+            y = new.op(mix, y, axis=-1)
+            y.shape, y.type = ir.Shape(["b", "t", 24]), ir.TensorType(ir.DataType.FLOAT)
+        q = new.op("Reshape", y, new.const(np.array([0, 0, 3, 8], np.int64)))
+        q.shape = ir.Shape(["b", "t", 3, 8])
+        q3 = new.op("Reshape", q, new.const(np.array([0, 0, 24], np.int64)))
+        q3.shape = ir.Shape(["b", "t", 24])
+        outs = [q3] + ([new.op("Relu", y)] if extra_reader else [])
+        ir.Graph([x], outs, nodes=new.nodes, initializers=[w], opset_imports={"": 18})
+        return q3, w
+
+    q, w = path()
+    edits, ok = _trace_back(q, 8)
+    assert ok and [(e[0] is w, e[1:]) for e in edits] == [(True, (1, 0, 8))]
+    assert _trace_back(*path(extra_reader=True)[:1], 8)[1] is False
+    assert _trace_back(*path(mix="Softmax")[:1], 8)[1] is False
 
 
 def test_rotary_embedding_takes_any_position(qwen3_export):

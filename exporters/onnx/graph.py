@@ -20,6 +20,7 @@ from fwconvert.modeling.decoder import DecoderLM
 from .attention_forms import attention_without_transposes, grouped_queries
 from .ir_nodes import Nodes, replace_value
 from .rotary_form import rotary_embedding
+from .query_order import query_heads_in_group_order
 from .io_spec import BATCH, CHUNK, GRAPH_NAME, INITIAL_STATE_NAME, PAST, Manifest, StateSpec, chunk_rule, input_name, output_name
 from .wrapper import ChunkStep, initial_state, state_layout
 
@@ -125,6 +126,8 @@ def fuse_for_ort(model) -> Dict[str, int]:
     attention_without_transposes(model.graph)
     grouped_queries(model.graph)
     rotary_embedding(model.graph)
+    ir_passes.RemoveUnusedNodesPass()(model)  # the shape arithmetic of the removed broadcasts, the RoPE tables
+    query_heads_in_group_order(model.graph)  # after that pass: it reorders heads only where nothing else reads them
     ir_passes.RemoveUnusedNodesPass()(model)  # the shape arithmetic of the removed broadcasts, the RoPE tables
     fused_ops: Dict[str, int] = {}
     for n in model.graph:
