@@ -57,17 +57,19 @@ def test_full_static_sessions_share_the_weights(exports, monkeypatch):
 
     monkeypatch.setattr(static, "SHARE_BYTES", 1)
     s = ChunkSession(exports["base-full"], provider="cpu", static_batch=1)
+    assert s.static.sharing == "on" and s.static.sessions[0] is s.sess  # the past-0 session reads them too
     st = s.new_state(1)
     ids = np.arange(2 * C).reshape(1, -1) % s.manifest.vocab_size
-    s.step(ids[:, :C], st)
-    before = s.step(ids[:, C:], st)
+    before = [s.step(ids[:, :C], st), s.step(ids[:, C:], st)]
     emb = next(n for n in s.static.weights if "embed" in n)
     value = s.static.weights[emb]
     value.update_inplace(np.zeros(value.shape(), dtype=value.numpy().dtype))
     st = s.new_state(1)
-    s.step(ids[:, :C], st)
-    after = s.step(ids[:, C:], st)  # the pinned session of past C: its weights are the shared ones
-    assert not np.array_equal(before, after) and s.static.sharing == "on"
+    after = [s.step(ids[:, :C], st), s.step(ids[:, C:], st)]  # past 0 and past C: both read the shared weights
+    assert not np.array_equal(before[0], after[0]) and not np.array_equal(before[1], after[1])
+    assert s.static.sharing == "on"
+    w = ChunkSession(exports["base"], provider="cpu", static_batch=1)  # a window export: one session, its own
+    assert w.static.sharing.startswith("off") and not w.static.weights
 
 
 def test_static_logits_buffer_is_reused_and_fetch_copies(exports):

@@ -15,9 +15,9 @@ length k·C, opened at the first document that gets that far, and a chain of KV 
 step k reads (past k·C) and writes (past (k+1)·C) in place of a Concat's fresh allocation. The fixed-shape state
 (position, fast weights) ping-pongs as above; step k is always on side k mod 2, because a reset puts the state back
 on side 0. ``static_context`` bounds the chain (default 8192 tokens). Memory, for n = static_context / C steps: the
-KV buffers of every past length, ≈ (n + 1) / 2 times one full cache; one more copy of the weights, which the pinned
-sessions of past ≥ C share (``shared_weights``; should onnxruntime refuse them, each loads its own copy, and
-``sharing`` says so); and each captured graph keeps its own activation memory.
+KV buffers of every past length, ≈ (n + 1) / 2 times one full cache; one copy of the weights, which the pinned
+sessions share, the past-0 one included (``shared_weights``; should onnxruntime refuse them, each loads its own
+copy, and ``sharing`` says so); and each captured graph keeps its own activation memory.
 
 Each step copies the chunk into the one ``input_ids`` buffer (``OrtValue.update_inplace``), runs the binding of
 (step, side), and advances. The logits buffer is reused: a step's logits are valid until the next step. One set of
@@ -61,8 +61,9 @@ class StaticSteps:
         self.max_steps = (context or DEFAULT_STATIC_CONTEXT) // c if self.growing else None
         self.steps_done = 0
         self.sessions = {0: session.sess}  # step k's session (full attention); 0 serves every step of a window
-        self.weights = None  # the shared device weights of the pinned sessions, read at the first step k >= 1
-        self._weight_refs, self.sharing = None, "on"
+        self.weights, self._weight_refs, self.sharing = {}, None, "off (a window export has one session)"
+        if self.growing:
+            self._share_weights()
         self.ids = self.state._put(np.zeros((batch, c), dtype=np.int64))
         out = next(o for o in session.sess.get_outputs() if o.name == "logits")
         dtype = _NP.get(out.type)
@@ -72,15 +73,24 @@ class StaticSteps:
         self.initial = None  # the device-side reset, made at the first reset
         self.bindings: Dict = {}
 
+    def _share_weights(self) -> None:
+        """Put one copy of the weights on the device for every pinned session, the past-0 one included: it replaces
+        the session the ChunkSession opened with its own copy (released with it), so a static full session holds
+        the weights once. Sharing saves memory only: where it fails, each session keeps its own copy and
+        ``sharing`` says why."""
+        try:
+            owners, weights = shared_weights(self.session.path, self.state)
+            # kept for the sessions' lifetime (onnxruntime holds pointers to them, not references)
+            self._weight_refs = (owners, dict(weights))
+            first = self.session.open_pinned(0, weights)
+        except Exception as e:  # noqa: BLE001 - see above
+            self.weights, self._weight_refs, self.sharing = {}, None, f"off ({type(e).__name__}: {e})"
+            return
+        self.weights, self.sharing = weights, "on"
+        self.sessions[0] = self.session.sess = first
+
     def _session(self, k: int):
         if k not in self.sessions:
-            if self.weights is None:
-                try:
-                    owners, self.weights = shared_weights(self.session.path, self.state)
-                    # kept for the sessions' lifetime (onnxruntime holds pointers to them, not references)
-                    self._weight_refs = (owners, dict(self.weights))
-                except Exception as e:  # noqa: BLE001 - sharing saves memory only: without it each loads its own
-                    self.weights, self.sharing = {}, f"off ({type(e).__name__}: {e})"
             try:
                 self.sessions[k] = self.session.open_pinned(k * self.session.chunk_size, self.weights)
             except (InputError, RuntimeError):
