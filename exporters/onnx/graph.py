@@ -19,8 +19,8 @@ from fwconvert.modeling.decoder import DecoderLM
 
 from .attention_forms import attention_without_transposes, grouped_queries
 from .ir_nodes import Nodes, replace_value
-from .rotary_form import rotary_embedding
 from .query_order import query_heads_in_group_order
+from .rotary_form import rotary_embedding
 from .io_spec import BATCH, CHUNK, GRAPH_NAME, INITIAL_STATE_NAME, PAST, Manifest, StateSpec, chunk_rule, input_name, output_name
 from .wrapper import ChunkStep, initial_state, state_layout
 
@@ -110,7 +110,8 @@ def _trace(wrapper, ids, state, keys, shapes, opset):
 
 def fuse_for_ort(model) -> Dict[str, int]:
     """Rewrite ``model`` (onnx_ir, in place) with onnxruntime's fused contrib ops: RMSNorm and residual+RMSNorm
-    to (Skip)SimplifiedLayerNormalization, QK^T-mask-softmax-V to MultiHeadAttention, RoPE to RotaryEmbedding. Besides fewer kernels,
+    to (Skip)SimplifiedLayerNormalization, QK^T-mask-softmax-V to MultiHeadAttention, RoPE to RotaryEmbedding, grouped
+    query heads stacked by a head order in the weights (query_order.py). Besides fewer kernels,
     this fixes fp16 accuracy: the decomposed attention rounds its scores to fp16 before the softmax (logits off
     by 5e-2 on the GPU), the fused kernel keeps them in fp32 as torch's SDPA does. Returns the count of each
     contrib op in the result, e.g. ``{"com.microsoft.MultiHeadAttention": 30, ...}``."""
@@ -128,7 +129,7 @@ def fuse_for_ort(model) -> Dict[str, int]:
     rotary_embedding(model.graph)
     ir_passes.RemoveUnusedNodesPass()(model)  # the shape arithmetic of the removed broadcasts, the RoPE tables
     query_heads_in_group_order(model.graph)  # after that pass: it reorders heads only where nothing else reads them
-    ir_passes.RemoveUnusedNodesPass()(model)  # the shape arithmetic of the removed broadcasts, the RoPE tables
+    ir_passes.RemoveUnusedNodesPass()(model)  # the transposed stacking's constants and shape arithmetic
     fused_ops: Dict[str, int] = {}
     for n in model.graph:
         if n.domain not in ("", "ai.onnx"):

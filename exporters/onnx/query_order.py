@@ -233,7 +233,7 @@ def _stacking(n):
     if shape is None or len(shape) != 5 or shape[:2] != [0, 0]:
         return None
     kv, rep, hd = shape[2:]
-    q, qd = r0.inputs[0], _dims(r0.inputs[0])
+    q, qd = r0.inputs[0], _shape(r0.inputs[0])
     if qd is None or len(qd) != 3 or qd[2] != kv * rep * hd or not _only_reader(q, r0):
         return None
     uses = n.outputs[0].uses()
