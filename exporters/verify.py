@@ -101,9 +101,11 @@ def _load_reference(session: ChunkSession, against) -> DecoderLM:
             raise InputError(f"{session.folder}: the manifest records no source model; pass --against MODEL")
         import fwconvert
 
-        model = fwconvert.load(path, dtype=torch.float32, window=window)
+        model = fwconvert.load(path, dtype=torch.float32, window=window, sinks=m.sink_tokens)
     if m.attention == "window" and model.window != window:
         raise InputError(f"the export attends within a window of {window} but the reference model uses {model.window}")
+    if model.sinks != m.sink_tokens:
+        raise InputError(f"the export keeps {m.sink_tokens} attention sinks but the reference model {model.sinks}")
     if model.config.vocab_size != m.vocab_size:
         raise InputError(f"vocab size differs: export {m.vocab_size}, reference model {model.config.vocab_size}")
     return model.float().eval()

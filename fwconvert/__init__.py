@@ -10,27 +10,29 @@ import sys
 __version__ = "0.1.0"
 
 
-def load(path, device="cpu", dtype=None, window=None, config=None):
+def load(path, device="cpu", dtype=None, window=None, config=None, sinks=0):
     """Load a checkpoint (HF folder, sharded or single safetensors, GGUF, or a converted fwconvert folder).
 
     ``dtype``: None keeps the checkpoint's float dtype (fp32 for quantized/other), or a torch dtype /
     "fp32" | "fp16" | "bf16". ``window``: attend only to the last ``window`` positions (sliding-window
-    KV state); default is the model's own (mistral) or a growing cache. ``config``: a config.json for a
+    KV state); default is the model's own (mistral) or a growing cache. ``sinks`` (with a window): the document's
+    first ``sinks`` tokens stay attendable beyond the window (attention sinks). ``config``: a config.json for a
     bare .safetensors file.
     """
     from .checkpoint import open_checkpoint
 
-    return load_checkpoint(open_checkpoint(str(path), config_path=config), device=device, dtype=dtype, window=window)
+    return load_checkpoint(open_checkpoint(str(path), config_path=config), device=device, dtype=dtype, window=window,
+                           sinks=sinks)
 
 
-def load_checkpoint(ck, device="cpu", dtype=None, window=None):
+def load_checkpoint(ck, device="cpu", dtype=None, window=None, sinks=0):
     """``load`` for an already opened checkpoint (``fwconvert.checkpoint.open_checkpoint``)."""
     from .modeling import build_model, expected_shapes, load_tensors
     from .modeling.build import DTYPES
 
     if isinstance(dtype, str):
         dtype = DTYPES[dtype]
-    model = build_model(ck.config, ck.fast_weights, window=window)
+    model = build_model(ck.config, ck.fast_weights, window=window, sinks=sinks)
     ck.check_tensors(expected_shapes(model))
     load_tensors(model, ck.iter_tensors(), device=device, dtype=dtype)
     return model.eval()

@@ -156,11 +156,12 @@ def test_window_perplexity_equals_full_until_the_window_slides(tiny, tmp_path):
 
     base, _, docs = tiny
     text = os.path.join(docs, sorted(os.listdir(docs))[0])
-    out = window_perplexity.main([base, "--text", text, "--window", "64", "--context", "192", "--chunk", "32",
-                                  "--out-json", str(tmp_path / "w.json")])
-    full, win = out["full"]["chunk_perplexity"], out["window"]["chunk_perplexity"]
-    assert out["tokens"] == 192 and len(full) == len(win) == 6
-    assert full[:2] == win[:2]
+    out = window_perplexity.main([base, "--text", text, "--window", "64", "--sinks", "2", "--context", "192",
+                                  "--chunk", "32", "--out-json", str(tmp_path / "w.json")])
+    full, win, sink = (out[k]["chunk_perplexity"] for k in ("full", "window", "window+sinks"))
+    assert out["tokens"] == 192 and len(full) == len(win) == len(sink) == 6
+    assert full[:2] == win[:2] == sink[:2]
     assert any(abs(f - w) > 1e-3 * f for f, w in zip(full[3:], win[3:]))
+    assert any(abs(s - w) > 1e-3 * w for s, w in zip(sink[3:], win[3:]))  # the sinks change what the window sees
     with open(tmp_path / "w.json") as f:
         assert json.load(f)["window"]["chunk_perplexity"] == win

@@ -148,10 +148,14 @@ def _install(staging: str, out: str) -> None:
 
 def export_onnx(model_or_path: Union[str, os.PathLike, DecoderLM], out: str, *, chunk_size: Optional[int] = None,
                 attention: Optional[str] = None, window: Optional[int] = None, dtype: str = "fp32",
-                force: bool = False, external_data: Optional[bool] = None) -> str:
-    """Export ``model_or_path`` (a checkpoint path or a DecoderLM) to the folder ``out``; returns ``out``."""
+                force: bool = False, external_data: Optional[bool] = None, sinks: Optional[int] = None) -> str:
+    """Export ``model_or_path`` (a checkpoint path or a DecoderLM) to the folder ``out``; returns ``out``.
+    ``sinks`` (window exports only; default: a given DecoderLM's own, else 0): the document's first ``sinks``
+    tokens stay attendable beyond the window (attention sinks), in a fixed-size state of their own."""
     if dtype not in ("fp32", "fp16"):
         raise InputError(f"--dtype must be fp32 or fp16, got {dtype!r}")
+    if sinks is not None and (isinstance(sinks, bool) or not isinstance(sinks, int) or sinks < 0):
+        raise InputError(f"--sink-tokens must be an integer >= 0, got {sinks!r}")
     source_path = None if isinstance(model_or_path, DecoderLM) else os.path.abspath(str(model_or_path))
     out = _prepare_out(out, force, source_path)
     ck = None
@@ -165,9 +169,12 @@ def export_onnx(model_or_path: Union[str, os.PathLike, DecoderLM], out: str, *, 
     check_disk(os.path.dirname(out), estimate, out)  # before anything is loaded, traced or written
     model, ck, source = _load(model_or_path, ck, window, attention or ("window" if window is not None else None))
     attention, window = _resolve_attention(model, attention, window)
-    if model.window != window:  # never modify the caller's model
+    sinks = model.sinks if sinks is None else sinks
+    if sinks and attention != "window":
+        raise InputError(f"--sink-tokens {sinks} needs --attention window (a full-attention export keeps every token)")
+    if model.window != window or model.sinks != sinks:  # never modify the caller's model
         model = copy.deepcopy(model)
-        model.window = window
+        model.window, model.sinks = window, sinks
     chunk, fixed = _chunk_size(model, chunk_size)
     model.eval()
     check_cast(model, dtype)  # an fp16 overflow is named here, before anything is traced or written

@@ -75,6 +75,7 @@ class Manifest:
     fast_weights: Optional[Dict] = None
     versions: Dict = field(default_factory=dict)
     external_data: Optional[str] = None
+    sink_tokens: int = 0  # window exports: the first tokens kept attendable beyond the window (0 before 2026-12-02)
     format: str = MANIFEST_FORMAT
 
     def to_dict(self) -> dict:

@@ -58,14 +58,15 @@ def _parameters_on_meta():
         nn.Module.register_parameter = orig
 
 
-def build_model(cfg: ModelConfig, fast_weights=None, window: Optional[int] = None, device="meta") -> DecoderLM:
+def build_model(cfg: ModelConfig, fast_weights=None, window: Optional[int] = None, device="meta",
+                sinks: int = 0) -> DecoderLM:
     if str(device) == "meta":
         with _parameters_on_meta():
-            model = DecoderLM(cfg, window=window)
+            model = DecoderLM(cfg, window=window, sinks=sinks)
             attach_fast_weights(model, fast_weights)
         return model
     with torch.device(device):
-        model = DecoderLM(cfg, window=window)
+        model = DecoderLM(cfg, window=window, sinks=sinks)
         attach_fast_weights(model, fast_weights)
     return model
 

@@ -7,6 +7,8 @@ The state is a flat ``dict`` of tensors::
     past_key_values.{i}.key|value [B, H_kv, P, hd]    growing, or the last W keys with a window
                                                       (``init_state(fixed_window=True)``: always W slots,
                                                       zero padding at negative positions, never attended)
+    past_key_values.{i}.sink_key|sink_value [B, H_kv, S, hd]   with a window and S attention sinks only: the
+                                                      keys/values of the document's first S tokens (zeros until seen)
     fast_weights.{owner}.{name}   (mechanism-defined)  see fastweights/base.py
 
     past state --> step(input_ids [B, C]) --> logits [B, C, V], present state
@@ -83,14 +85,19 @@ class Attention(nn.Module):
             q, k = self.q_norm(q), self.k_norm(k)
         return apply_rope(q, cos, sin, self.rope_rotation), apply_rope(k, cos, sin, self.rope_rotation), v
 
-    def forward(self, x, cos, sin, past_k, past_v, mask):
+    def forward(self, x, cos, sin, past_k, past_v, mask, sink_k=None, sink_v=None):
+        """Attention of the chunk over cat(past, new) ([sinks first when given: ``mask`` then covers S + P + T keys]);
+        returns (output, cat(past, new) keys, values)."""
         b, t, _ = x.shape
         q, k, v = self._qkv(x, cos, sin)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # [B, H, T, hd]
         k_all = torch.cat((past_k.to(k.dtype), k), dim=2)  # [B, H_kv, P+T, hd]
         v_all = torch.cat((past_v.to(v.dtype), v), dim=2)
+        k_att, v_att = k_all, v_all
+        if sink_k is not None:
+            k_att, v_att = torch.cat((sink_k.to(k.dtype), k_all), dim=2), torch.cat((sink_v.to(v.dtype), v_all), dim=2)
         out = F.scaled_dot_product_attention(
-            q, self._repeat_kv(k_all), self._repeat_kv(v_all), attn_mask=mask, scale=self.head_dim ** -0.5
+            q, self._repeat_kv(k_att), self._repeat_kv(v_att), attn_mask=mask, scale=self.head_dim ** -0.5
         )  # [B, H, T, hd]
         out = out.transpose(1, 2).reshape(b, t, self.n_heads * self.head_dim)
         return self.o_proj(out), k_all, v_all
@@ -153,14 +160,36 @@ def attention_mask(position: torch.Tensor, t: int, p: int, window: Optional[int]
     return allowed[:, None]
 
 
+def sink_mask(position: torch.Tensor, t: int, sinks: int, window: int) -> torch.Tensor:
+    """[B, 1, T, S] bool, True where query i attends sink slot s (the document's token s): once s is in the past
+    (s < position) and has left query i's window (position + i - s >= window). Within the window the token is read
+    from the window's own keys, so no key is attended twice."""
+    s = torch.arange(sinks, device=position.device)[None, None, :]  # [1, 1, S]
+    q_abs = position[:, None, None] + torch.arange(t, device=position.device)[None, :, None]  # [B, T, 1]
+    return ((s < position[:, None, None]) & (q_abs - s >= window))[:, None]
+
+
+def update_sinks(sink: torch.Tensor, new: torch.Tensor, position: torch.Tensor) -> torch.Tensor:
+    """``sink [B, H, S, hd]`` with slot s set to ``new [B, H, T, hd]``'s entry for the document's token s where this
+    chunk (positions position .. position + T - 1) holds it."""
+    b, h, slots, d = sink.shape
+    t = new.shape[2]
+    idx = torch.arange(slots, device=position.device)[None, :] - position[:, None]  # [B, S]: s's index in the chunk
+    take = ((idx >= 0) & (idx < t))[:, None, :, None]
+    got = torch.gather(new, 2, idx.clamp(0, t - 1)[:, None, :, None].expand(b, h, slots, d))
+    return torch.where(take, got.to(sink.dtype), sink)
+
+
 class DecoderLM(nn.Module):
     """Decoder + LM head (optionally an FWL head, optionally in-place TTT MLPs)."""
 
-    def __init__(self, cfg: ModelConfig, fast_weights=None, window: Optional[int] = None):
+    def __init__(self, cfg: ModelConfig, fast_weights=None, window: Optional[int] = None, sinks: int = 0):
         super().__init__()
         self.config = cfg
         self.fast_weights = fast_weights
         self.window = window if window is not None else cfg.sliding_window
+        # attention sinks: with a window, the document's first ``sinks`` tokens stay attendable beyond it
+        self.sinks = int(sinks)
         self.model = DecoderBody(cfg)
         self.lm_head = None if cfg.tie_word_embeddings else nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         self.fwl_head: Optional[nn.Module] = None
@@ -202,13 +231,23 @@ class DecoderLM(nn.Module):
             raise ValueError("fixed_window=True needs a model with an attention window")
         slots = self.window if fixed_window else 0
         kv_shape = (batch_size, cfg.num_key_value_heads, slots, cfg.head_dim)
+        sinks = self._sinks()
         for i in range(cfg.num_hidden_layers):
             state[f"past_key_values.{i}.key"] = torch.zeros(kv_shape, dtype=dtype, device=device)
             state[f"past_key_values.{i}.value"] = torch.zeros(kv_shape, dtype=dtype, device=device)
+            if sinks:
+                sink_shape = (batch_size, cfg.num_key_value_heads, sinks, cfg.head_dim)
+                state[f"past_key_values.{i}.sink_key"] = torch.zeros(sink_shape, dtype=dtype, device=device)
+                state[f"past_key_values.{i}.sink_value"] = torch.zeros(sink_shape, dtype=dtype, device=device)
         for owner, mod in self.stateful_modules().items():
             for k, v in mod.init_state(batch_size, device=device).items():
                 state[f"{FAST_PREFIX}{owner}.{k}"] = v
         return state
+
+    def _sinks(self) -> int:
+        if self.sinks < 0 or (self.sinks and self.window is None):
+            raise ValueError(f"attention sinks ({self.sinks}) need a window and a count >= 0")
+        return self.sinks
 
     # -- compute ------------------------------------------------------------------------------
     def _trim(self, kv: torch.Tensor) -> torch.Tensor:
@@ -233,14 +272,22 @@ class DecoderLM(nn.Module):
         cos, sin = rope_cos_sin(self.inv_freq, positions, h.dtype)
         p = state["past_key_values.0.key"].shape[2]
         mask = attention_mask(pos, t, p, self.window)
+        sinks = self._sinks()
+        if sinks:
+            mask = torch.cat((sink_mask(pos, t, sinks, self.window), mask), dim=-1)
         new: State = {"position": pos + t}
         for i, layer in enumerate(self.model.layers):
+            kv = f"past_key_values.{i}."
+            sk, sv = (state[kv + "sink_key"], state[kv + "sink_value"]) if sinks else (None, None)
             a, k_all, v_all = layer.self_attn(
-                layer.input_layernorm(h), cos, sin, state[f"past_key_values.{i}.key"], state[f"past_key_values.{i}.value"], mask
+                layer.input_layernorm(h), cos, sin, state[kv + "key"], state[kv + "value"], mask, sk, sv
             )
             h = h + a
-            new[f"past_key_values.{i}.key"] = self._trim(k_all)
-            new[f"past_key_values.{i}.value"] = self._trim(v_all)
+            new[kv + "key"] = self._trim(k_all)
+            new[kv + "value"] = self._trim(v_all)
+            if sinks:
+                new[kv + "sink_key"] = update_sinks(sk, k_all[:, :, p:], pos)
+                new[kv + "sink_value"] = update_sinks(sv, v_all[:, :, p:], pos)
             x = layer.post_attention_layernorm(h)
             if getattr(layer.mlp, "stateful", False):
                 prefix = f"{FAST_PREFIX}layers.{i}.mlp."
