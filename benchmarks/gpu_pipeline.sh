@@ -51,7 +51,7 @@ PREP_ONLY=1 bash benchmarks/gpu_calibrate.sh
 stage "calibrate ($RUNS) on the GPU while the graphs export on the CPUs ($STAGES)"
 on calibrate && RUNS="$RUNS" STEPS=${STEPS:-600} LIMIT=1500 bash benchmarks/gpu_calibrate.sh > $RES/calibrate.log 2>&1 &
 if on export; then
-  EXPORTS="base:$G:fp16 fwl:$W/fwl:fp16 ttt:$W/ttt:fp16 base-w:$G:fp16:2048 fwl-w:$W/fwl:fp16:2048 ttt-w:$W/ttt:fp16:2048" \
+  EXPORTS="base:$G:fp16 fwl:$W/fwl:fp16 ttt:$W/ttt:fp16 base-w:$G:fp16:2048 fwl-w:$W/fwl:fp16:2048 ttt-w:$W/ttt:fp16:2048 base-ws:$G:fp16:2048:4 ttt-ws:$W/ttt:fp16:2048:4" \
     PART=export bash benchmarks/gpu_export.sh > $RES/export-new.log 2>&1 &
   if [ -n "${OLD:-}" ] && [ -d "$OLD" ]; then
     (cd "$OLD" && PYTHONPATH=/tmp/fw-site:$OLD EXPORTS="base-w3:$G:fp16:2048 fwl-w3:$W/fwl:fp16:2048 ttt-w3:$W/ttt:fp16:2048" \
@@ -65,7 +65,7 @@ cat $RES/shapes-export/shapes.md 2>/dev/null; echo "   ($((SECONDS - T0)) s so f
 
 if on bench; then
   stage "chunk-step benchmark (SmolLM2), alone on the machine"
-  g=(); for n in base fwl ttt base-w fwl-w ttt-w base-w3 fwl-w3 ttt-w3; do [ -d $X/$n ] && g+=(--graph "$n=$X/$n"); done
+  g=(); for n in base fwl ttt base-w fwl-w ttt-w base-ws ttt-ws base-w3 fwl-w3 ttt-w3; do [ -d $X/$n ] && g+=(--graph "$n=$X/$n"); done
   (cd benchmarks && timeout 600 python3 chunk_step.py --gguf "$G" "${g[@]}" --doc "$DOC" \
      --out-md $RES/chunk-step.md --out-json $RES/chunk-step.json > $RES/chunk-step.log 2>&1)
   tail -n 40 $RES/chunk-step.md; echo "   ($((SECONDS - T0)) s so far)"
