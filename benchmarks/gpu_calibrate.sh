@@ -8,7 +8,11 @@
 #   CONVERT="ttt3=mark-fast --chunk-size 512 --layers every:3;ttt-eta10=mark-fast --chunk-size 512 --lr 10"
 # RUNS: "name:model:lr[:options]" entries; model is fwl, ttt or a CONVERT name; options, comma-separated:
 # "baseline" calibrates the plain base model with the same recipe (--baseline); "fast=LR" gives the new fast-weight
-# parameters their own peak lr (--fast-lr); "train=SET" replaces --train $TRAIN; "steps=N" replaces $STEPS.
+# parameters their own peak lr (--fast-lr); "train=SET" replaces --train $TRAIN; "steps=N" replaces $STEPS;
+# "batch=N" sets --batch-size (windows per update per process); "gpus=N" runs it on N GPUs through torchrun (DDP).
+# The two-GPU check of issue #6 (on a machine with 2 GPUs; the same global batch of 2 either way):
+#   RUNS="one-gpu:ttt:1e-3:batch=2 two-gpu:ttt:1e-3:gpus=2" STEPS=300 bash benchmarks/gpu_calibrate.sh
+#   python3 benchmarks/compare_losses.py /tmp/w/one-gpu /tmp/w/two-gpu
 # E.g. "ttt-mix:ttt:1e-3:fast=1e-4 ttt-base-hi:ttt:1e-3:baseline". Every run uses the same data, seed and schedule,
 # so a model and its baseline differ only by the fast weights (and what the options name).
 # A second phase (optional) starts from calibrated runs: CONVERT2 = "name=command args @run;..." converts the
@@ -36,22 +40,24 @@ for c in "${convs[@]}"; do
 done
 wait
 [ "${PREP_ONLY:-0}" = 1 ] && exit 0  # data and converted models only
-CAL=(--data $W/docs --data $W/more --ext .py --seq-len "$SEQ" --batch-size 1 --device "$DEVICE" --heldout 0.15
+CAL=(--data $W/docs --data $W/more --ext .py --seq-len "$SEQ" --device "$DEVICE" --heldout 0.15
      --no-progress --seed 0 --save-every 100)
 calibrate_runs() {  # RUNS entries, all at once on the GPU
   for r in "$@"; do
     IFS=: read -r name model lr opts <<< "$r"
     [ -f "$W/$name/MANIFEST.json" ] && { echo "$name: done already"; continue; }
     extra=(--resume)  # continues from the run's newest checkpoint, or starts at step 0 when there is none
-    train=$TRAIN; steps=$STEPS
+    train=$TRAIN; steps=$STEPS; batch=1; launch=(python3)
     IFS=, read -r -a kinds <<< "${opts:-}"
     for k in "${kinds[@]}"; do
       case $k in baseline) extra+=(--baseline);; fast=*) extra+=(--fast-lr "${k#fast=}");; train=*) train=${k#train=};;
-        steps=*) steps=${k#steps=};; "") ;; *) echo "$name: unknown option $k" >&2; continue 2;; esac
+        steps=*) steps=${k#steps=};; batch=*) batch=${k#batch=};;
+        gpus=*) launch=(torchrun --standalone --nproc_per_node "${k#gpus=}");; "") ;;
+        *) echo "$name: unknown option $k" >&2; continue 2;; esac
     done
-    echo "+ $name: calibrate $model lr $lr train $train steps $steps ${extra[*]}"
-    OMP_NUM_THREADS=2 timeout "$LIMIT" python3 -m fwconvert calibrate "$W/$model" -o "$W/$name" "${CAL[@]}" --lr "$lr" \
-      --train "$train" --steps "$steps" "${extra[@]}" > "$W/logs/$name.log" 2>&1 &
+    echo "+ $name: calibrate $model lr $lr train $train steps $steps batch $batch ${extra[*]} (${launch[*]})"
+    OMP_NUM_THREADS=2 timeout "$LIMIT" "${launch[@]}" -m fwconvert calibrate "$W/$model" -o "$W/$name" "${CAL[@]}" \
+      --batch-size "$batch" --lr "$lr" --train "$train" --steps "$steps" "${extra[@]}" > "$W/logs/$name.log" 2>&1 &
   done
   wait
 }

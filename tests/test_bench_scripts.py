@@ -165,3 +165,25 @@ def test_window_perplexity_equals_full_until_the_window_slides(tiny, tmp_path):
     assert any(abs(s - w) > 1e-3 * w for s, w in zip(sink[3:], win[3:]))  # the sinks change what the window sees
     with open(tmp_path / "w.json") as f:
         assert json.load(f)["window"]["chunk_perplexity"] == win
+
+
+def test_compare_losses_blocks_gap_and_verdict(tmp_path, capsys):
+    """benchmarks/compare_losses.py: block means of two calibrations' losses, the largest gap, tokens/s; exit 0
+    within the tolerance, 1 beyond it."""
+    import compare_losses
+
+    def run(name, losses, tps, world):
+        d = tmp_path / name
+        d.mkdir()
+        (d / "MANIFEST.json").write_text(json.dumps({"calibration": {
+            "losses": losses, "tokens_per_second": tps, "world_size": world}}))
+        return str(d)
+
+    a = run("one", [2.0, 1.0, 1.5, 0.5], 100.0, 1)
+    b = run("two", [2.0, 1.0, 1.4, 0.5], 190.0, 2)
+    res = compare_losses.compare(compare_losses.record(a), compare_losses.record(b), 2)
+    assert [(r["a"], r["b"]) for r in res["blocks"]] == [(1.5, 1.5), (1.0, 0.95)]
+    assert abs(res["max_gap"] - 0.05) < 1e-12 and res["world_size"] == (1, 2)
+    assert compare_losses.main([a, b, "--every", "2", "--tolerance", "0.1"]) == 0
+    assert compare_losses.main([a, b, "--every", "2", "--tolerance", "0.01"]) == 1
+    assert "(1.90×)" in capsys.readouterr().out

@@ -79,3 +79,17 @@ def test_in_place_ttt_defaults_to_a_stable_fast_lr(tmp_path):
         assert r.returncode == 0, r.stderr
         settings = json.load(open(out / "MANIFEST.json"))["calibration"]["settings"]
         assert settings["fast_lr"] == want, (name, settings)
+
+
+def test_cli_refuses_a_window_without_a_ttt_update(tmp_path):
+    """A training window of at most one in-place TTT chunk gives the TTT parameters no gradient (its update serves
+    the chunks after it): refused up front with the way out, instead of an internal error in the backward pass
+    (--train fast). A --baseline run has no fast weights and is not refused."""
+    model = save_tiny(tmp_path / "m", TTT)  # chunk 16
+    data = write_token_docs(tmp_path / "d")
+    r = run_cli(["calibrate", model, "--data", data, "--steps", "1", "--seq-len", "16", "--train", "fast",
+                 "-o", str(tmp_path / "o"), "--no-progress"])
+    assert r.returncode == 3 and "--seq-len > 16" in r.stderr and "internal error" not in r.stderr, r.stderr
+    r = run_cli(["calibrate", model, "--data", data, "--steps", "1", "--seq-len", "16", "--baseline",
+                 "-o", str(tmp_path / "b"), "--no-progress"])
+    assert r.returncode == 0, r.stderr

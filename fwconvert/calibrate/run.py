@@ -94,6 +94,17 @@ def default_fast_lr(settings: CalibrationSettings, fast_weights, log: Callable[[
     return dataclasses.replace(settings, fast_lr=TTT_FAST_LR)
 
 
+def _check_ttt_window(fast_weights, seq_len: int) -> None:
+    """In-place TTT updates its fast weights once per chunk, and a chunk's update serves the chunks after it: a
+    training window of at most one chunk gives its parameters no gradient (the backward pass would find nothing to
+    differentiate with ``--train fast``)."""
+    if getattr(fast_weights, "kind", None) == "inplace_ttt" and seq_len <= fast_weights.chunk_size:
+        c = int(fast_weights.chunk_size)
+        raise InputError(f"--seq-len {seq_len}: in-place TTT updates its fast weights once per chunk of {c} tokens, "
+                         f"for the chunks after it, so a window of {seq_len} tokens gives them nothing to learn from; "
+                         f"use --seq-len > {c} (e.g. {max(8192, 4 * c)})")
+
+
 def calibrate(model_path: str, data: Sequence[str], out: str, settings: CalibrationSettings, *,
               device: str = "cpu", resume: bool = False, baseline: bool = False, force: bool = False,
               heldout: float = 0.1, exts: Sequence[str] = DEFAULT_TEXT_EXTS,
@@ -106,6 +117,7 @@ def calibrate(model_path: str, data: Sequence[str], out: str, settings: Calibrat
     ck = open_checkpoint(model_path)
     if not baseline:
         settings = default_fast_lr(settings, ck.fast_weights, log)
+        _check_ttt_window(ck.fast_weights, settings.seq_len)
     train, held, sampler = _prepare_data(model_path, ck, data, exts, settings, heldout)
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise InputError(f"--device {device}: no CUDA device is available")
