@@ -11,7 +11,7 @@
 # PROFILE: the graphs whose kernels are profiled (default: every SmolLM2 graph; 20-30 s each), PROFILE_1B=0 to
 # skip the 1B kernel profile,
 # SDPA: attention kernel masks to profile the base window graph with besides onnxruntime's choice (e.g. "2 16"),
-# VERIFY: calibrated models whose window and full graphs (fp16 and fp32) are exported and verified on CUDA through
+# VERIFY: calibrated models whose window (plain, and with 4 sinks) and full graphs (fp16 and fp32) are exported and verified on CUDA through
 # static sessions (default: "fwl-cal ttt-mix"), STAGES: of "calibrate export bench profile eval verify 1b mfu tests"
 # (default: all of them; export, bench, profile, 1b and mfu are the performance side, calibrate and eval the
 # calibration side, tests the GPU-only tests).
@@ -73,7 +73,7 @@ fi
 
 stage "calibrated graphs of $VERIFY export (CPUs) while the kernel profiles run (GPU)"
 if on verify; then
-  e=""; for m in $VERIFY; do e+=" $m-w:$W/$m:fp16:2048 $m-f:$W/$m:fp16 $m-f32:$W/$m:fp32"; done
+  e=""; for m in $VERIFY; do e+=" $m-w:$W/$m:fp16:2048 $m-ws:$W/$m:fp16:2048:4 $m-f:$W/$m:fp16 $m-f32:$W/$m:fp32"; done
   EXPORTS="$e" PART=export bash benchmarks/gpu_export.sh > $RES/export-cal.log 2>&1 &
 fi
 if on profile; then
@@ -102,6 +102,7 @@ vf() { local tag=$1 name=$2; shift 2; [ -d $X/$name ] || { echo "verify $name: n
   echo "verify $tag ($name $*): rc $?"; }
 for m in $VERIFY; do
   vf $m-w-fp16-text $m-w --static --chunks 16 --text "$DOC"
+  vf $m-ws-fp16-text $m-ws --static --chunks 16 --text "$DOC"  # the window with 4 attention sinks
   vf $m-f32-static-b8 $m-f32 --static --batch 8 --chunks 8  # full attention: one pinned session and graph per past
   vf $m-f-fp16-text $m-f --static --chunks 16 --text "$DOC"
 done
