@@ -134,10 +134,10 @@ def _trace_back(v, hd: int):
             elif d != xd:
                 return edits, False
         elif op == "Transpose":
-            perm = p.attributes.get("perm")
+            perm = _perm(p)
             if perm is None:
                 return edits, False
-            axis = list(perm.value)[axis]
+            axis = perm[axis]
         elif op == "Split":
             ss = _split_sizes(p, len(d))
             if ss is None:
@@ -212,6 +212,12 @@ def _permute(w, axis: int, offset: int, unit: int, order: np.ndarray) -> None:
     w.const_value = ir.Tensor(np.take(a, idx, axis=axis), name=w.name)
 
 
+def _perm(node) -> Optional[tuple]:
+    """A Transpose's explicit permutation, else None (the default reverses the axes; the graphs here name theirs)."""
+    a = node.attributes.get("perm")
+    return tuple(a.value) if a is not None else None
+
+
 def _next(node, op_type: str):
     """The one reader of ``node``'s output when ``node`` is an ``op_type`` whose output has exactly one reader."""
     out = node.outputs[0]
@@ -227,7 +233,7 @@ def _stacking(n):
     r1 = q3.producer() if q3 is not None else None
     t1 = r1.inputs[0].producer() if r1 is not None and r1.op_type == "Reshape" else None
     r0 = t1.inputs[0].producer() if t1 is not None and t1.op_type == "Transpose" else None
-    if r0 is None or r0.op_type != "Reshape" or tuple(t1.attributes["perm"].value) != (0, 3, 1, 2, 4):
+    if r0 is None or r0.op_type != "Reshape" or _perm(t1) != (0, 3, 1, 2, 4):
         return None
     shape = _const_ints(r0.inputs[1])
     if shape is None or len(shape) != 5 or shape[:2] != [0, 0]:
@@ -242,7 +248,7 @@ def _stacking(n):
     o1 = uses[0].node
     t2 = _next(o1, "Reshape")
     o2 = _next(t2, "Transpose") if t2 is not None else None
-    if o2 is None or o2.op_type != "Reshape" or tuple(t2.attributes["perm"].value) != (0, 2, 3, 1, 4):
+    if o2 is None or o2.op_type != "Reshape" or _perm(t2) != (0, 2, 3, 1, 4):
         return None
     bias = n.inputs[5] if len(n.inputs) > 5 else None
     tile = bias.producer() if bias is not None else None
