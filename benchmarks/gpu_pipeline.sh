@@ -9,8 +9,10 @@
 # Settings (environment): RUNS, STEPS, CONVERT, CONVERT2, RUNS2 (gpu_calibrate.sh), EVALS, ABLATE (gpu_eval.sh), OLD: a folder holding
 # an older checkout whose window graphs are exported and timed beside the new ones (names with suffix 3: base-w3, ...),
 # PROFILE: the graphs whose kernels are profiled (default: every SmolLM2 graph; 20-30 s each), PROFILE_1B=0 to
-# skip the 1B kernel profile,
-# SDPA: attention kernel masks to profile the base window graph with besides onnxruntime's choice (e.g. "2 16"),
+# skip the 1B kernel profile, PROFILE_PAST: the past length at which the full graphs' step is profiled too (B = 1,
+# default 7680: the streamed document's last chunk; 0 skips it),
+# SDPA: attention kernel masks to profile the base window graph (and the base graph at PROFILE_PAST) with besides
+# onnxruntime's choice (e.g. "2 16"),
 # VERIFY: calibrated models whose window (plain, and with 4 sinks) and full graphs (fp16 and fp32) are exported and verified on CUDA through
 # static sessions (default: "fwl-cal ttt-mix"), STAGES: of "calibrate export bench profile eval verify 1b mfu tests"
 # (default: all of them; export, bench, profile, 1b and mfu are the performance side, calibrate and eval the
@@ -22,7 +24,7 @@ G=/tmp/fw-assets/SmolLM2-135M-Instruct.Q4_1.gguf; W=/tmp/w; X=$W/x
 case ${1:-} in
 start)
   rm -rf $R && mkdir -p $R $S $RES && tar -C "$(dirname "$0")/.." --exclude=./.device -cf - . | tar -C $R -xf -
-  for v in RUNS STEPS EVALS ABLATE OLD CONVERT CONVERT2 RUNS2 STAGES VERIFY SDPA PROFILE PROFILE_1B; do [ -n "${!v:-}" ] && printf '%s=%q\n' "$v" "${!v}"; done > $S/settings
+  for v in RUNS STEPS EVALS ABLATE OLD CONVERT CONVERT2 RUNS2 STAGES VERIFY SDPA PROFILE PROFILE_1B PROFILE_PAST; do [ -n "${!v:-}" ] && printf '%s=%q\n' "$v" "${!v}"; done > $S/settings
   setsid nohup bash $R/benchmarks/gpu_pipeline.sh run > $S/pipeline.log 2>&1 < /dev/null &
   echo "started (pid $!); follow with: bash benchmarks/gpu_pipeline.sh status"
   exit 0;;
@@ -84,6 +86,16 @@ if on profile; then
     (cd benchmarks && timeout 200 python3 kernel_profile.py "base-w=$X/base-w" --batch 1 8 --sdpa-kernel "$k" \
        --md $RES/kernels-sdpa$k.md --json $RES/kernels-sdpa$k.json > $RES/kernels-sdpa$k.log 2>&1)
   done
+  if [ "${PROFILE_PAST:-7680}" != 0 ]; then  # the streaming document's last chunk: full graphs, KV cache grown
+    g=(); for n in base fwl ttt; do [ -d $X/$n ] && g+=("$n=$X/$n"); done
+    (cd benchmarks && timeout 300 python3 kernel_profile.py "${g[@]}" --batch 1 --past "${PROFILE_PAST:-7680}" \
+       --md $RES/kernels-past.md --json $RES/kernels-past.json > $RES/kernels-past.log 2>&1)
+    for k in ${SDPA:-}; do
+      (cd benchmarks && timeout 200 python3 kernel_profile.py "base=$X/base" --batch 1 --past "${PROFILE_PAST:-7680}" \
+         --sdpa-kernel "$k" --md $RES/kernels-past-sdpa$k.md --json $RES/kernels-past-sdpa$k.json \
+         > $RES/kernels-past-sdpa$k.log 2>&1)
+    done
+  fi
 fi
 wait
 grep -h "^export" $RES/export-cal.log 2>/dev/null; echo "   ($((SECONDS - T0)) s so far)"

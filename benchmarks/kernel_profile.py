@@ -1,11 +1,12 @@
 """Which GPU kernels one chunk step of an exported graph runs, and how long each takes (CUDA provider).
 
-    python benchmarks/kernel_profile.py NAME=EXPORTED [NAME=EXPORTED ...] [--batch 1] [--steps 10] [--json OUT]
+    python benchmarks/kernel_profile.py NAME=EXPORTED [NAME=EXPORTED ...] [--batch 1] [--steps 10] [--past 0] [--json OUT]
 
 ORT's own profiler (benchmarks/ort_profile.py) times graph *nodes* from the host: it cannot say which nodes launch
 no kernel (a Reshape that only aliases its input) or how long a kernel runs inside a replayed CUDA graph. Here
 torch's profiler (CUPTI, process-wide, so it records onnxruntime's kernels too) records every kernel of
-``--steps`` chunk steps from an empty state: window exports through a static session with CUDA graphs and one
+``--steps`` chunk steps from an empty state (or, with ``--past P``, each after P tokens of past: the KV cache of a
+full-attention export grown to P by unmeasured steps first): window exports through a static session with CUDA graphs and one
 without, other exports through an ordinary session with the state on the device. Per graph it reports, per step: the wall time, the number of kernels, the sum of
 kernel times (busy), the span from the first kernel's start to the last one's end, and kernel time by class
 (GEMM, attention, norm, ...) and by kernel name; memcpy/memset records (the chunk's ids, a new state) are
@@ -54,7 +55,8 @@ def dur(e) -> float:
     return e.time_range.end - e.time_range.start
 
 
-def profile_graph(folder: str, batch: int, steps: int, torch, cuda_graph: bool, tf32=None, sdpa=None) -> dict:
+def profile_graph(folder: str, batch: int, steps: int, torch, cuda_graph: bool, tf32=None, sdpa=None,
+                  past: int = 0) -> dict:
     from exporters.runtime.session import ChunkSession
 
     sess = ChunkSession(folder, provider="cuda", static_batch=batch if cuda_graph is not None else None,
@@ -64,25 +66,41 @@ def profile_graph(folder: str, batch: int, steps: int, torch, cuda_graph: bool, 
     # a static session of a window export steps on (its state keeps its shape); the others start from an empty past
     # (a static full-attention session resets on the device first: Identity copies, counted as copies, not kernels)
     static_state = sess.new_state(batch) if sess.static is not None and not sess.static.growing else None
+    if past % sess.chunk_size:
+        raise ValueError(f"--past {past} is not a multiple of the chunk size {sess.chunk_size}")
+    prefix = 0 if static_state is not None else past // sess.chunk_size  # a window state is past its window anyway
 
-    def one():
+    def ready():
+        """A state whose next step is the one measured: fresh, then ``prefix`` chunk steps (unmeasured)."""
         state = static_state if static_state is not None else sess.new_state(batch)
+        for _ in range(prefix):
+            sess.step(ids, state, fetch=False)
+        state.position()  # device -> host: waits for them
+        return state
+
+    def one(state):
         sess.step(ids, state, fetch=False)
         state.position()  # device -> host: waits for the step
 
     for _ in range(5):
-        one()
-    t = time.perf_counter()
+        one(ready())
+    wall = 0.0
     for _ in range(steps):
-        one()
-    wall = (time.perf_counter() - t) * 1e3 / steps
+        state = ready()
+        t = time.perf_counter()
+        one(state)
+        wall += (time.perf_counter() - t) * 1e3 / steps
     from torch.profiler import ProfilerActivity, profile
 
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        for _ in range(steps):
-            one()
-        torch.cuda.synchronize()
-    device = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+    device = []
+    # one profile around each measured step when a prefix precedes it, else one around them all
+    for _ in range(steps if prefix else 1):
+        states = [ready() for _ in range(1 if prefix else steps)]
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            for state in states:
+                one(state)
+            torch.cuda.synchronize()
+        device += [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
     copies = [e for e in device if e.name.lower().startswith(("memcpy", "memset"))]
     kernels = [e for e in device if not e.name.lower().startswith(("memcpy", "memset"))]
     if not kernels:
@@ -106,7 +124,8 @@ def profile_graph(folder: str, batch: int, steps: int, torch, cuda_graph: bool, 
         copy_t[e.name] += dur(e)
         copy_n[e.name] += 1
     return {
-        "folder": folder, "batch": batch, "cuda_graph": sess.cuda_graph, "provider": sess.provider_note,
+        "folder": folder, "batch": batch, "past": prefix * sess.chunk_size, "cuda_graph": sess.cuda_graph,
+        "provider": sess.provider_note,
         "steps": steps, "wall_ms": round(wall, 3),
         "kernels_per_step": len(kernels) / steps, "busy_ms": round(busy, 3),
         "copies_per_step": len(copies) / steps,
@@ -122,19 +141,20 @@ def profile_graph(folder: str, batch: int, steps: int, torch, cuda_graph: bool, 
 
 
 def markdown(results: list) -> str:
-    out = ["| graph | B | session | wall ms | kernels/step | busy ms | span ms | by class (ms) |",
-           "|---|---|---|---|---|---|---|---|"]
+    out = ["| graph | B | past | session | wall ms | kernels/step | busy ms | span ms | by class (ms) |",
+           "|---|---|---|---|---|---|---|---|---|"]
     for name, r in results:
         if "busy_ms" not in r:
-            out.append(f"| {name} | {r['batch']} | {r['cuda_graph']} | {r['wall_ms']:.2f} | - | - | - | {r['note']} |")
+            out.append(f"| {name} | {r['batch']} | {r.get('past', '-')} | {r['cuda_graph']} | {r['wall_ms']:.2f} | - | - | - "
+                       f"| {r['note']} |")
             continue
         cls = ", ".join(f"{k} {v:.2f}" for k, v in r["by_class_ms"].items())
-        out.append(f"| {name} | {r['batch']} | {r['provider']} | {r['wall_ms']:.2f} | {r['kernels_per_step']:.0f} "
+        out.append(f"| {name} | {r['batch']} | {r.get('past', 0)} | {r['provider']} | {r['wall_ms']:.2f} | {r['kernels_per_step']:.0f} "
                    f"| {r['busy_ms']:.2f} | {r['span_ms']:.2f} | {cls} |")
     for name, r in results:
         if "top_kernels" not in r:
             continue
-        out += ["", f"Top kernels of {name}, B = {r['batch']}, {r['provider']}:", "",
+        out += ["", f"Top kernels of {name}, B = {r['batch']}, past {r.get('past', 0)}, {r['provider']}:", "",
                 "| kernel | class | per step | µs each | ms per step |", "|---|---|---|---|---|"]
         out += [f"| `{k['name']}` | {k['class']} | {k['per_step']:g} | {k['us_each']} | {k['ms_per_step']:.3f} |"
                 for k in r["top_kernels"]]
@@ -154,6 +174,9 @@ def main():
     ap.add_argument("--sdpa-kernel", type=int, default=None,
                     help="onnxruntime's sdpa_kernel mask for the fused attention (flash 1, memory-efficient 2, "
                          "cuDNN flash 8, unfused 16; default: onnxruntime's own choice)")
+    ap.add_argument("--past", type=int, default=0,
+                    help="profile the step after this many tokens of past (a multiple of the chunk; full-attention "
+                         "graphs: the KV cache grown to it; a window graph's static state is past its window anyway)")
     ap.add_argument("--json", default=None, help="write the results here too")
     ap.add_argument("--md", default=None, help="write the Markdown table here too")
     a = ap.parse_args()
@@ -176,7 +199,7 @@ def main():
             for mode in modes:
                 try:
                     r = profile_graph(folder, b, a.steps, torch, mode, {"auto": None, "on": True, "off": False}[a.tf32],
-                                      a.sdpa_kernel)
+                                      a.sdpa_kernel, a.past)
                 except Exception as e:  # noqa: BLE001 - report and go on with the next graph
                     r = {"folder": folder, "batch": b, "wall_ms": float("nan"), "cuda_graph": mode,
                          "note": f"failed: {e}"}

@@ -122,7 +122,7 @@ def test_kernel_profile_classes_and_table():
          "copies": [{"name": "Memcpy DtoD (Device -> Device)", "per_step": 60, "ms_per_step": 0.12}]}
     md = kp.markdown([("base-w", r), ("bad", {"batch": 8, "cuda_graph": None, "wall_ms": float("nan"),
                                               "note": "failed: x"})])
-    assert "| base-w | 1 | CUDA execution provider (TF32 on), CUDA graphs | 4.05 | 750 | 3.50 | 4.25 |" in md
+    assert "| base-w | 1 | 0 | CUDA execution provider (TF32 on), CUDA graphs | 4.05 | 750 | 3.50 | 4.25 |" in md
     assert "attention 1.38, gemm 0.79" in md and "failed: x" in md and "| `k` | gemm | 60 | 4.75 | 0.285 |" in md
     assert "Copies per step: `Memcpy DtoD (Device -> Device)` 60 × (0.120 ms)" in md
 
