@@ -92,26 +92,37 @@ def profile_graph(folder: str, batch: int, steps: int, torch, cuda_graph: bool, 
         wall += (time.perf_counter() - t) * 1e3 / steps
     from torch.profiler import ProfilerActivity, profile
 
-    device = []
-    # one profile around each measured step when a prefix precedes it, else one around them all
+    def kernels_of(events):
+        return sorted((e for e in events if not e.name.lower().startswith(("memcpy", "memset"))),
+                      key=lambda e: e.time_range.start)
+
+    def span_ms(ks):
+        return (ks[-1].time_range.end - ks[0].time_range.start) / 1e3
+
+    # With a prefix, one profile around each measured step (its state made, unrecorded, before it); without, one
+    # profile around all of them, each step on a fresh state (a static session's reset: device copies, counted apart).
+    device, spans = [], []
     for _ in range(steps if prefix else 1):
-        states = [ready() for _ in range(1 if prefix else steps)]
+        ahead = ready() if prefix else None
         with profile(activities=[ProfilerActivity.CUDA]) as prof:
-            for state in states:
-                one(state)
+            for _ in range(1 if prefix else steps):
+                one(ahead if prefix else ready())
             torch.cuda.synchronize()
-        device += [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+        events = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+        device += events
+        ks = kernels_of(events)
+        if prefix and ks:
+            spans.append(span_ms(ks))
+        elif ks:  # split the kernel stream into steps at the largest gaps (steps are separated by host waits)
+            gaps = sorted(range(1, len(ks)), key=lambda i: ks[i].time_range.start - ks[i - 1].time_range.end,
+                          reverse=True)[:steps - 1]
+            bounds = [0] + sorted(gaps) + [len(ks)]
+            spans += [span_ms(ks[a:b]) for a, b in zip(bounds, bounds[1:])]
     copies = [e for e in device if e.name.lower().startswith(("memcpy", "memset"))]
-    kernels = [e for e in device if not e.name.lower().startswith(("memcpy", "memset"))]
+    kernels = kernels_of(device)
     if not kernels:
         return {"folder": folder, "batch": batch, "wall_ms": wall, "note": "no kernels recorded (CUPTI unavailable?)",
                 "cuda_graph": sess.cuda_graph}
-    kernels.sort(key=lambda e: e.time_range.start)
-    # split the kernel stream into steps at the largest gaps (steps are separated by host waits)
-    gaps = sorted(range(1, len(kernels)), key=lambda i: kernels[i].time_range.start - kernels[i - 1].time_range.end,
-                  reverse=True)[:steps - 1]
-    bounds = [0] + sorted(gaps) + [len(kernels)]
-    spans = [(kernels[b - 1].time_range.end - kernels[a].time_range.start) / 1e3 for a, b in zip(bounds, bounds[1:])]
     by_class, by_name, count_name = collections.Counter(), collections.Counter(), collections.Counter()
     for e in kernels:
         d = dur(e)
