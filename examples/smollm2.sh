@@ -52,7 +52,8 @@ if [ "$DEVICE" = cuda ]; then  # fp16 for deployment: check it on a real documen
   fwconvert export-onnx "$W/ttt-cal" -o "$W/ttt-onnx-fp16" --dtype fp16 --force
   fwconvert verify "$W/ttt-onnx-fp16" --provider cuda --text "$DOC" --chunks 16
   # deployment: static sessions with CUDA graphs. The full-attention export pins one session per past length (up to
-  # 8192 tokens); a 2048-token attention window keeps fixed-shape state for documents of any length
+  # 8192 tokens); a 2048-token attention window keeps fixed-shape state for documents of any length (with the
+  # document's first 4 tokens kept as attention sinks, the default for a window the model was not trained with)
   fwconvert verify "$W/ttt-onnx-fp16" --provider cuda --static --text "$DOC" --chunks 16
   fwconvert export-onnx "$W/ttt-cal" -o "$W/ttt-onnx-w" --dtype fp16 --attention window --window 2048 --force
   fwconvert verify "$W/ttt-onnx-w" --provider cuda --static --text "$DOC" --chunks 16

@@ -27,7 +27,7 @@ W = 6
 def window_export(tmp_path_factory):
     root = tmp_path_factory.mktemp("win")
     src = save_checkpoint(make_hf_model("llama", seed=3), str(root / "src"))
-    out = export_onnx(src, str(root / "onnx"), chunk_size=4, attention="window", window=W)
+    out = export_onnx(src, str(root / "onnx"), chunk_size=4, attention="window", window=W, sinks=0)  # plain window
     return src, out
 
 
@@ -106,7 +106,7 @@ def test_failed_export_keeps_previous_output(window_export, monkeypatch):
 
     monkeypatch.setattr("exporters.onnx.export.smoke_check", boom)
     with pytest.raises(Exception, match="injected failure"):
-        export_onnx(src, out, chunk_size=4, attention="window", window=W, force=True)
+        export_onnx(src, out, chunk_size=4, attention="window", window=W, sinks=0, force=True)
     assert sorted(os.listdir(out)) == before
     assert os.stat(os.path.join(out, "model.onnx")).st_mtime_ns == stamp
     assert not [n for n in os.listdir(os.path.dirname(out)) if "staging" in n or ".old-" in n]

@@ -102,3 +102,26 @@ def test_sinks_need_a_window_export(tmp_path, capsys):
         main(["export-onnx", src, "-o", str(tmp_path / "o"), "--attention", "window", "--window", "8",
               "--sink-tokens", "-1"])
     assert e.value.code == 2  # usage: click's range check
+
+
+def test_window_export_of_a_checkpoint_keeps_4_sinks_by_default(tmp_path):
+    """A window the model was not trained with gets export_onnx.DEFAULT_SINKS sinks unless told otherwise; a model's
+    own sliding window (mistral) and a given DecoderLM keep theirs (0 here); full attention has none."""
+    import fwconvert
+    from exporters.onnx.export import DEFAULT_SINKS, _resolve_sinks
+    from exporters.runtime.session import load_manifest
+    from fwconvert.cli.main import main
+    from tiny import make_hf_model, save_checkpoint
+
+    src = save_checkpoint(make_hf_model("llama", seed=1), str(tmp_path / "m"))
+    with pytest.raises(SystemExit) as e:
+        main(["export-onnx", src, "-o", str(tmp_path / "o"), "--attention", "window", "--window", "8",
+              "--chunk-size", "4"])
+    assert e.value.code == 0
+    assert DEFAULT_SINKS == 4 and load_manifest(str(tmp_path / "o")).sink_tokens == DEFAULT_SINKS
+    llama = fwconvert.load(src)
+    assert _resolve_sinks(llama, src, "window", 0) == 0  # --sink-tokens 0: the plain window model
+    assert _resolve_sinks(llama, src, "full", None) == 0
+    assert _resolve_sinks(llama, None, "window", None) == 0  # a given DecoderLM as it is
+    mistral = save_checkpoint(make_hf_model("mistral", seed=1), str(tmp_path / "mi"))
+    assert _resolve_sinks(fwconvert.load(mistral), mistral, "window", None) == 0  # its own sliding window

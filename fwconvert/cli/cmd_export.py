@@ -26,11 +26,13 @@ from ..errors import InputError
 @click.option("--window", type=int, default=None,
               help="Attention window W for --attention window. Each chunk then attends over W + C positions; keep "
                    "W + C a multiple of 8 (e.g. W = 2048, C = 512) for onnxruntime's fused attention kernels.")
-@click.option("--sink-tokens", type=click.IntRange(min=0), default=0, show_default=True,
+@click.option("--sink-tokens", type=click.IntRange(min=0), default=None,
               help="With --attention window: keep the document's first N tokens attendable beyond the window "
-                   "(attention sinks, a fixed-size state of N keys per layer). On SmolLM2, 4 sinks bring a window "
-                   "of 2048 from 12.2 to 7.9 perplexity on an 8k document (full attention: 7.7; measure yours with "
-                   "benchmarks/window_perplexity.py --sinks 4).")
+                   "(attention sinks, a fixed-size state of N keys per layer). Default: 4 when the window is not "
+                   "the model's own sliding window, 0 for a model with one (e.g. Mistral); 0 gives the plain window "
+                   "model. On SmolLM2, 4 sinks bring a window of 2048 from 12.2 to 7.9 perplexity on an 8k document "
+                   "(full attention: 7.7; measure yours with benchmarks/window_perplexity.py --sinks 4); they cost "
+                   "about 10% of a chunk step.")
 @click.option("--dtype", type=click.Choice(["fp32", "fp16"]), default="fp32", show_default=True,
               help="Weight/activation dtype of the graph (fast-weight state stays fp32).")
 @click.option("--force", is_flag=True, help="Replace an existing output folder.")
