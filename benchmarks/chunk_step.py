@@ -15,6 +15,7 @@ an untimed reset; streaming a document captures one graph per chunk position on 
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import platform
@@ -139,6 +140,7 @@ def stream_graph(folder, ids, chunk, device="cuda", static=False, notes=None):
 
     from exporters.runtime.session import ChunkSession
 
+    gc.collect()  # the sessions of the graph timed before (reference cycles) release their device memory first
     free_before = torch.cuda.mem_get_info()[0]
     sess = ChunkSession(folder, provider=device, static_batch=ids.shape[0] if static else None)
 
