@@ -187,3 +187,40 @@ def test_compare_losses_blocks_gap_and_verdict(tmp_path, capsys):
     assert compare_losses.main([a, b, "--every", "2", "--tolerance", "0.1"]) == 0
     assert compare_losses.main([a, b, "--every", "2", "--tolerance", "0.01"]) == 1
     assert "(1.90×)" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("static", [True, None])
+def test_kernel_profile_measures_the_step_after_the_past_it_is_given(tmp_path, monkeypatch, static):
+    """kernel_profile.profile_graph's protocol, on the CPU provider (no kernels to record here): every measured
+    step, profiled or timed, runs on a fresh state at past 0, or after exactly --past tokens with --past; a static
+    full session's states share its buffers, so a state made ahead of its step would be at a later past."""
+    import kernel_profile as kp
+    import torch.profiler as tp
+
+    import exporters.runtime.session as S
+    from exporters.onnx.export import export_onnx
+    from test_onnx_common import tiny_model
+
+    out = export_onnx(tiny_model(kind="inplace"), str(tmp_path / "onnx"), chunk_size=8)
+    init, step = S.ChunkSession.__init__, S.ChunkSession.step
+    seen = []
+
+    def on_cpu(self, folder, provider="cpu", cuda_graph=None, use_tf32=None, attention_kernels=None, **kw):
+        init(self, folder, provider="cpu", cuda_graph=False if cuda_graph else cuda_graph, **kw)
+
+    def record(self, ids, state, fetch=True):
+        seen.append(int(np.asarray(state.position()).reshape(-1)[0]))
+        return step(self, ids, state, fetch=fetch)
+
+    monkeypatch.setattr(S.ChunkSession, "__init__", on_cpu)
+    monkeypatch.setattr(S.ChunkSession, "step", record)
+    monkeypatch.setattr(tp.ProfilerActivity, "CUDA", tp.ProfilerActivity.CPU)
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda: None)
+    for past in (0, 24):
+        seen.clear()
+        r = kp.profile_graph(out, 2, 3, torch, static, past=past)
+        assert r["wall_ms"] > 0
+        per = past // 8 + 1  # prefix steps, then the measured one; 5 warm-up + 3 timed + 3 profiled
+        assert seen == [0, 8, 16, 24][:per] * 11
+    with pytest.raises(ValueError, match="multiple of the chunk"):
+        kp.profile_graph(out, 1, 2, torch, static, past=5)
