@@ -27,12 +27,12 @@ per layer and step.
 from __future__ import annotations
 
 import os
-from typing import Optional
 
 import numpy as np
 
 from .attention_forms import _const_ints, _dims, _remove_dead
 from .ir_nodes import Nodes, replace_value
+from .query_order import _perm
 
 EXPERIMENT_ENV = "FWCONVERT_EXPERIMENT_CAUSAL_MHA"
 
@@ -40,11 +40,6 @@ EXPERIMENT_ENV = "FWCONVERT_EXPERIMENT_CAUSAL_MHA"
 def wanted() -> bool:
     """Whether this export tries the causal form (the experiment switch above)."""
     return os.environ.get(EXPERIMENT_ENV, "") == "1"
-
-
-def _perm(node) -> Optional[tuple]:
-    a = node.attributes.get("perm") if node is not None else None
-    return tuple(a.value) if a is not None else None
 
 
 def _chunk_keys(cache, hd: int):

@@ -22,7 +22,8 @@ from ..errors import InputError
 @click.option("--attention", type=click.Choice(["full", "window"]), default=None,
               help="full: growing KV cache; window: fixed-size sliding-window KV state (constant memory). A "
                    "pretrained model degrades sharply once a document's first tokens leave the window (SmolLM2: "
-                   "1.6-2x perplexity per chunk past W) unless they are kept as --sink-tokens.")
+                   "1.6-2x perplexity per chunk past W) unless they stay attendable as attention sinks "
+                   "(--sink-tokens, 4 by default).")
 @click.option("--window", type=int, default=None,
               help="Attention window W for --attention window. Each chunk then attends over W + C positions; keep "
                    "W + C a multiple of 8 (e.g. W = 2048, C = 512) for onnxruntime's fused attention kernels.")
