@@ -18,7 +18,6 @@ from fwconvert.errors import InputError, NumericError
 from fwconvert.modeling.decoder import DecoderLM
 
 from . import causal_form
-from .causal_form import causal_attention_over_past
 from .attention_forms import attention_without_transposes, grouped_queries
 from .ir_nodes import Nodes, replace_value
 from .query_order import query_heads_in_group_order
@@ -134,7 +133,7 @@ def fuse_for_ort(model, causal_past: bool = False) -> Dict[str, int]:
     ir_passes.RemoveUnusedNodesPass()(model)  # the shape arithmetic of the removed broadcasts, the RoPE tables
     query_heads_in_group_order(model.graph)  # after that pass: it reorders heads only where nothing else reads them
     ir_passes.RemoveUnusedNodesPass()(model)  # the transposed stacking's constants and shape arithmetic
-    if causal_past and causal_attention_over_past(model.graph):
+    if causal_past and causal_form.causal_attention_over_past(model.graph):
         ir_passes.RemoveUnusedNodesPass()(model)  # the attention bias and its arithmetic
     fused_ops: Dict[str, int] = {}
     for n in model.graph:
