@@ -45,7 +45,20 @@ def export_onnx_cmd(model, out, chunk_size, attention, window, sink_tokens, dtyp
     path = export_onnx(model, out, chunk_size=chunk_size, attention=attention, window=window, dtype=dtype, force=force,
                        sinks=sink_tokens)
     _note_window_alignment(path)
+    if sink_tokens is None:
+        _note_default_sinks(path)
     click.echo(path)
+
+
+def _note_default_sinks(folder: str) -> None:
+    """A note on stderr when a window export keeps attention sinks that were not asked for (the default)."""
+    from exporters.runtime.session import load_manifest
+
+    m = load_manifest(folder)
+    if m.attention == "window" and m.sink_tokens:
+        click.echo(f"note: the document's first {m.sink_tokens} tokens stay attendable beyond the window (attention "
+                   "sinks, the default for a window the model was not trained with); --sink-tokens 0 exports the "
+                   "plain window model", err=True)
 
 
 def _note_window_alignment(folder: str) -> None:
