@@ -115,17 +115,17 @@ def test_failed_export_keeps_previous_output(window_export, monkeypatch):
 def test_window_span_alignment_note(window_export, capsys):
     """export-onnx notes a window graph whose span W + C is not a multiple of 8 (fused attention wants it), and
     stays silent when it is."""
-    from fwconvert.cli.cmd_export import _note_window_alignment
+    from fwconvert.cli.cmd_export import _window_notes
 
     _, out = window_export  # W + C = 6 + 4
-    _note_window_alignment(out)
+    _window_notes(out, default_sinks=False)
     assert "W + C = 10" in capsys.readouterr().err
     m = json.load(open(os.path.join(out, "manifest.json")))
     tmp = os.path.join(os.path.dirname(out), "aligned")
     shutil.copytree(out, tmp)
     m["window"] = 4  # only the manifest is read
     json.dump(m, open(os.path.join(tmp, "manifest.json"), "w"))
-    _note_window_alignment(tmp)
+    _window_notes(tmp, default_sinks=False)
     assert capsys.readouterr().err == ""
 
 

@@ -44,30 +44,22 @@ def export_onnx_cmd(model, out, chunk_size, attention, window, sink_tokens, dtyp
     out = out or os.path.abspath(str(model)).rstrip(os.sep) + "-onnx"
     path = export_onnx(model, out, chunk_size=chunk_size, attention=attention, window=window, dtype=dtype, force=force,
                        sinks=sink_tokens)
-    _note_window_alignment(path)
-    if sink_tokens is None:
-        _note_default_sinks(path)
+    _window_notes(path, default_sinks=sink_tokens is None)
     click.echo(path)
 
 
-def _note_default_sinks(folder: str) -> None:
-    """A note on stderr when a window export keeps attention sinks that were not asked for (the default)."""
-    from exporters.runtime.session import load_manifest
-
-    m = load_manifest(folder)
-    if m.attention == "window" and m.sink_tokens:
-        click.echo(f"note: the document's first {m.sink_tokens} tokens stay attendable beyond the window (attention "
-                   "sinks, the default for a window the model was not trained with); --sink-tokens 0 exports the "
-                   "plain window model", err=True)
-
-
-def _note_window_alignment(folder: str) -> None:
-    """A note on stderr when a window graph's attention span W + C is not a multiple of 8."""
+def _window_notes(folder: str, default_sinks: bool) -> None:
+    """Notes on stderr about a window export: attention sinks kept by default (not asked for), and an attention
+    span W + C that is not a multiple of 8."""
     from exporters.runtime.session import load_manifest
 
     m = load_manifest(folder)
     if m.attention != "window":
         return
+    if default_sinks and m.sink_tokens:
+        click.echo(f"note: the document's first {m.sink_tokens} tokens stay attendable beyond the window (attention "
+                   "sinks, the default for a window the model was not trained with); --sink-tokens 0 exports the "
+                   "plain window model", err=True)
     span = int(m.window) + int(m.chunking["chunk_size"])
     if span % 8:
         click.echo(f"note: each chunk attends over W + C = {span} positions, not a multiple of 8; onnxruntime's "
