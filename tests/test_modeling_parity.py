@@ -69,3 +69,44 @@ def test_half_keeps_rotary_frequencies_fp32():
     m = _ours(make_hf_model("llama")).half()
     assert m.inv_freq.dtype == torch.float32
     assert torch.equal(m.inv_freq, inverse_frequencies(m.config))
+
+
+def test_one_shot_attends_causally_without_a_mask(monkeypatch):
+    """forward() (calibration's loss) gives SDPA ``is_causal`` instead of a [B, 1, T, T] mask, so CUDA can run its
+    flash kernel; values and gradients equal the masked path's (float64). A window model keeps the mask."""
+    import fwconvert.modeling.decoder as dec
+
+    m = _ours(make_hf_model("llama")).double()
+    ids = torch.randint(0, 256, (2, 33), generator=torch.Generator().manual_seed(4))
+
+    def loss_and_grads(fn):
+        m.zero_grad()
+        out = fn()
+        (out.square().mean()).backward()
+        return out.detach(), [p.grad.clone() for p in m.parameters() if p.grad is not None]
+
+    masked, g_masked = loss_and_grads(lambda: m._step(ids, m.init_state(2, dtype=torch.float64), False, causal=False)[0])
+    built = []
+    real = dec.attention_mask
+    monkeypatch.setattr(dec, "attention_mask", lambda *a: built.append(1) or real(*a))
+    causal, g_causal = loss_and_grads(lambda: m(ids))
+    assert not built, "forward() without a window must not build an attention mask"
+    assert rel_err(causal, masked) <= 1e-12
+    assert len(g_causal) == len(g_masked) and all(rel_err(a, b) <= 1e-12 for a, b in zip(g_causal, g_masked))
+
+    w = _ours(make_hf_model("mistral", sliding_window=8))
+    with torch.no_grad():
+        w(ids)
+    assert built, "a window model's forward() needs its mask"
+
+
+def test_attention_without_mask_refuses_a_past():
+    m = _ours(make_hf_model("llama"))
+    attn, cfg = m.model.layers[0].self_attn, m.config
+    x = torch.randn(1, 3, cfg.hidden_size)
+    from fwconvert.modeling.rope import rope_cos_sin
+
+    cos, sin = rope_cos_sin(m.inv_freq, torch.arange(3)[None], x.dtype)
+    past = torch.zeros(1, cfg.num_key_value_heads, 2, cfg.head_dim)
+    with pytest.raises(ValueError, match="no past"):
+        attn(x, cos, sin, past, past, None)

@@ -13,7 +13,9 @@ The state is a flat ``dict`` of tensors::
 
     past state --> step(input_ids [B, C]) --> logits [B, C, V], present state
 
-``forward(ids)`` is ``step(ids, init_state(B))`` and equals streaming the same ids in any pieces.
+``forward(ids)`` is ``step(ids, init_state(B))`` and equals streaming the same ids in any pieces. Without a window
+it attends with SDPA's ``is_causal`` instead of an explicit mask (calibration's path: on CUDA that lets PyTorch pick
+its flash kernel, which skips the masked half of the score matrix; a mask forces a kernel that computes all of it).
 """
 from __future__ import annotations
 
@@ -87,8 +89,11 @@ class Attention(nn.Module):
 
     def forward(self, x, cos, sin, past_k, past_v, mask, sink_k=None, sink_v=None):
         """Attention of the chunk over cat(past, new) ([sinks first when given: ``mask`` then covers S + P + T keys]);
-        returns (output, cat(past, new) keys, values)."""
+        returns (output, cat(past, new) keys, values). ``mask=None``: plain causal attention of a chunk with no past
+        and no sinks (DecoderLM.forward's path)."""
         b, t, _ = x.shape
+        if mask is None and (past_k.shape[2] or sink_k is not None):
+            raise ValueError("attention without a mask is for a chunk with no past and no sinks")
         q, k, v = self._qkv(x, cos, sin)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # [B, H, T, hd]
         k_all = torch.cat((past_k.to(k.dtype), k), dim=2)  # [B, H_kv, P+T, hd]
@@ -97,7 +102,8 @@ class Attention(nn.Module):
         if sink_k is not None:
             k_att, v_att = torch.cat((sink_k.to(k.dtype), k_all), dim=2), torch.cat((sink_v.to(v.dtype), v_all), dim=2)
         out = F.scaled_dot_product_attention(
-            q, self._repeat_kv(k_att), self._repeat_kv(v_att), attn_mask=mask, scale=self.head_dim ** -0.5
+            q, self._repeat_kv(k_att), self._repeat_kv(v_att), attn_mask=mask, is_causal=mask is None,
+            scale=self.head_dim ** -0.5,
         )  # [B, H, T, hd]
         out = out.transpose(1, 2).reshape(b, t, self.n_heads * self.head_dim)
         return self.o_proj(out), k_all, v_all
@@ -264,6 +270,10 @@ class DecoderLM(nn.Module):
 
         ``aligned=True`` (the export path) promises the chunk starts at a chunk boundary of every chunked
         fast-weight mechanism and holds at most one such chunk (see StepContext.aligned)."""
+        return self._step(input_ids, state, aligned, causal=False)
+
+    def _step(self, input_ids: torch.Tensor, state: State, aligned: bool, causal: bool):
+        """``step``; ``causal=True`` (forward's fresh state, no window) attends without building a mask."""
         b, t = input_ids.shape
         pos = state["position"]
         positions = pos[:, None] + torch.arange(t, device=input_ids.device)[None, :]  # [B, T]
@@ -271,7 +281,7 @@ class DecoderLM(nn.Module):
         ctx = StepContext(input_ids=input_ids, position=pos, embeddings=h, aligned=aligned)
         cos, sin = rope_cos_sin(self.inv_freq, positions, h.dtype)
         p = state["past_key_values.0.key"].shape[2]
-        mask = attention_mask(pos, t, p, self.window)
+        mask = None if causal else attention_mask(pos, t, p, self.window)
         sinks = self._sinks()
         if sinks:
             mask = torch.cat((sink_mask(pos, t, sinks, self.window), mask), dim=-1)
@@ -306,5 +316,6 @@ class DecoderLM(nn.Module):
         return logits, new
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
-        """One-shot logits ``[B, T, V]`` from a fresh state."""
-        return self.step(input_ids, self.init_state(input_ids.shape[0], device=input_ids.device))[0]
+        """One-shot logits ``[B, T, V]`` from a fresh state (the calibration loss's path; module doc)."""
+        state = self.init_state(input_ids.shape[0], device=input_ids.device)
+        return self._step(input_ids, state, aligned=False, causal=self.window is None)[0]
