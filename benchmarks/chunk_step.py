@@ -199,6 +199,17 @@ def plot_results(results: dict, path: str) -> str:
     return path
 
 
+def attempt(errors: dict, key: str, fn, *args, **kwargs) -> float:
+    """``fn(*args, **kwargs)``, or NaN with the error kept under ``key``: a graph that fails (e.g. an experimental form
+    the CUDA provider refuses) must not cost the other graphs' measurements of the same run."""
+    try:
+        return fn(*args, **kwargs)
+    except Exception as e:  # noqa: BLE001 -- reported in the table and the JSON
+        errors[key] = f"{type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}"
+        print(f"FAILED {key}: {errors[key]}", flush=True)
+        return float("nan")
+
+
 def base_of(path: str) -> str:
     """The row of our base graph in the same mode: 'ours: fwl-w graph (X)' -> 'ours: base-w graph (X)'."""
     if not path.startswith("ours: "):
@@ -231,7 +242,8 @@ def main():
     vocab = cfg["vocab_size"]
     compiled = torch.compile(hf)
     rows, results = [], {"device": torch.cuda.get_device_name(0), "torch": torch.__version__, "date": time.strftime("%Y-%m-%d"),
-                         "rates": rates, "chunk": args.chunk, "step_ms": {}, "stream_tokens_per_s": {}}
+                         "rates": rates, "chunk": args.chunk, "step_ms": {}, "stream_tokens_per_s": {}, "errors": {}}
+    errors = results["errors"]
     import onnxruntime
 
     results["onnxruntime"] = onnxruntime.__version__
@@ -241,12 +253,15 @@ def main():
         times = {"transformers eager (bf16)": bench_torch(hf, batch, args.chunk, vocab, torch, args.iters),
                  "torch.compile (bf16)": bench_torch(compiled, batch, args.chunk, vocab, torch, args.iters)}
         for name, folder in graphs.items():
-            times[f"ours: {name} graph (ORT CUDA fp16)"] = bench_graph(folder, batch, args.chunk, args.iters)
-            times[f"ours: {name} graph (ORT CUDA fp16, CUDA graphs)"] = bench_static(folder, batch, args.chunk, args.iters)
+            for path, fn in ((f"ours: {name} graph (ORT CUDA fp16)", bench_graph),
+                             (f"ours: {name} graph (ORT CUDA fp16, CUDA graphs)", bench_static)):
+                times[path] = attempt(errors, f"{path}, batch {batch}", fn, folder, batch, args.chunk, args.iters)
         for path, ms in times.items():
             base_ms = times.get(base_of(path), times.get("ours: base graph (ORT CUDA fp16)"))
-            rows.append({"path": path, "batch": batch, "ms/chunk": f"{ms:.2f}", "× floor": f"{ms / floor['floor_ms']:.1f}",
-                         "× our base graph": f"{ms / base_ms:.2f}" if base_ms else ""})
+            failed = ms != ms  # NaN: see results["errors"]
+            rows.append({"path": path, "batch": batch, "ms/chunk": "failed" if failed else f"{ms:.2f}",
+                         "× floor": "" if failed else f"{ms / floor['floor_ms']:.1f}",
+                         "× our base graph": f"{ms / base_ms:.2f}" if base_ms and not failed and base_ms == base_ms else ""})
         results["step_ms"][str(batch)] = {**times, "floor_ms": floor["floor_ms"]}
     if args.doc:
         from fwconvert.tokenizer import load_tokenizer
@@ -256,11 +271,15 @@ def main():
         ids_np = np.asarray([ids_list], dtype=np.int64)
         stream = {"transformers eager (bf16)": stream_torch(hf, torch.tensor(ids_np, device="cuda"), args.chunk, torch)}
         for name, folder in graphs.items():
-            stream[f"ours: {name} graph (ORT CUDA fp16)"] = stream_graph(folder, ids_np, args.chunk)
+            path = f"ours: {name} graph (ORT CUDA fp16)"
+            stream[path] = attempt(errors, f"{path}, streaming", stream_graph, folder, ids_np, args.chunk)
             if ids_np.shape[1] % args.chunk == 0:  # a full export: one pinned session and graph per past length
-                stream[f"ours: {name} graph (ORT CUDA fp16, CUDA graphs)"] = stream_graph(
-                    folder, ids_np, args.chunk, static=True, notes=results.setdefault("static_full_sessions", {}))
-                results.setdefault("reset_ms", {})[name] = reset_ms(folder, 1)
+                path = f"ours: {name} graph (ORT CUDA fp16, CUDA graphs)"
+                stream[path] = attempt(errors, f"{path}, streaming", stream_graph, folder, ids_np, args.chunk,
+                                       static=True, notes=results.setdefault("static_full_sessions", {}))
+                reset = attempt(errors, f"{name} reset", reset_ms, folder, 1)
+                if isinstance(reset, dict):
+                    results.setdefault("reset_ms", {})[name] = reset
         results["stream_tokens_per_s"] = stream
         results["stream_tokens"] = int(ids_np.shape[1])
     md = [f"Device: {results['device']}; torch {torch.__version__}; onnxruntime {results['onnxruntime']}; "
@@ -270,7 +289,8 @@ def main():
     if results["stream_tokens_per_s"]:
         eager = results["stream_tokens_per_s"]["transformers eager (bf16)"]
         md += ["", f"Streaming one {results['stream_tokens']}-token document in {args.chunk}-token chunks (batch 1, KV cache growing):", "",
-               markdown_table([{"path": k, "tokens/s": f"{v:,.0f}", "× eager": f"{v / eager:.1f}"}
+               markdown_table([{"path": k, "tokens/s": "failed" if v != v else f"{v:,.0f}",
+                                "× eager": "" if v != v else f"{v / eager:.1f}"}
                                for k, v in results["stream_tokens_per_s"].items()], ["path", "tokens/s", "× eager"])]
     if results.get("static_full_sessions"):
         md += ["", "Static sessions of full-attention graphs (streaming): " + "; ".join(
@@ -281,6 +301,8 @@ def main():
         md += ["", "A static session's reset for the next document (batch 1), ms per reset, median of 10:", "",
                markdown_table([{"graph": k, **{m: f"{v:.2f}" for m, v in r.items()}} for k, r in results["reset_ms"].items()],
                               ["graph", "device copy", "host upload"])]
+    if errors:
+        md += ["", "Failed (not measured):", ""] + [f"- {k}: {v}" for k, v in errors.items()]
     with open(args.out_md, "w") as f:
         f.write("\n".join(md) + "\n")
     with open(args.out_json, "w") as f:

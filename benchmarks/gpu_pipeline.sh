@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The GPU session in one go, in the background: calibrate (GPU) while every graph exports (CPUs), then the chunk-step
-# benchmark (alone on the machine), the kernel profiles, the evaluation (alone: its tokens/s are compared), verify,
+# benchmark (alone on the machine), the kernel profiles (and linear_attention_check.py), the evaluation (alone: its tokens/s are compared), verify,
 # the 1B-shape chunk step, the 1B calibration throughput (TF32 off/on) and the GPU-only tests. Each stage uses the
 # scripts beside this one; a failing stage does not stop the next.
 #   bash benchmarks/gpu_pipeline.sh start     copies the repo to /tmp/repo and starts (setsid: survives the call)
@@ -97,6 +97,10 @@ if on profile; then
          > $RES/kernels-past-sdpa$k.log 2>&1)
     done
   fi
+  # onnxruntime's LinearAttention against the FWL graphs' masked form on FWL's shapes (about 1 min)
+  (cd benchmarks && timeout 180 python3 linear_attention_check.py --provider cuda --batch 1 8 \
+     --md $RES/linear-attention.md --json $RES/linear-attention.jsonl > $RES/linear-attention.log 2>&1)
+  tail -n 14 $RES/linear-attention.md 2>/dev/null
 fi
 wait
 grep -h "^export" $RES/export-cal.log 2>/dev/null; echo "   ($((SECONDS - T0)) s so far)"

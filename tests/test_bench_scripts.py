@@ -224,3 +224,42 @@ def test_kernel_profile_measures_the_step_after_the_past_it_is_given(tmp_path, m
         assert seen == [0, 8, 16, 24][:per] * 11
     with pytest.raises(ValueError, match="multiple of the chunk"):
         kp.profile_graph(out, 1, 2, torch, static, past=5)
+
+
+def test_linear_attention_check_forms_agree_on_cpu(tmp_path):
+    """linear_attention_check.py's three graphs (the FWL export's masked form, LinearAttention whole and split into
+    128-wide key heads) compute the FWL update (inclusive of t, carried prefix) on the CPU provider."""
+    import linear_attention_check as lac
+
+    out = tmp_path / "la.jsonl"
+    assert lac.main(["--provider", "cpu", "--hidden", "40", "--chunk", "24", "--batch", "1", "2", "--iters", "1",
+                     "--json", str(out), "--md", str(tmp_path / "la.md")]) == 0
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert {(r["shape"], r["form"], r["batch"]) for r in rows} == {
+        (s, f, b) for s in ("layer 1", "layer 2") for f in ("masked", "la", "la128") for b in (1, 2)}
+    assert {r["d_k"] for r in rows if r["form"] == "la128"} == {41, 161}  # 1 and 2 heads of 128 after padding
+    for r in rows:
+        assert r["ok"], r
+        assert r["rel_out"] < 1e-5 and r["rel_state"] < 1e-5, r
+    # the reference is the inclusive form: an exclusive one (j < t) is far from it
+    rng = np.random.default_rng(0)
+    q, k, v, p = (rng.standard_normal(s).astype(np.float32) for s in ((1, 6, 3), (1, 6, 3), (1, 6, 2), (1, 3, 2)))
+    out_incl, _ = lac.reference(q, k, v, p)
+    excl = q.astype(np.float64) @ p + ((q @ k.transpose(0, 2, 1)) * np.tril(np.ones((6, 6)), -1)) @ v
+    assert lac.rel(excl, out_incl) > 1e-2
+
+
+def test_chunk_step_keeps_going_when_a_graph_fails():
+    """chunk_step.py measures each graph through ``attempt``: a graph that raises is NaN with its error kept, the
+    others' numbers stand (one failing experimental graph must not lose a GPU run's whole table)."""
+    import chunk_step
+
+    errors = {}
+
+    def refuse(folder, batch):
+        raise RuntimeError(f"provider refused {folder}\nsecond line")
+
+    assert chunk_step.attempt(errors, "ours: base-c, batch 1", lambda folder, batch: 2.5, "x", 1) == 2.5
+    got = chunk_step.attempt(errors, "ours: fwl-c, batch 8", refuse, "fwl-c", 8)
+    assert got != got  # NaN
+    assert errors == {"ours: fwl-c, batch 8": "RuntimeError: provider refused fwl-c"}
