@@ -22,6 +22,7 @@ from .attention_forms import attention_without_transposes, grouped_queries
 from .ir_nodes import Nodes, replace_value
 from .query_order import query_heads_in_group_order
 from .rotary_form import rotary_embedding
+from .split_form import splits_on_last_axis
 from .io_spec import BATCH, CHUNK, GRAPH_NAME, INITIAL_STATE_NAME, PAST, Manifest, StateSpec, chunk_rule, input_name, output_name
 from .wrapper import ChunkStep, initial_state, state_layout
 
@@ -135,6 +136,7 @@ def fuse_for_ort(model, causal_past: bool = False) -> Dict[str, int]:
     ir_passes.RemoveUnusedNodesPass()(model)  # the transposed stacking's constants and shape arithmetic
     if causal_past and causal_form.causal_attention_over_past(model.graph):
         ir_passes.RemoveUnusedNodesPass()(model)  # the attention bias and its arithmetic
+    splits_on_last_axis(model.graph)  # last: the rewrites above read the head splits as they were traced
     fused_ops: Dict[str, int] = {}
     for n in model.graph:
         if n.domain not in ("", "ai.onnx"):
