@@ -152,7 +152,7 @@ def main(argv=None) -> int:
                      "k": rng.standard_normal((b, a.chunk, dk), np.float32) * scale,
                      "v": rng.standard_normal((b, a.chunk, dv), np.float32),
                      "P": rng.standard_normal((b, dk, dv), np.float32)}
-            want = reference(**{"q": feeds["q"], "k": feeds["k"], "v": feeds["v"], "p": feeds["P"]})
+            want = reference(feeds["q"], feeds["k"], feeds["v"], feeds["P"])
             for form, model in graphs.items():
                 r = {"shape": name, "d_k": dk, "d_v": dv, "batch": b, "chunk": a.chunk, "form": form,
                      "provider": a.provider, **run_one(model, feeds, a.provider, a.iters, want)}
