@@ -258,10 +258,11 @@ def main():
                 times[path] = attempt(errors, f"{path}, batch {batch}", fn, folder, batch, args.chunk, args.iters)
         for path, ms in times.items():
             base_ms = times.get(base_of(path), times.get("ours: base graph (ORT CUDA fp16)"))
-            failed = ms != ms  # NaN: see results["errors"]
-            rows.append({"path": path, "batch": batch, "ms/chunk": "failed" if failed else f"{ms:.2f}",
-                         "× floor": "" if failed else f"{ms / floor['floor_ms']:.1f}",
-                         "× our base graph": f"{ms / base_ms:.2f}" if base_ms and not failed and base_ms == base_ms else ""})
+            if ms != ms:  # NaN: failed, see results["errors"]
+                rows.append({"path": path, "batch": batch, "ms/chunk": "failed"})
+                continue
+            rows.append({"path": path, "batch": batch, "ms/chunk": f"{ms:.2f}", "× floor": f"{ms / floor['floor_ms']:.1f}",
+                         "× our base graph": f"{ms / base_ms:.2f}" if base_ms and base_ms == base_ms else ""})
         results["step_ms"][str(batch)] = {**times, "floor_ms": floor["floor_ms"]}
     if args.doc:
         from fwconvert.tokenizer import load_tokenizer

@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # The GPU session in one go, in the background: calibrate (GPU) while every graph exports (CPUs), then the chunk-step
-# benchmark (alone on the machine), the kernel profiles (and linear_attention_check.py), the evaluation (alone: its tokens/s are compared), verify,
-# the 1B-shape chunk step, the 1B calibration throughput (TF32 off/on) and the GPU-only tests. Each stage uses the
-# scripts beside this one; a failing stage does not stop the next.
+# benchmark (alone on the machine), the kernel profiles (and linear_attention_check.py), the evaluation (alone: its
+# tokens/s are compared), verify, the 1B-shape chunk step, the 1B calibration throughput (TF32 off/on) and the GPU-only
+# tests. Each stage uses the scripts beside this one; a failing stage does not stop the next.
 #   bash benchmarks/gpu_pipeline.sh start     copies the repo to /tmp/repo and starts (setsid: survives the call)
 #   bash benchmarks/gpu_pipeline.sh status    stage log so far; /tmp/out as $OUT/results.tgz (the device's return folder)
 # Each `run` call must follow the last within the machine's idle release (30 s): poll with `sleep 240; ... status`.
