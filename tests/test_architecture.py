@@ -61,6 +61,19 @@ def test_dependency_direction(where, banned):
     assert not bad, "\n".join(bad)
 
 
+REWRITES = ("attention_forms", "causal_form", "query_order", "rotary_form", "split_form")  # exporters/onnx graph rewrites
+
+
+def test_graph_rewrites_import_only_the_shared_ir_helpers():
+    """Each rewrite module reads graphs through ir_values / ir_nodes, never through another rewrite's internals."""
+    bad = []
+    for name in REWRITES:
+        path = os.path.join(ROOT, "exporters", "onnx", name + ".py")
+        others = {"exporters.onnx." + r for r in REWRITES if r != name}
+        bad += [f"{name}.py imports {mod}" for mod in _imports(path) if mod in others]
+    assert not bad, "\n".join(bad)
+
+
 def test_help_is_fast_and_lists_commands():
     out = subprocess.run([sys.executable, "-X", "importtime", "-m", "fwconvert", "--help"], cwd=ROOT,
                          capture_output=True, text=True, timeout=60)

@@ -9,7 +9,7 @@ import pytest
 from onnx import TensorProto, helper
 
 from exporters.onnx.export import export_onnx
-from exporters.onnx.query_order import _shape, _split_sizes
+from exporters.onnx.ir_values import shape_of, split_sizes
 from exporters.onnx.split_form import splits_on_last_axis
 from exporters.verify import verify
 from test_onnx_common import tiny_model
@@ -53,8 +53,8 @@ def test_split_along_the_last_axis_is_exact(dims, axis, sizes, rewritten):
         assert a.shape == b.shape and np.array_equal(a, b)
     for n in m.graph:
         if n.op_type == "Split" and rewritten:
-            d = _shape(n.inputs[0])
-            assert _split_sizes(n, len(d))[0] == len(d) - 1
+            d = shape_of(n.inputs[0])
+            assert split_sizes(n, len(d))[0] == len(d) - 1
 
 
 def _inner_splits(folder):
@@ -62,8 +62,8 @@ def _inner_splits(folder):
     out = []
     for n in m.graph:
         if n.op_type == "Split":
-            d = _shape(n.inputs[0])
-            if d is None or _split_sizes(n, len(d))[0] != len(d) - 1:
+            d = shape_of(n.inputs[0])
+            if d is None or split_sizes(n, len(d))[0] != len(d) - 1:
                 out.append((n.name, d))
     return out
 

@@ -20,52 +20,17 @@ Both are exact (the same arithmetic on the same values) and run after ``optimize
 """
 from __future__ import annotations
 
-from typing import Optional
-
 import numpy as np
 
 from .ir_nodes import Nodes, replace_value
-
-
-def _const_array(v) -> Optional[np.ndarray]:
-    """The value of a constant tensor (an initializer or a ``Constant`` node's output), else None."""
-    if v is None:
-        return None
-    t = v.const_value
-    if t is None:
-        p = v.producer()
-        if p is None or p.op_type != "Constant" or "value" not in p.attributes:
-            return None
-        t = p.attributes["value"].value
-    try:
-        return np.asarray(t.numpy())
-    except Exception:  # noqa: BLE001 - not a readable constant
-        return None
-
-
-def _const_ints(v) -> Optional[list]:
-    """The values of a constant int tensor, flattened, else None."""
-    a = _const_array(v)
-    return None if a is None else [int(x) for x in a.reshape(-1)]
-
-
-def _dims(v) -> Optional[list]:
-    if v is None or v.shape is None:
-        return None
-    return [d if isinstance(d, int) else str(d) for d in v.shape]
-
-
-def _sole_producer(v, op_type: str):
-    """The ``op_type`` node that makes ``v`` when nothing but one node reads ``v``, else None."""
-    p = v.producer() if v is not None else None
-    return p if p is not None and p.op_type == op_type and len(v.uses()) == 1 else None
+from .ir_values import const_ints, dims, remove_dead, sole_producer
 
 
 def _bnsh_source(v):
     """X when ``v = Reshape(Transpose(X, perm=[0, 2, 1, 3]), 3-D shape)`` and nothing else reads that Reshape;
     else None. (The form the MultiHeadAttention fusion gives its inputs: heads moved back behind positions.)"""
-    r = _sole_producer(v, "Reshape")
-    t = _sole_producer(r.inputs[0], "Transpose") if r is not None else None
+    r = sole_producer(v, "Reshape")
+    t = sole_producer(r.inputs[0], "Transpose") if r is not None else None
     if t is None:
         return None
     perm = t.attributes.get("perm")
@@ -86,14 +51,6 @@ def _plain_mha_nodes(graph):
             yield n, ins
 
 
-def _remove_dead(graph, nodes) -> None:
-    """Remove each of ``nodes`` (in order) whose outputs nobody reads any more."""
-    for node in nodes:
-        if node is not None and node.graph is graph and not any(o.uses() for o in node.outputs) \
-                and not any(o.is_graph_output() for o in node.outputs):
-            graph.remove(node, safe=True)
-
-
 def attention_without_transposes(graph) -> int:
     """Feed each fused MultiHeadAttention its key and value as 4-D [B, N, L, hd] (BNSH, the layout of the KV cache
     after repeat-KV), instead of transposing them to [B, L, N·hd]: onnxruntime reads that form in place (format
@@ -109,7 +66,7 @@ def attention_without_transposes(graph) -> int:
         n.replace_input_with(1, k)
         n.replace_input_with(2, v)
         for r in old:  # the now-unused Reshape, then its Transpose
-            _remove_dead(graph, [r, r.inputs[0].producer()])
+            remove_dead(graph, [r, r.inputs[0].producer()])
         done += 1
     return done
 
@@ -117,15 +74,15 @@ def attention_without_transposes(graph) -> int:
 def _repeat_kv_source(v, heads: int):
     """(X, rep) when ``v = Reshape(Expand(Unsqueeze(X, axis 2), ...), ...)`` is X [B, H_kv, L, hd] with each head
     repeated rep = heads / H_kv times ([B, heads, L, hd], the same B, L and hd: transformers' repeat_kv), else None."""
-    r = _sole_producer(v, "Reshape")
-    e = _sole_producer(r.inputs[0], "Expand") if r is not None else None
+    r = sole_producer(v, "Reshape")
+    e = sole_producer(r.inputs[0], "Expand") if r is not None else None
     if e is None:
         return None
     u = e.inputs[0].producer()
-    if u is None or u.op_type != "Unsqueeze" or _const_ints(u.inputs[1] if len(u.inputs) > 1 else None) != [2]:
+    if u is None or u.op_type != "Unsqueeze" or const_ints(u.inputs[1] if len(u.inputs) > 1 else None) != [2]:
         return None
     x = u.inputs[0]
-    xd, vd = _dims(x), _dims(v)
+    xd, vd = dims(x), dims(v)
     if xd is None or vd is None or len(xd) != 4 or len(vd) != 4 or not isinstance(xd[1], int) or vd[1] != heads:
         return None
     if xd[1] < 1 or heads % xd[1] or (xd[0], xd[2], xd[3]) != (vd[0], vd[2], vd[3]) or not isinstance(xd[3], int):
@@ -145,9 +102,9 @@ def grouped_queries(graph) -> int:
         if not isinstance(heads, int):
             continue
         k, v = _repeat_kv_source(ins[1], heads), _repeat_kv_source(ins[2], heads)
-        bias, qd = ins[5], _dims(ins[0])
+        bias, qd = ins[5], dims(ins[0])
         if k is None or v is None or k[1] != v[1] or k[1] < 2 or qd is None or len(qd) != 3 or (bias is not None and (
-                _dims(bias) is None or len(_dims(bias)) != 4 or _dims(bias)[1] != 1)):
+                dims(bias) is None or len(dims(bias)) != 4 or dims(bias)[1] != 1)):
             continue
         if bias is not None:
             bias = _tiled_bias(graph, _without_broadcast(bias), k[1], tiled)
@@ -175,7 +132,7 @@ def _stack_query_heads(graph, n, ins, xk, xv, bias, heads: int, rep: int) -> Non
     doc), and remove the repeat-KV copies and the bias broadcast it read."""
     import onnx_ir as ir
 
-    kv, hd = heads // rep, _dims(xk)[3]
+    kv, hd = heads // rep, dims(xk)[3]
     new = Nodes()
 
     def const(values):
@@ -196,15 +153,15 @@ def _stack_query_heads(graph, n, ins, xk, xv, bias, heads: int, rep: int) -> Non
     graph.remove(n, safe=True)
     for r in old:  # Reshape, Expand, Unsqueeze of the repeat-KV copy
         e = r.inputs[0].producer()
-        _remove_dead(graph, [r, e, e.inputs[0].producer()])
-    _remove_dead(graph, [ins[5].producer() if ins[5] is not None else None])  # the bias's Expand
+        remove_dead(graph, [r, e, e.inputs[0].producer()])
+    remove_dead(graph, [ins[5].producer() if ins[5] is not None else None])  # the bias's Expand
 
 
 def _without_broadcast(v):
     """X when ``v = Expand(X, shape)`` and X already has v's shape (the exporter broadcasts the attention mask to
     its own shape once per layer: a copy each), else v."""
     p = v.producer()
-    if p is not None and p.op_type == "Expand" and _dims(p.inputs[0]) is not None and _dims(p.inputs[0]) == _dims(v):
+    if p is not None and p.op_type == "Expand" and dims(p.inputs[0]) is not None and dims(p.inputs[0]) == dims(v):
         return p.inputs[0]
     return v
 

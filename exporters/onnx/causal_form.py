@@ -30,9 +30,8 @@ import os
 
 import numpy as np
 
-from .attention_forms import _const_ints, _dims, _remove_dead
 from .ir_nodes import Nodes, replace_value
-from .query_order import _perm
+from .ir_values import const_ints, dims, remove_dead, transpose_perm
 
 EXPERIMENT_ENV = "FWCONVERT_EXPERIMENT_CAUSAL_MHA"
 
@@ -52,10 +51,10 @@ def _chunk_keys(cache, hd: int):
     if c.attributes["axis"].value not in (2, -2) or past is None or past.producer() is not None or new is None:
         return None
     t = new.producer()
-    if t is None or t.op_type != "Transpose" or _perm(t) != (0, 2, 1, 3):
+    if t is None or t.op_type != "Transpose" or transpose_perm(t) != (0, 2, 1, 3):
         return None
     x = t.inputs[0]
-    xd = _dims(x)
+    xd = dims(x)
     if xd is not None and (len(xd) != 4 or xd[3] != hd):
         return None
     return past, x
@@ -66,19 +65,19 @@ def _view_form(n):
     MultiHeadAttention ``n`` (query_order.py's form, with its causal bias), else None."""
     ins = list(n.inputs) + [None] * (6 - len(n.inputs))
     heads_kv = n.attributes["num_heads"].value if "num_heads" in n.attributes else None
-    kd = _dims(ins[1])
+    kd = dims(ins[1])
     if len(n.inputs) > 6 or ins[3] is not None or ins[4] is not None or ins[5] is None or not isinstance(heads_kv, int) \
             or kd is None or len(kd) != 4 or not isinstance(kd[3], int):
         return None
     hd = kd[3]
     r = ins[0].producer() if ins[0] is not None else None
-    if r is None or r.op_type != "Reshape" or _const_ints(r.inputs[1]) != [0, -1, heads_kv * hd]:
+    if r is None or r.op_type != "Reshape" or const_ints(r.inputs[1]) != [0, -1, heads_kv * hd]:
         return None
     uses = n.outputs[0].uses()
     if len(uses) != 1 or uses[0].node.op_type != "Reshape":
         return None
     out = uses[0].node
-    target = _const_ints(out.inputs[1])
+    target = const_ints(out.inputs[1])
     if target is None or len(target) != 3 or target[:2] != [0, -1] or target[2] % (heads_kv * hd):
         return None
     heads = target[2] // hd
@@ -122,7 +121,7 @@ def causal_attention_over_past(graph) -> int:
         old_q, old_bias = n.inputs[0].producer(), n.inputs[5].producer()
         graph.remove(out, safe=True)
         graph.remove(n, safe=True)
-        _remove_dead(graph, [old_q, old_bias])
+        remove_dead(graph, [old_q, old_bias])
         done += 1
     return done
 

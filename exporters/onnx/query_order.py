@@ -24,12 +24,10 @@ through Reshapes alone; otherwise the layer keeps the transposed form.
 """
 from __future__ import annotations
 
-from typing import List, Optional, Tuple
-
 import numpy as np
 
-from .attention_forms import _const_array, _const_ints, _dims, _remove_dead
 from .ir_nodes import Nodes, replace_value
+from .ir_values import const_ints, dims, remove_dead, rms_source, shape_of, split_sizes, transpose_perm
 
 
 def _slot_order(heads: int, rep: int) -> np.ndarray:
@@ -38,75 +36,9 @@ def _slot_order(heads: int, rep: int) -> np.ndarray:
     return np.array([g * rep + r for r in range(rep) for g in range(kv)], dtype=np.int64)
 
 
-def _axis(a: int, rank: int) -> int:
-    return a + rank if a < 0 else a
-
-
-def _split_sizes(node, rank: int) -> Optional[Tuple[int, List[int]]]:
-    """(axis, sizes) of a Split node whose sizes are constant, else None."""
-    axis = _axis(node.attributes["axis"].value if "axis" in node.attributes else 0, rank)
-    sizes = _const_ints(node.inputs[1]) if len(node.inputs) > 1 and node.inputs[1] is not None else None
-    return None if sizes is None else (axis, sizes)
-
-
-def _shape(v, depth: int = 0) -> Optional[list]:
-    """``v``'s dims, or where the graph carries none (values a rewrite made), the ones its Reshape's constant target
-    or its shape-keeping producer (RotaryEmbedding, Cast, Identity) gives."""
-    d = _dims(v)
-    p = v.producer()
-    if d is not None or p is None or depth > 8:
-        return d
-    if p.op_type == "Reshape":
-        target, xd = _const_ints(p.inputs[1]), _shape(p.inputs[0], depth + 1)
-        if target is None or target.count(-1) > 1:
-            return None
-        return [(xd[i] if xd is not None and i < len(xd) else f"?{i}") if a == 0 else ("?" if a == -1 else a)
-                for i, a in enumerate(target)]
-    if p.op_type in ("RotaryEmbedding", "Cast", "Identity"):
-        return _shape(p.inputs[0], depth + 1)
-    if p.op_type == "Mul" and len(p.inputs) == 2:  # x / rms(x), or x times a [last axis] scale: x's dims
-        x = _rms_source(p)
-        if x is not None:
-            return _shape(x, depth + 1)
-        a, b = (_shape(i, depth + 1) for i in p.inputs)
-        if a is not None and b is not None and len(b) == 1 and b[0] == a[-1]:
-            return a
-        if a is not None and b is not None and len(a) == 1 and a[0] == b[-1]:
-            return b
-    return None
-
-
 def _only_reader(x, node) -> bool:
     """Whether ``node`` is the one reader of ``x`` (so reordering x's heads changes nothing else)."""
     return not x.is_graph_output() and [u.node for u in x.uses()] == [node]
-
-
-def _rms_source(node):
-    """x when ``node = Mul(x, Reciprocal(Sqrt(Add(ReduceMean(Mul(x, x), axes=[-1]), eps))))`` (graph.py's RMS form)
-    and nothing outside it reads x or its intermediates: every value it makes is per position over the last axis,
-    so it treats heads alike. Else None."""
-    for x, r in ((node.inputs[0], node.inputs[1]), (node.inputs[1], node.inputs[0])):
-        chain, ok, v = [], True, r
-        for op in ("Reciprocal", "Sqrt", "Add", "ReduceMean", "Mul"):
-            p = v.producer() if v is not None else None
-            if p is None or p.op_type != op or v.is_graph_output() or len(v.uses()) != 1:
-                ok = False
-                break
-            chain.append(p)
-            v = p.inputs[0]
-        if not ok:
-            continue
-        add, mean, square = chain[2], chain[3], chain[4]
-        eps = add.inputs[1]
-        axes = _const_ints(mean.inputs[1]) if len(mean.inputs) > 1 and mean.inputs[1] is not None else None
-        keep = mean.attributes["keepdims"].value if "keepdims" in mean.attributes else 1
-        e = _const_array(eps)
-        if e is None or e.size != 1 or keep != 1 \
-                or axes not in ([-1], [len(_shape(x) or []) - 1]) or list(square.inputs) != [x, x]:
-            continue
-        if not x.is_graph_output() and sorted(id(u.node) for u in x.uses()) == sorted([id(square)] * 2 + [id(node)]):
-            return x
-    return None
 
 
 def _trace_back(v, hd: int):
@@ -117,12 +49,12 @@ def _trace_back(v, hd: int):
     axis, offset, unit = 2, 0, hd  # where head h lives along ``axis`` of the current value
     edits = []
     for _ in range(64):
-        p, d = v.producer(), _shape(v)
+        p, d = v.producer(), shape_of(v)
         if p is None or d is None or len(d) not in (3, 4) or axis >= len(d):
             return edits, False
         op, x = p.op_type, p.inputs[0]
         if op == "Reshape":
-            xd = _shape(x)
+            xd = shape_of(x)
             if xd is None or len(xd) not in (3, 4):
                 return edits, False
             if len(d) == 3 and len(xd) == 4 and axis == 2 and unit == hd and offset % hd == 0 and xd[3] == hd \
@@ -134,12 +66,12 @@ def _trace_back(v, hd: int):
             elif d != xd:
                 return edits, False
         elif op == "Transpose":
-            perm = _perm(p)
+            perm = transpose_perm(p)
             if perm is None:
                 return edits, False
             axis = perm[axis]
         elif op == "Split":
-            ss = _split_sizes(p, len(d))
+            ss = split_sizes(p, len(d))
             if ss is None:
                 return edits, False
             if ss[0] == axis:
@@ -149,10 +81,10 @@ def _trace_back(v, hd: int):
         elif op == "Mul" and axis != len(d) - 1:
             # a per-head RMS norm over the last axis (qwen3's q norm): its scale, then x / rms(x)
             scale = [i for i in p.inputs if i is not None and i.const_value is not None]
-            if len(p.inputs) == 2 and len(scale) == 1 and _dims(scale[0]) == [d[-1]]:
+            if len(p.inputs) == 2 and len(scale) == 1 and dims(scale[0]) == [d[-1]]:
                 x = p.inputs[0] if p.inputs[1] is scale[0] else p.inputs[1]
             else:
-                x = _rms_source(p)
+                x = rms_source(p)
                 if x is None:
                     return edits, False
                 v = x
@@ -161,13 +93,13 @@ def _trace_back(v, hd: int):
             return edits, False
         if op == "Add":
             consts = [i for i in p.inputs if i is not None and i.const_value is not None]
-            if len(p.inputs) != 2 or len(consts) != 1 or axis != len(d) - 1 or _dims(consts[0]) != [d[-1]] \
+            if len(p.inputs) != 2 or len(consts) != 1 or axis != len(d) - 1 or dims(consts[0]) != [d[-1]] \
                     or not _only_reader(consts[0], p):
                 return edits, False
             edits.append((consts[0], 0, offset, unit))
             x = p.inputs[0] if p.inputs[1] is consts[0] else p.inputs[1]
         if op == "MatMul":
-            w, wd = p.inputs[1], _dims(p.inputs[1])
+            w, wd = p.inputs[1], dims(p.inputs[1])
             if w.const_value is None or not _only_reader(w, p) or wd is None or len(wd) != 2 or axis != len(d) - 1:
                 return edits, False
             edits.append((w, 1, offset, unit))
@@ -182,7 +114,7 @@ def _trace_forward(v, heads: int, hd: int):
     """Follow the attention output [B, T, H·hd] through Reshapes (each its value's only reader) to the output
     projection MatMul; returns its weight (rows: the heads, hd each), else None."""
     for _ in range(16):
-        d = _shape(v)
+        d = shape_of(v)
         if v.is_graph_output() or len(v.uses()) != 1 or d is None or not (
                 d[-1] == heads * hd or (len(d) >= 2 and d[-2:] == [heads, hd])):
             return None
@@ -191,7 +123,7 @@ def _trace_forward(v, heads: int, hd: int):
             v = node.outputs[0]
             continue
         w = node.inputs[1] if node.op_type == "MatMul" and node.inputs[0] is v and d[-1] == heads * hd else None
-        wd = _dims(w) if w is not None else None
+        wd = dims(w) if w is not None else None
         if w is None or w.const_value is None or not _only_reader(w, node) or wd is None or len(wd) != 2 \
                 or wd[0] != heads * hd:
             return None
@@ -212,12 +144,6 @@ def _permute(w, axis: int, offset: int, unit: int, order: np.ndarray) -> None:
     w.const_value = ir.Tensor(np.take(a, idx, axis=axis), name=w.name)
 
 
-def _perm(node) -> Optional[tuple]:
-    """A Transpose's explicit permutation, else None (the default reverses the axes; the graphs here name theirs)."""
-    a = node.attributes.get("perm")
-    return tuple(a.value) if a is not None else None
-
-
 def _next(node, op_type: str):
     """The one reader of ``node``'s output when ``node`` is an ``op_type`` whose output has exactly one reader."""
     out = node.outputs[0]
@@ -233,13 +159,13 @@ def _stacking(n):
     r1 = q3.producer() if q3 is not None else None
     t1 = r1.inputs[0].producer() if r1 is not None and r1.op_type == "Reshape" else None
     r0 = t1.inputs[0].producer() if t1 is not None and t1.op_type == "Transpose" else None
-    if r0 is None or r0.op_type != "Reshape" or _perm(t1) != (0, 3, 1, 2, 4):
+    if r0 is None or r0.op_type != "Reshape" or transpose_perm(t1) != (0, 3, 1, 2, 4):
         return None
-    shape = _const_ints(r0.inputs[1])
+    shape = const_ints(r0.inputs[1])
     if shape is None or len(shape) != 5 or shape[:2] != [0, 0]:
         return None
     kv, rep, hd = shape[2:]
-    q, qd = r0.inputs[0], _shape(r0.inputs[0])
+    q, qd = r0.inputs[0], shape_of(r0.inputs[0])
     if qd is None or len(qd) != 3 or qd[2] != kv * rep * hd or not _only_reader(q, r0):
         return None
     uses = n.outputs[0].uses()
@@ -248,11 +174,11 @@ def _stacking(n):
     o1 = uses[0].node
     t2 = _next(o1, "Reshape")
     o2 = _next(t2, "Transpose") if t2 is not None else None
-    if o2 is None or o2.op_type != "Reshape" or _perm(t2) != (0, 2, 3, 1, 4):
+    if o2 is None or o2.op_type != "Reshape" or transpose_perm(t2) != (0, 2, 3, 1, 4):
         return None
     bias = n.inputs[5] if len(n.inputs) > 5 else None
     tile = bias.producer() if bias is not None else None
-    if bias is not None and (tile is None or tile.op_type != "Tile" or _const_ints(tile.inputs[1]) != [1, 1, rep, 1]):
+    if bias is not None and (tile is None or tile.op_type != "Tile" or const_ints(tile.inputs[1]) != [1, 1, rep, 1]):
         return None
     return q, (r0, t1, r1), (o1, t2, o2), tile, kv, rep, hd
 
@@ -303,8 +229,8 @@ def query_heads_in_group_order(graph) -> int:
         o = out.op("Reshape", n.outputs[0], out.const(np.array([0, -1, heads * hd], dtype=np.int64)))  # [B, T, H·hd]
         graph.insert_after(n, out.nodes)
         replace_value(graph, onodes[2].outputs[0], o)
-        _remove_dead(graph, list(reversed(onodes)))
-        _remove_dead(graph, list(reversed(qnodes)) + [tile])
+        remove_dead(graph, list(reversed(onodes)))
+        remove_dead(graph, list(reversed(qnodes)) + [tile])
         done += 1
     return done
 

@@ -21,15 +21,15 @@ from __future__ import annotations
 
 import numpy as np
 
-from .attention_forms import _const_array, _const_ints, _dims, _remove_dead
 from .ir_nodes import Nodes, replace_value
+from .ir_values import const_array, const_ints, dims, remove_dead
 
 
 def _is_rotation(v, hd: int) -> bool:
     """Whether ``v`` is the constant R [hd, hd] with x @ R == rotate_half(x) (rope.py::rotation_matrix)."""
-    if _dims(v) != [hd, hd]:  # checked first: reading a projection weight just to compare it would be slow
+    if dims(v) != [hd, hd]:  # checked first: reading a projection weight just to compare it would be slow
         return False
-    r = _const_array(v)
+    r = const_array(v)
     if r is None or r.shape != (hd, hd):
         return False
     h = hd // 2
@@ -58,7 +58,7 @@ def _angles(table, fn: str):
     u = table.producer()
     if u is None or u.op_type != "Unsqueeze" or len(u.inputs) < 2:
         return None
-    if _const_ints(u.inputs[1]) != [2]:
+    if const_ints(u.inputs[1]) != [2]:
         return None
     c = u.inputs[0].producer()
     cast = None
@@ -71,7 +71,7 @@ def _angles(table, fn: str):
         return None
     axis = cat.attributes.get("axis")
     f = cat.inputs[0]
-    if axis is None or axis.value not in (-1, 2) or _dims(f) is None or len(_dims(f)) != 3:
+    if axis is None or axis.value not in (-1, 2) or dims(f) is None or len(dims(f)) != 3:
         return None
     return f, cast
 
@@ -79,7 +79,7 @@ def _angles(table, fn: str):
 def _match(matmul):
     """The pieces of one traced RoPE around its rotation ``matmul``: (X, f, cos cast, sin cast, Add, nodes), or None."""
     x = matmul.inputs[0]
-    xd = _dims(x)
+    xd = dims(x)
     if xd is None or len(xd) != 4 or not isinstance(xd[2], int) or not isinstance(xd[3], int) or xd[3] % 2:
         return None
     if not _is_rotation(matmul.inputs[1], xd[3]):
@@ -112,7 +112,7 @@ def rotary_embedding(graph) -> int:
         if m is None:
             continue
         x, f, cast, add, old = m
-        hd, heads = _dims(x)[3], _dims(x)[2]
+        hd, heads = dims(x)[3], dims(x)[2]
         if id(f) not in shared:
             shared[id(f)] = _rows(graph, f, cast, hd)
         ids, cos_rows, sin_rows = shared[id(f)]
@@ -122,7 +122,7 @@ def rotary_embedding(graph) -> int:
         out = new.op("Reshape", rot, new.const(np.array([0, 0, heads, hd], dtype=np.int64)))
         graph.insert_before(add, new.nodes)
         replace_value(graph, add.outputs[0], out)
-        _remove_dead(graph, old)
+        remove_dead(graph, old)
         done += 1
     return done
 

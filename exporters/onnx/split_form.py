@@ -24,7 +24,7 @@ import math
 import numpy as np
 
 from .ir_nodes import Nodes, replace_value
-from .query_order import _shape, _split_sizes
+from .ir_values import shape_of, split_sizes
 
 
 def splits_on_last_axis(graph) -> int:
@@ -33,8 +33,8 @@ def splits_on_last_axis(graph) -> int:
 
     done = 0
     for n in [n for n in graph if n.op_type == "Split" and n.domain in ("", "ai.onnx")]:
-        d = _shape(n.inputs[0])
-        ss = _split_sizes(n, len(d)) if d is not None else None
+        d = shape_of(n.inputs[0])
+        ss = split_sizes(n, len(d)) if d is not None else None
         if ss is None:
             continue
         axis, sizes = ss
