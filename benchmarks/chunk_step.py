@@ -69,16 +69,7 @@ def bench_graph(folder, batch, chunk, iters, device="cuda"):
     assert sess.device == device, sess.provider_note
     state = sess.new_state(batch)
     ids = np.random.default_rng(0).integers(0, sess.manifest.vocab_size, (batch, chunk), dtype=np.int64)
-    b = sess.sess.io_binding()
-    b.bind_ortvalue_input("input_ids", state._put(ids))
-    for name, value in state.cur.items():
-        b.bind_ortvalue_input(name, value)
-    b.bind_output("logits", device, 0)
-    for s in state.specs:
-        if state.fixed[s.input]:
-            b.bind_ortvalue_output(s.output, state.spare[s.input])
-        else:
-            b.bind_output(s.output, device, 0)
+    b, _ = sess.bind(ids, state)
     b.synchronize_inputs()
     return time_fn(lambda: sess.sess.run_with_iobinding(b), 5, iters, b.synchronize_outputs)
 

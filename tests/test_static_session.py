@@ -72,6 +72,25 @@ def test_full_static_sessions_share_the_weights(exports, monkeypatch):
     assert w.static.sharing.startswith("off") and not w.static.weights
 
 
+def test_shared_weights_read_from_external_data(tmp_path, monkeypatch):
+    """An export with its weights in model.onnx.data: the pinned sessions share them (read tensor by tensor from the
+    data file) and compute exactly what an ordinary session computes."""
+    from exporters.runtime import static
+
+    out = export_onnx(tiny_model(kind="fwl"), str(tmp_path / "ext"), chunk_size=C, external_data=True)
+    assert os.path.isfile(os.path.join(out, "model.onnx.data"))
+    monkeypatch.setattr(static, "SHARE_BYTES", 1)
+    owners, views = static.shared_weights(os.path.join(out, "model.onnx"), ChunkSession(out, provider="cpu").new_state(1))
+    assert views and len(owners) == len(views)
+    dyn = ChunkSession(out, provider="cpu")
+    sta = ChunkSession(out, provider="cpu", static_batch=1)
+    assert sta.static.sharing == "on" and set(sta.static.weights) == set(views)
+    ids = np.random.default_rng(3).integers(0, dyn.manifest.vocab_size, (1, 3 * C))
+    sd, ss = dyn.new_state(1), sta.new_state(1)
+    for a in range(0, 3 * C, C):
+        np.testing.assert_array_equal(dyn.step(ids[:, a:a + C], sd), sta.step(ids[:, a:a + C], ss))
+
+
 def test_static_logits_buffer_is_reused_and_fetch_copies(exports):
     s = ChunkSession(exports["base"], provider="cpu", static_batch=1)
     st = s.new_state(1)

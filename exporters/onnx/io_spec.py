@@ -50,6 +50,11 @@ class StateSpec:
     dtype: str  # numpy dtype name: float32, float16, int64
     init: Dict  # {"kind": "zeros"} | {"kind": "copy", "weight": name, "file": ..., "array": ...}
 
+    @property
+    def grows(self) -> bool:
+        """Whether the tensor grows by each chunk (a full-attention KV cache: a ``past`` axis), else fixed-shape."""
+        return PAST in self.shape
+
     @classmethod
     def from_dict(cls, d: dict) -> "StateSpec":
         return cls(**d)

@@ -144,7 +144,7 @@ class ChunkSession:
             use_tf32 = tf32_policy(self.manifest.dtype)
         self._threads, self._static_batch = threads, static_batch
         self._providers = _providers(provider, use_tf32, graphs, self.manifest.dtype == "fp32", attention_kernels)
-        growing = any(PAST in s.shape for s in self.manifest.state)
+        growing = any(s.grows for s in self.manifest.state)
         self.sess = self.open_pinned(0 if static_batch is not None and growing else None)
         used = self.sess.get_providers()
         self.device = "cuda" if used and used[0] == "CUDAExecutionProvider" else "cpu"
@@ -218,8 +218,18 @@ class ChunkSession:
         feeds = {"input_ids": (str(ids.dtype), list(ids.shape))}
         feeds.update({n: (_ort_dtype(v), list(v.shape())) for n, v in state.cur.items()})
         check_feeds(self.inputs, feeds)
+        b, order = self.bind(ids, state)
+        self.sess.run_with_iobinding(b)
+        outs = dict(zip(order, b.get_outputs()))
+        state.advance(outs)
+        return outs["logits"].numpy() if fetch else outs["logits"]
+
+    def bind(self, ids: np.ndarray, state: StateBuffers):
+        """The IO binding of one step of a session without ``static_batch``: the chunk copied to the state's
+        device, the state's buffers as inputs, the fixed-shape presents into its spare buffers, the logits and the
+        growing presents into buffers onnxruntime allocates there. Returns (binding, output names in its order)."""
         b = self.sess.io_binding()
-        b.bind_ortvalue_input("input_ids", state._put(ids))
+        b.bind_ortvalue_input("input_ids", state.put(ids))
         for name, value in state.cur.items():
             b.bind_ortvalue_input(name, value)
         b.bind_output("logits", state.device, state.device_id)
@@ -230,10 +240,7 @@ class ChunkSession:
             else:
                 b.bind_output(s.output, state.device, state.device_id)
             order.append(s.output)
-        self.sess.run_with_iobinding(b)
-        outs = dict(zip(order, b.get_outputs()))
-        state.advance(outs)
-        return outs["logits"].numpy() if fetch else outs["logits"]
+        return b, order
 
 
 def _ort_dtype(value) -> str:

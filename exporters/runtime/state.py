@@ -60,13 +60,14 @@ class StateBuffers:
         self.specs = manifest.state
         self.cur: Dict[str, object] = {}
         self.spare: Dict[str, object] = {}
-        self.fixed = {s.input: PAST not in s.shape for s in self.specs}
+        self.fixed = {s.input: not s.grows for s in self.specs}
         for s, arr in zip(self.specs, initial_arrays(self.specs, batch, folder).values()):
-            self.cur[s.input] = self._put(arr)
+            self.cur[s.input] = self.put(arr)
             if self.fixed[s.input]:
-                self.spare[s.input] = self._put(np.zeros_like(arr))
+                self.spare[s.input] = self.put(np.zeros_like(arr))
 
-    def _put(self, arr: np.ndarray):
+    def put(self, arr: np.ndarray):
+        """``arr`` copied into a new OrtValue on the state's device."""
         return self._ort.OrtValue.ortvalue_from_numpy(arr, self.device, self.device_id)
 
     def advance(self, presents: Dict[str, object]) -> None:

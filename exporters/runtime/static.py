@@ -64,7 +64,7 @@ class StaticSteps:
         self.weights, self._weight_refs, self.sharing = {}, None, "off (a window export has one session)"
         if self.growing:
             self._share_weights()
-        self.ids = self.state._put(np.zeros((batch, c), dtype=np.int64))
+        self.ids = self.state.put(np.zeros((batch, c), dtype=np.int64))
         out = next(o for o in session.sess.get_outputs() if o.name == "logits")
         dtype = _NP.get(out.type)
         if dtype is None:
@@ -179,20 +179,29 @@ def shared_weights(path: str, state: StateBuffers):
     onnxruntime takes only a buffer its caller owns: an OrtValue it allocated itself is refused ("Buffer containing
     the initializer must be owned by the user", ORT 1.31, on CUDA and CPU alike), and its Python API allocates every
     device OrtValue itself. So each weight is allocated by onnxruntime (the owner, kept alive here) and handed over
-    as a DLPack view of the same memory, which does not own its buffer. Returns (owners, name -> view)."""
+    as a DLPack view of the same memory, which does not own its buffer. Returns (owners, name -> view).
+
+    Weights in an external data file are read one at a time (the host holds one weight, not a second copy of the
+    model); small and non-float initializers are not read at all."""
+    import os
+
     import onnx
     import onnxruntime as ort
-    from onnx import numpy_helper
+    from onnx import helper, numpy_helper
 
-    model = onnx.load(path, load_external_data=True)
+    model = onnx.load(path, load_external_data=False)
+    base = os.path.dirname(os.path.abspath(path))
     owners, views = [], {}
     for t in model.graph.initializer:
-        arr = numpy_helper.to_array(t)
-        if arr.dtype.kind == "f" and arr.nbytes >= SHARE_BYTES:
-            owner = ort.OrtValue.ortvalue_from_shape_and_type(list(arr.shape), arr.dtype, state.device, state.device_id)
-            owner.update_inplace(np.ascontiguousarray(arr))
-            owners.append(owner)
-            views[t.name] = ort.OrtValue.from_dlpack(owner)
+        dtype = np.dtype(helper.tensor_dtype_to_np_dtype(t.data_type))
+        if dtype.kind != "f" or int(np.prod(t.dims, dtype=np.int64)) * dtype.itemsize < SHARE_BYTES:
+            continue
+        arr = numpy_helper.to_array(t, base)  # reads this tensor's bytes from the external file, if it has one
+        owner = ort.OrtValue.ortvalue_from_shape_and_type(list(arr.shape), arr.dtype, state.device, state.device_id)
+        owner.update_inplace(np.ascontiguousarray(arr))
+        owners.append(owner)
+        views[t.name] = ort.OrtValue.from_dlpack(owner)
+        t.ClearField("raw_data")  # an inline weight's bytes go once uploaded
     return owners, views
 
 
@@ -215,7 +224,7 @@ class InitialCopy:
             key = ("zeros", arr.shape, arr.dtype.str) if spec.init.get("kind") == "zeros" else ("value", spec.input)
             if key not in sources:
                 sources[key] = f"init_{len(sources)}"
-                self.feeds[sources[key]] = state._put(arr)
+                self.feeds[sources[key]] = state.put(arr)
                 inputs.append(helper.make_tensor_value_info(sources[key], *info))
             out = f"state_{len(self.names)}"
             nodes.append(helper.make_node("Identity", [sources[key]], [out]))

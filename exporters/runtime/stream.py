@@ -63,9 +63,9 @@ def _snapshot(session: ChunkSession, state: StateBuffers) -> StateBuffers:
     copy = session.new_state(state.batch)
     for name, value in state.cur.items():
         arr = value.numpy()
-        copy.cur[name] = copy._put(arr)
+        copy.cur[name] = copy.put(arr)
         if name in copy.spare:
-            copy.spare[name] = copy._put(np.zeros_like(arr))
+            copy.spare[name] = copy.put(np.zeros_like(arr))
     return copy
 
 
