@@ -4,6 +4,8 @@
 and reset, 5 one chunk by hand; plus aligned (export) path, input_embed target, gradients, layer specs.
 Tiny models (hidden 64, 2 layers, vocab 256), chunk 8, every TTT parameter random, large eta.
 """
+import copy
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -298,6 +300,45 @@ def test_aligned_path_equals_general_path_mlp(target):
         outs.append(out)
     assert rel_err(torch.cat(outs, 1), general) < 1e-12
     assert rel_err(state["delta"], g_state["delta"]) < 1e-12  # the short last step gave no update
+
+
+
+def _tf32(t):
+    """``t`` in fp32 rounded to TF32 (10 mantissa bits, to nearest): how onnxruntime's CUDA provider rounds the inputs
+    of the fp32 GEMMs in an fp16 graph (TF32 on)."""
+    i = t.float().contiguous().view(torch.int32)
+    return ((i + 0x1000) & ~0x1FFF).view(torch.float32)
+
+
+def _tf32_aligned_step(m, x, delta):
+    """The aligned step of an fp16 model with every fast-weight product in fp32 on TF32-rounded inputs: what the fp16
+    graphs computed on the GPU before their products became fp16 (session 10). A full chunk from position 0."""
+    z = m.hidden(x)
+    out = m.down_proj(z) + (_tf32(z) @ _tf32(delta).transpose(1, 2)).to(z.dtype)
+    w = m.ttt_conv.weight.float()
+    v = F.conv1d(_tf32(x).transpose(1, 2), _tf32(w), padding=w.shape[-1] // 2, groups=w.shape[0]).transpose(1, 2)
+    v = _tf32(v) @ _tf32(m.ttt_proj.weight.float())
+    return out, delta + m.lr * (_tf32(v).transpose(1, 2) @ _tf32(z))
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("seed", [0, 1])
+def test_fp16_aligned_step_is_as_precise_as_tf32_products(seed):
+    """An fp16 model's aligned step (the fp16 export's form) multiplies in fp16 (inplace_ttt._aligned_step). Against
+    float64 on the same fp16-rounded weights, its output and new delta are as close as the fp32-product form's with
+    TF32 inputs, the form it replaced on the GPU. A delta as large as W0, so the fast part is half the output."""
+    m16 = _mlp(dtype=torch.float16, seed=seed)[0]
+    m64 = copy.deepcopy(m16).double()
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(2, C, 64, generator=g).half()
+    delta = float(m16.down_proj.weight.float().std()) * torch.randn(2, 64, m16.intermediate_size, generator=g)
+    out, new = m16(x, {"delta": delta}, _ctx(x, aligned=True))
+    assert out.dtype == torch.float16 and new["delta"].dtype == torch.float32
+    want, want_new = m64(x.double(), {"delta": delta.double()}, _ctx(x, aligned=True))
+    tf_out, tf_delta = _tf32_aligned_step(m16, x, delta)
+    assert rel_err(out.double(), want) <= 1.25 * rel_err(tf_out.double(), want)
+    assert rel_err(new["delta"].double(), want_new["delta"]) <= 1.25 * rel_err(tf_delta.double(), want_new["delta"])
+    assert rel_err(new["delta"].double(), want_new["delta"]) < 1e-2  # the update itself is real, not zero
 
 
 @torch.no_grad()

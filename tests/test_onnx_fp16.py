@@ -3,6 +3,7 @@ CPU provider: logits and state within the fp16 tolerance, perplexity within 1% o
 import math
 
 import numpy as np
+import pytest
 import torch
 
 from exporters.onnx.export import export_onnx
@@ -52,6 +53,34 @@ def test_fp16_fwl_export(tmp_path):
     other.model.layers[0].mlp.down_proj.weight.mul_(-1.0)
     with pytest.raises(NumericError, match="disagrees with torch"):
         smoke_check(other, s.path, s.manifest, out, tol)
+
+
+
+def _float32_products(path):
+    """The MatMul / FusedMatMul nodes of a graph that multiply in fp32 (their output is float32)."""
+    import onnx_ir as ir
+
+    return [n for n in ir.load(path).graph if n.op_type in ("MatMul", "FusedMatMul", "Gemm")
+            and n.outputs[0].dtype == ir.DataType.FLOAT]
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("family", ["llama", "qwen3"])
+def test_fp16_inplace_export_multiplies_in_fp16_and_verifies(tmp_path, family):
+    """An fp16 in-place export applies the fast weight and makes its targets with fp16 products: only the update
+    into the fp32 delta multiplies in fp32 (one product per TTT layer). It verifies over 16 chained chunks with a live
+    delta. (onnxruntime's CPU provider gives exactly what the fp32-product graph gave, so the precision of the fp16
+    products is tested in torch: test_inplace_ttt.py, test_fp16_aligned_step_is_as_precise_as_tf32_products.)"""
+    model = tiny_model(family, "inplace", seed=6)
+    out = export_onnx(model, str(tmp_path / "onnx"), chunk_size=8, dtype="fp16")
+    s = ChunkSession(out, provider="cpu")
+    assert {sp.dtype for sp in s.manifest.state if "delta" in sp.key} == {"float32"}
+    assert len(_float32_products(s.path)) == len(model.fast_weights.layers)
+    rep = verify(out, against=model, chunks=16, batch=2)
+    assert rep.passed, rep.to_dict()
+    assert any(r.name.endswith("mlp.delta") for r in rep.rows)
+    _, state = model.step(torch.randint(0, 256, (1, 8)), model.init_state(1))
+    assert all(float(v.abs().max()) > 0 for k, v in state.items() if k.endswith("delta"))  # the fast weights move
 
 
 def test_verify_report_judges_each_row_by_its_own_tolerance_and_the_perplexity():

@@ -176,11 +176,15 @@ class InPlaceTTTMLP(FastWeightModule):
     def hidden(self, x: torch.Tensor) -> torch.Tensor:
         return F.silu(self.gate_proj(x)) * self.up_proj(x)  # Z [B, T, F]
 
-    def targets(self, t: torch.Tensor) -> torch.Tensor:
-        """V_hat [M, L, D] fp32 for M independent chunks t [M, L, D] (each zero-padded at both ends)."""
-        w = _acc(self.ttt_conv.weight)
-        v = F.conv1d(_acc(t).transpose(1, 2), w, padding=w.shape[-1] // 2, groups=w.shape[0]).transpose(1, 2)
-        return v @ _acc(self.ttt_proj.weight)
+    def targets(self, t: torch.Tensor, dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+        """V_hat [M, L, D] for M independent chunks t [M, L, D] (each zero-padded at both ends), computed in the
+        accumulation dtype (fp32), or in ``dtype`` where given (the fp16 export, ``_aligned_step``)."""
+        if dtype is None:
+            w, t, p = _acc(self.ttt_conv.weight), _acc(t), _acc(self.ttt_proj.weight)
+        else:
+            w, t, p = self.ttt_conv.weight.to(dtype), t.to(dtype), self.ttt_proj.weight.to(dtype)
+        v = F.conv1d(t.transpose(1, 2), w, padding=w.shape[-1] // 2, groups=w.shape[0]).transpose(1, 2)
+        return v @ p
 
     def _target_input(self, x: torch.Tensor, ctx: StepContext) -> torch.Tensor:
         if self.target == "hidden_states":
@@ -202,11 +206,25 @@ class InPlaceTTTMLP(FastWeightModule):
     def _aligned_step(self, x: torch.Tensor, state: State, ctx: StepContext):
         """One step starting at a chunk boundary with T <= C tokens: apply W0 + delta, update iff T == C.
 
-        Shape-static and branch-free (torch.export); reads and returns only ``delta``."""
+        Shape-static and branch-free (torch.export); reads and returns only ``delta``.
+
+        In an fp16 model (the fp16 export) the apply, Z delta^T, and the targets are fp16 products (with fp32
+        accumulation in the runtimes' GEMMs), and only the update into the fp32 delta multiplies in fp32. This
+        loses nothing against the fp32 products it replaces as onnxruntime's CUDA provider runs them: those use
+        TF32, which rounds every GEMM input to the same 10-bit mantissa as fp16, and the apply's product was cast
+        to fp16 anyway, the targets' rounded to TF32 by the update. What fp16 changes is the range: delta entries
+        below 6e-5 become subnormal (their part of the output, under 1e-6 absolute, is far below the fp16
+        rounding of the output itself) and entries past 65504 would overflow, which no working model reaches.
+        The fp32 products ran as TF32 kernels several times slower than fp16 ones (docs/results.md, session 10)."""
         delta = state["delta"]
         z = self.hidden(x)  # [B, T, F]
-        out = self._down(z, delta)
-        v = self.targets(self._target_input(x, ctx))  # [B, T, D]: the step is one chunk
+        tgt = self._target_input(x, ctx)
+        if z.dtype == torch.float16:
+            out = self.down_proj(z) + z @ delta.to(z.dtype).transpose(1, 2)
+            v = self.targets(tgt, torch.float16).to(delta.dtype)
+        else:
+            out = self._down(z, delta)
+            v = self.targets(tgt)  # [B, T, D]: the step is one chunk
         full = ((ctx.position + x.shape[1]) % self.chunk_size == 0).to(delta.dtype)  # [B]
         update = v.transpose(1, 2) @ _acc(z)  # [B, D, F]
         return out, {"delta": delta + (self.lr * full)[:, None, None] * update}
