@@ -28,6 +28,7 @@ numpy + onnxruntime (+ onnx to build that copy graph and to read the weights tha
 """
 from __future__ import annotations
 
+import os
 from typing import Dict, Optional
 
 import numpy as np
@@ -183,8 +184,6 @@ def shared_weights(path: str, state: StateBuffers):
 
     Weights in an external data file are read one at a time (the host holds one weight, not a second copy of the
     model); small and non-float initializers are not read at all."""
-    import os
-
     import onnx
     import onnxruntime as ort
     from onnx import helper, numpy_helper
