@@ -12,13 +12,13 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional
+from typing import Callable, Dict, List, Optional
 
 import numpy as np
 import torch
 
 from fwconvert.config import TOLERANCES
-from fwconvert.errors import InputError, NumericError
+from fwconvert.errors import InputError, NumericError, UsageError
 from fwconvert.modeling.decoder import DecoderLM
 
 from .runtime.session import ChunkSession, load_manifest
@@ -49,9 +49,10 @@ class Report:
     def tolerance_of(self, r: Row) -> float:
         return self.tolerance if r.tolerance is None else r.tolerance
 
-    def worst(self) -> Row:
-        """The row nearest to (or furthest beyond) its tolerance."""
-        return max(self.rows, key=lambda r: (r.rel / self.tolerance_of(r) if math.isfinite(r.rel) else math.inf))
+    def worst(self, rows: Optional[List[Row]] = None) -> Row:
+        """The row (of ``rows``, default all) nearest to (or furthest beyond) its tolerance."""
+        return max(self.rows if rows is None else rows,
+                   key=lambda r: (r.rel / self.tolerance_of(r) if math.isfinite(r.rel) else math.inf))
 
     @property
     def perplexity_passed(self) -> bool:
@@ -147,11 +148,14 @@ def _own_tolerances(model: DecoderLM, dtype: str) -> Dict[str, float]:
 
 
 def verify(folder: str, against=None, chunks: int = 16, provider: str = "cpu", batch: int = 1, seed: int = 0,
-           tokens=None, threads: Optional[int] = None, static: bool = False) -> Report:
+           tokens=None, threads: Optional[int] = None, static: bool = False,
+           log: Optional[Callable[[str], None]] = None) -> Report:
     """Run ``chunks`` chained chunks through both and return the Report (raises NumericError on failure).
-    ``static``: through a static session (``ChunkSession(static_batch=batch)``; CUDA graphs on CUDA)."""
+    ``static``: through a static session (``ChunkSession(static_batch=batch)``; CUDA graphs on CUDA).
+    ``log``: called with a line per compared chunk (the CLI prints them on stderr as progress)."""
+    log = log or (lambda m: None)
     if chunks < 1:
-        raise InputError(f"--chunks must be >= 1, got {chunks}")
+        raise UsageError(f"--chunks must be >= 1, got {chunks}")
     manifest = load_manifest(folder)
     session = ChunkSession(folder, provider=provider, threads=threads, manifest=manifest,  # TF32 as deployed
                            static_batch=batch if static else None,  # enough pinned past lengths for every chunk:
@@ -180,7 +184,10 @@ def verify(folder: str, against=None, chunks: int = 16, provider: str = "cpu", b
             lo = session.step(chunk, state)
             lt, tstate = model.step(torch.from_numpy(chunk), tstate)
             ref = lt.float().numpy()
-            report.rows.extend(_chunk_rows(k, lo, ref, state.to_numpy(), tstate, own))
+            rows = _chunk_rows(k, lo, ref, state.to_numpy(), tstate, own)
+            report.rows.extend(rows)
+            worst = report.worst(rows)
+            log(f"chunk {k + 1}/{-(-ids.shape[1] // c)}: worst {worst.name} rel {worst.rel:.2e}")
             n = min(chunk.shape[1], ids.shape[1] - 1 - a)  # positions a..a+n-1 predict tokens a+1..a+n
             if n > 0:
                 tgt = ids[:, a + 1:a + 1 + n]

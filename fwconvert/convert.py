@@ -20,7 +20,7 @@ from typing import Callable, Optional
 import torch
 
 from .config import FWLConfig, InPlaceTTTConfig, ModelConfig, fast_weights_to_dict
-from .errors import InputError, NumericError
+from .errors import InputError, NumericError, UsageError
 from .families import FWCONVERT_MODEL_TYPE, FAMILIES, IGNORED_TENSOR_SUFFIXES, expected_tensors
 from .checkpoint import shards
 from .checkpoint.resume import ResumableOutput, run_identity
@@ -249,12 +249,12 @@ def add_fwl(src, out=None, *, size: Optional[int] = None, chunk_size: int = 256,
     ck = _open_base(src, config)
     size = ck.config.hidden_size if size is None else size
     if isinstance(size, bool) or not isinstance(size, int) or size <= 0:
-        raise InputError(f"--size must be a positive integer, got {size!r}")
+        raise UsageError(f"--size must be a positive integer, got {size!r}")
     if size != ck.config.hidden_size:
-        raise InputError(f"--size {size} must equal the model's hidden_size {ck.config.hidden_size}: the FWL block is a "
+        raise UsageError(f"--size {size} must equal the model's hidden_size {ck.config.hidden_size}: the FWL block is a "
                          "residual on the final hidden state, unembedded by the base LM head (no projection implemented)")
     if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
-        raise InputError(f"--chunk-size must be an integer >= 1, got {chunk_size!r}")
+        raise UsageError(f"--chunk-size must be an integer >= 1, got {chunk_size!r}")
     fw = FWLConfig(size=size, chunk_size=chunk_size)
     validate_fwl_config(ck.config, fw)
     flags = {"command": "add-fwl", "size": size, "chunk_size": chunk_size, "seed": int(seed), "allow_nonfinite": allow_nonfinite}
@@ -281,9 +281,9 @@ def mark_fast(src, out=None, *, layers: str = "every:6", chunk_size: int = 1024,
     idx = parse_layer_spec(layers, ck.config.num_hidden_layers)
     _check_gated(ck, idx)
     if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not math.isfinite(lr) or lr < 0:
-        raise InputError(f"--lr must be a finite number >= 0, got {lr!r}")
+        raise UsageError(f"--lr must be a finite number >= 0, got {lr!r}")
     if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or not 5 <= chunk_size <= ck.config.max_position_embeddings:
-        raise InputError(f"--chunk-size {chunk_size!r} must be an integer in [5, {ck.config.max_position_embeddings}] "
+        raise UsageError(f"--chunk-size {chunk_size!r} must be an integer in [5, {ck.config.max_position_embeddings}] "
                          "(at least the conv kernel 5, at most max_position_embeddings)")
     fw = InPlaceTTTConfig(layers=idx, chunk_size=chunk_size, lr=float(lr), target=target)
     check_ttt_config(ck.config, fw)

@@ -49,6 +49,13 @@ class InputError(FwconvertError):
     exit_code = EXIT_INPUT
 
 
+class UsageError(InputError):
+    """A bad option or argument value, or a combination of them that cannot work (the message names the option).
+    An InputError, so API callers that catch InputError keep working; the CLI exits with the usage code."""
+
+    exit_code = EXIT_USAGE
+
+
 class OutputError(FwconvertError):
     """The output path conflicts with something or is unsafe."""
 

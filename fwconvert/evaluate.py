@@ -16,7 +16,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .errors import InputError
+from .errors import InputError, UsageError
 
 DYNAMIC_EVAL_LR = {"all": 1e-4, "down_proj": 3e-4}  # anchors.md: the reference setup
 
@@ -25,7 +25,7 @@ def bucket_edges(context: int) -> List[int]:
     """[0, 512, 1024, 2048, ...] doubling up to ``context`` (which closes the last bucket); contexts
     under 2048 start at the largest power of two <= context/4 instead of 512."""
     if context < 2:
-        raise InputError(f"--context must be at least 2, got {context}")
+        raise UsageError(f"--context must be at least 2, got {context}")
     first = 512 if context >= 2048 else max(1, 2 ** int(math.floor(math.log2(context / 4))) if context >= 4 else 1)
     edges, e = [0], first
     while e < context:
@@ -108,8 +108,9 @@ def stream_nll(step: Callable, init_state: Callable, ids: torch.Tensor, chunk: i
 
 
 def evaluate_stream(step, init_state, docs: Sequence[np.ndarray], context: int, chunk: int, device,
-                    batch_size: int = 1) -> PositionStats:
-    """Stream every document (each exactly ``context`` tokens or shorter) and collect NLL by position.
+                    batch_size: int = 1, done: Callable[[int], None] = lambda n: None) -> PositionStats:
+    """Stream every document (each exactly ``context`` tokens or shorter) and collect NLL by position; ``done(n)``
+    after each batch of n documents, outside the timed part (a progress bar).
 
     Before the timed pass, one untimed chunk per batch shape warms the runner up (CUDA context, library handles,
     kernel selection, allocator, CUDA-graph capture): otherwise whichever model is evaluated first pays for it
@@ -137,6 +138,7 @@ def evaluate_stream(step, init_state, docs: Sequence[np.ndarray], context: int, 
             stats.seconds += time.perf_counter() - t0
             stats.tokens += ids.numel()
             stats.add(nll)
+            done(ids.shape[0])
     return stats
 
 
@@ -155,11 +157,11 @@ def dynamic_eval_params(model, which: str) -> list:
         return [p for p in model.parameters()]
     if which == "down_proj":
         return [layer.mlp.down_proj.weight for layer in model.model.layers]
-    raise InputError(f"--dynamic-eval-params {which!r} is not one of all, down_proj")
+    raise UsageError(f"--dynamic-eval-params {which!r} is not one of all, down_proj")
 
 
 def dynamic_eval(model, docs: Sequence[np.ndarray], context: int, chunk: int, lr: Optional[float] = None,
-                 which: str = "all") -> PositionStats:
+                 which: str = "all", done: Callable[[int], None] = lambda n: None) -> PositionStats:
     """Dynamic evaluation (Krause et al.): score each chunk, then one Adam step on that chunk's loss.
 
     Each document starts from the original weights and a fresh optimizer; the KV state is carried
@@ -180,6 +182,7 @@ def dynamic_eval(model, docs: Sequence[np.ndarray], context: int, chunk: int, lr
         stats.seconds += time.perf_counter() - t0
         stats.tokens += ids.numel()
         stats.add(nll)
+        done(1)
     return stats
 
 
@@ -205,8 +208,35 @@ def _dynamic_doc(work, original: dict, which: str, lr: float, ids: torch.Tensor,
     return torch.cat(parts, 1)
 
 
+PLOT_FORMATS = (".png", ".pdf", ".svg")
+
+
+def check_plot_path(path: str, force: bool) -> str:
+    """``path`` as the plot file ``plot_curves`` may write, checked before any work: a file name ending in one of
+    PLOT_FORMATS, in an existing folder, not a folder itself, and not an existing file unless ``force``."""
+    import os
+
+    from .errors import OutputError
+
+    ext = os.path.splitext(path)[1].lower()
+    if os.path.isdir(path):
+        raise UsageError(f"--plot {path}: is a folder; give a file name ending in {', '.join(PLOT_FORMATS)}")
+    if ext not in PLOT_FORMATS:
+        raise UsageError(f"--plot {path}: the file name must end in {', '.join(PLOT_FORMATS)} (the plot's format)")
+    parent = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(parent):
+        raise OutputError(f"--plot {path}: the folder {parent} does not exist")
+    if os.path.lexists(path) and not force:
+        raise OutputError(f"--plot {path}: exists; pass --force to replace it")
+    return path
+
+
 def plot_curves(curves: Dict[str, np.ndarray], context: int, path: str, smooth: int = 0) -> str:
-    """Loss against position for every evaluated model (moving average over ``smooth`` positions)."""
+    """Loss against position for every evaluated model (moving average over ``smooth`` positions), written to
+    ``path`` atomically (a temporary file beside it, then renamed); its format is the file name's extension."""
+    import os
+    import tempfile
+
     import matplotlib
 
     matplotlib.use("Agg")
@@ -228,8 +258,18 @@ def plot_curves(curves: Dict[str, np.ndarray], context: int, path: str, smooth: 
     ax.set_ylabel(f"loss (nats, moving average over {smooth})")
     ax.legend()
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    ext = os.path.splitext(path)[1]
+    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=ext, dir=os.path.dirname(os.path.abspath(path)))
+    try:
+        with os.fdopen(fd, "wb") as f:
+            fig.savefig(f, dpi=120, format=ext.lstrip(".").lower())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    finally:
+        plt.close(fig)
     return path
 
 
@@ -255,7 +295,9 @@ def select_documents(docs, context: int, split: str, keys: Optional[set], min_to
     """Documents to evaluate, truncated to ``context``: the held-out split when asked (``auto``: when the
     model records one), those with at least ``min_tokens`` (default: ``context``) tokens, at most ``max_docs``."""
     if split not in ("auto", "heldout", "all"):
-        raise InputError(f"--split {split!r} is not one of auto, heldout, all")
+        raise UsageError(f"--split {split!r} is not one of auto, heldout, all")
+    if max_docs is not None and max_docs < 1:
+        raise UsageError(f"--max-docs must be at least 1, got {max_docs}")
     if split == "heldout" and keys is None:
         raise InputError("--split heldout: the model's MANIFEST.json records no calibration held-out split")
     if split != "all" and keys is not None:
@@ -269,7 +311,7 @@ def select_documents(docs, context: int, split: str, keys: Optional[set], min_to
     if not long_docs:
         longest = max((len(d.ids) for d in docs), default=0)
         raise InputError(f"no document has {need} tokens (longest: {longest}); lower --context or --min-tokens")
-    return long_docs[:max_docs] if max_docs else long_docs
+    return long_docs[:max_docs] if max_docs is not None else long_docs
 
 
 def load_eval_model(path: str, device, dtype=None, drop_fast_weights: bool = False):
@@ -289,17 +331,25 @@ def model_name(model) -> str:
 
 
 def compare(runners: Dict[str, tuple], docs, context: int, chunk: int, device, batch_size: int = 1,
-            dynamic: Optional[dict] = None, log: Callable[[str], None] = lambda m: None) -> Dict[str, PositionStats]:
+            dynamic: Optional[dict] = None, log: Callable[[str], None] = lambda m: None,
+            bar: Optional[Callable[[str, int], object]] = None) -> Dict[str, PositionStats]:
     """Evaluate every (step, init_state) runner on the same documents; with ``dynamic`` =
-    {"model": base DecoderLM, "lr": .., "params": ..}, dynamic evaluation of that model too."""
+    {"model": base DecoderLM, "lr": .., "params": ..}, dynamic evaluation of that model too. ``bar(name, total)``:
+    a progress bar (``update(n)``, ``close()``) per model, over documents."""
     out = {}
-    for name, (step, init_state) in runners.items():
-        log(f"evaluating {name} on {len(docs)} documents")
-        out[name] = evaluate_stream(step, init_state, docs, context, chunk, device, batch_size)
+    jobs = [(name, lambda done, r=r: evaluate_stream(r[0], r[1], docs, context, chunk, device, batch_size, done))
+            for name, r in runners.items()]
     if dynamic is not None:
-        log(f"dynamic evaluation on {len(docs)} documents")
-        out["dynamic_eval"] = dynamic_eval(dynamic["model"], docs, context, chunk, dynamic.get("lr"),
-                                           dynamic.get("params", "all"))
+        jobs.append(("dynamic_eval", lambda done: dynamic_eval(dynamic["model"], docs, context, chunk, dynamic.get("lr"),
+                                                               dynamic.get("params", "all"), done)))
+    for name, job in jobs:
+        log(f"evaluating {name} on {len(docs)} documents")
+        b = bar(name, len(docs)) if bar is not None else None
+        try:
+            out[name] = job(b.update if b is not None else (lambda n: None))
+        finally:
+            if b is not None:
+                b.close()
     return out
 
 

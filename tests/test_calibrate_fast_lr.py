@@ -1,4 +1,6 @@
 """--fast-lr (a separate peak lr for the new fast-weight parameters) and throughput records across --resume."""
+import os
+
 import torch
 
 from fwconvert.calibrate.data import WindowSampler
@@ -58,7 +60,7 @@ def test_cli_refuses_a_bad_fast_lr(tmp_path):
     data = write_token_docs(tmp_path / "d")
     r = run_cli(["calibrate", model, "--data", data, "--steps", "1", "--seq-len", "32", "--fast-lr", "0",
                  "-o", str(tmp_path / "o"), "--no-progress"])
-    assert r.returncode == 3 and "--fast-lr" in r.stderr, r.stderr
+    assert r.returncode == 2 and "--fast-lr" in r.stderr, r.stderr
 
 
 def test_in_place_ttt_defaults_to_a_stable_fast_lr(tmp_path):
@@ -82,14 +84,26 @@ def test_in_place_ttt_defaults_to_a_stable_fast_lr(tmp_path):
 
 
 def test_cli_refuses_a_window_without_a_ttt_update(tmp_path):
-    """A training window of at most one in-place TTT chunk gives the TTT parameters no gradient (its update serves
-    the chunks after it): refused up front with the way out, instead of an internal error in the backward pass
-    (--train fast). A --baseline run has no fast weights and is not refused."""
+    """A training window whose predictions (positions 0 .. L - 2) all lie in the first in-place TTT chunk gives the
+    TTT parameters no gradient (a chunk's update serves the chunks after it): refused up front with the way out,
+    instead of a run that trains nothing (L = C + 1 did, silently) or an internal error in the backward pass
+    (--train fast). L = C + 2, the shortest useful window, trains them. A --baseline run has no fast weights and is
+    not refused."""
+    from safetensors.torch import load_file
+
     model = save_tiny(tmp_path / "m", TTT)  # chunk 16
     data = write_token_docs(tmp_path / "d")
-    r = run_cli(["calibrate", model, "--data", data, "--steps", "1", "--seq-len", "16", "--train", "fast",
-                 "-o", str(tmp_path / "o"), "--no-progress"])
-    assert r.returncode == 3 and "--seq-len > 16" in r.stderr and "internal error" not in r.stderr, r.stderr
+    for seq_len in ("16", "17"):
+        r = run_cli(["calibrate", model, "--data", data, "--steps", "1", "--seq-len", seq_len, "--train", "fast",
+                     "-o", str(tmp_path / f"o{seq_len}"), "--no-progress"])
+        assert r.returncode == 2 and "--seq-len of at least 18" in r.stderr and "internal error" not in r.stderr, \
+            r.stderr
+    r = run_cli(["calibrate", model, "--data", data, "--steps", "1", "--seq-len", "18", "--train", "fast",
+                 "-o", str(tmp_path / "o18"), "--no-progress"])
+    assert r.returncode == 0, r.stderr
+    before, after = load_file(os.path.join(model, "model.safetensors")), load_file(str(tmp_path / "o18" / "model.safetensors"))
+    moved = [k for k in after if "ttt_" in k and not torch.equal(after[k], before[k])]
+    assert moved, "the TTT parameters did not train"
     r = run_cli(["calibrate", model, "--data", data, "--steps", "1", "--seq-len", "16", "--baseline",
                  "-o", str(tmp_path / "b"), "--no-progress"])
     assert r.returncode == 0, r.stderr

@@ -33,6 +33,7 @@ def test_sigterm_checkpoints_the_current_step_and_exits_143(tmp_path):
             proc.communicate()
     assert proc.returncode == 143, err[-2000:]
     assert "terminated: checkpoint of step" in err and "Traceback" not in err
+    assert "Error: terminated; the checkpoint of step" in err and "nothing written" not in err  # the last line agrees
     last = ckpt.list_checkpoints(work)[-1]
     state = ckpt.load_latest(work, _run_id_of(work, last), lambda m: None)
     assert state["step"] == int(last[5:]) and len(state["losses"]) == state["step"]

@@ -97,7 +97,7 @@ def test_readonly_parent_exit_5_before_work(tmp_path, capsys, src):
 ])
 def test_bad_options_clear_error_nothing_written(tmp_path, capsys, src, args, needle):
     code, _, err = run_cli(capsys, args[0], src, "-o", tmp_path / "out", *args[1:])
-    assert code == 3 and needle in err and no_traceback(err), err
+    assert code == 2 and needle in err and no_traceback(err), err  # bad option values: usage errors
     assert sorted(os.listdir(tmp_path)) == ["src"]
 
 

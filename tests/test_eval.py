@@ -162,7 +162,7 @@ def test_cli_eval_refuses_a_context_beyond_the_model(calibrated, capsys):
     cal, _, data, _ = calibrated
     with pytest.raises(SystemExit) as e:
         main(["eval", cal, "--data", data, "--context", "100000"])
-    assert e.value.code == 3 and "max_position_embeddings" in capsys.readouterr().err
+    assert e.value.code == 2 and "max_position_embeddings" in capsys.readouterr().err
 
 
 def test_cli_eval_split_from_another_folder(calibrated, capsys):
@@ -173,6 +173,43 @@ def test_cli_eval_split_from_another_folder(calibrated, capsys):
         main(["eval", base, "--data", data, "--context", "128", "--split-from", cal, "--json"])
     assert e.value.code == 0
     assert json.loads(capsys.readouterr().out)["documents"] == len(rec["data"]["heldout"])
+
+
+
+def test_cli_eval_checks_the_plot_path_before_evaluating_and_writes_it_atomically(calibrated, tmp_path, capsys):
+    """--plot is checked first (a usage error for a folder or an unknown format; exit 4 for a missing folder or an
+    existing file without --force), and the plot appears whole under its name, nothing else beside it."""
+    from fwconvert.cli.main import main
+
+    cal, _, data, _ = calibrated
+    args = ["eval", cal, "--data", data, "--context", "128", "--chunk-size", "64", "--max-docs", "1", "--plot"]
+    (tmp_path / "old.png").write_bytes(b"not a plot")
+    for plot, code, words in ((str(tmp_path), 2, "is a folder"), (str(tmp_path / "p.txt"), 2, "must end in"),
+                              (str(tmp_path / "p"), 2, "must end in"), (str(tmp_path / "no" / "p.png"), 4, "does not exist"),
+                              (str(tmp_path / "old.png"), 4, "--force")):
+        capsys.readouterr()
+        with pytest.raises(SystemExit) as e:
+            main(args + [plot])
+        err = capsys.readouterr().err
+        assert e.value.code == code and words in err and "evaluating" not in err, (plot, err)
+    assert (tmp_path / "old.png").read_bytes() == b"not a plot"
+    for name, extra in (("old.png", ["--force"]), ("new.svg", [])):
+        with pytest.raises(SystemExit) as e:
+            main(args + [str(tmp_path / name)] + extra)
+        assert e.value.code == 0
+    assert (tmp_path / "old.png").read_bytes()[:4] == b"\x89PNG"
+    assert b"<svg" in (tmp_path / "new.svg").read_bytes()[:400]
+    assert sorted(os.listdir(tmp_path)) == ["new.svg", "old.png"]  # no temporary file left
+
+
+def test_cli_eval_max_docs_must_be_positive(calibrated, capsys):
+    from fwconvert.cli.main import main
+
+    cal, _, data, _ = calibrated
+    for n in ("0", "-1"):
+        with pytest.raises(SystemExit) as e:
+            main(["eval", cal, "--data", data, "--context", "128", "--max-docs", n])
+        assert e.value.code == 2 and f"--max-docs must be at least 1, got {n}" in capsys.readouterr().err
 
 
 def test_untimed_warm_up_changes_no_number():

@@ -54,4 +54,35 @@ def test_ort_eval_static_equals_dynamic_with_padded_last_chunk(tmp_path, capsys,
     assert results[True]["by_position"] == pytest.approx(results[False]["by_position"], rel=1e-6)
     with pytest.raises(SystemExit) as e:
         main(["eval", model, "--data", data, "--context", "120", "--static"])
-    assert e.value.code == 3
+    assert e.value.code == 2
+
+
+def test_ort_eval_takes_the_split_of_the_export_source(tmp_path, capsys):
+    """An ONNX export of a calibrated model is evaluated on that model's held-out documents (its manifest's source),
+    as the torch model is, and says so; with the source gone, on all of --data, and says that."""
+    import shutil
+
+    from exporters.onnx.export import export_onnx
+    from fwconvert.calibrate.loop import CalibrationSettings
+    from fwconvert.calibrate.run import calibrate
+    from fwconvert.cli.main import main
+
+    model = save_tiny(tmp_path / "fwl", FWLConfig(size=64, chunk_size=16))
+    data = write_token_docs(tmp_path / "data", n=6, length=200)
+    cal = str(tmp_path / "cal")
+    rec = calibrate(model, [data], cal, CalibrationSettings(steps=1, seq_len=64, save_every=1), heldout=0.4,
+                    progress=False)
+    onnx_dir = export_onnx(cal, str(tmp_path / "onnx"))
+    args = ["eval", onnx_dir, "--data", data, "--context", "128", "--chunk-size", "32", "--runtime", "ort", "--json"]
+    with pytest.raises(SystemExit) as e:
+        main(args)
+    out, err = capsys.readouterr()
+    assert e.value.code == 0
+    res = json.loads(out)
+    assert res["documents"] == len(rec["data"]["heldout"]) < 6 and cal in res["documents_from"] and cal in err
+    shutil.rmtree(cal)
+    with pytest.raises(SystemExit) as e:
+        main(args)
+    res = json.loads(capsys.readouterr().out)
+    assert e.value.code == 0 and res["documents"] == 6 and res["documents_from"] == "all of --data"
+

@@ -144,3 +144,11 @@ def test_subprocess_json(tmp_path):
     assert r.returncode == 0, r.stderr
     info = json.loads(r.stdout)
     assert info["family"] == "llama" and info["fast_weights"] is None
+
+
+def test_inspect_names_an_onnx_export(tmp_path, capsys):
+    """An export-onnx folder handed to a checkpoint command is named as such, not 'no model weights found'."""
+    (tmp_path / "model.onnx").write_bytes(b"\x08\x07")
+    (tmp_path / "manifest.json").write_text("{}")
+    code, _, err = run_cli(capsys, "inspect", str(tmp_path))
+    assert code == 3 and "an ONNX export (export-onnx), not a checkpoint" in err

@@ -60,10 +60,10 @@ def test_bad_attention_options_refused(window_export, tmp_path, capsys):
     src, _ = window_export
     with pytest.raises(SystemExit) as e:
         main(["export-onnx", src, "-o", str(tmp_path / "x"), "--attention", "window"])
-    assert e.value.code == 3 and "--window" in capsys.readouterr().err
+    assert e.value.code == 2 and "--window" in capsys.readouterr().err
     with pytest.raises(SystemExit) as e:
         main(["export-onnx", src, "-o", str(tmp_path / "x"), "--attention", "full", "--window", "4"])
-    assert e.value.code == 3 and "needs --attention window" in capsys.readouterr().err
+    assert e.value.code == 2 and "needs --attention window" in capsys.readouterr().err
     assert not os.path.exists(tmp_path / "x")
 
 

@@ -100,6 +100,23 @@ def test_ping_pong_state_and_streaming(tmp_path):
     assert greedy_generate(s, np.array([[1, 2]]), 3).shape == (1, 3)
 
 
+
+def test_provider_auto_falls_back_quietly_and_cuda_refuses_to(tmp_path, capfd):
+    """Where onnxruntime cannot start CUDA (onnxruntime-gpu without CUDA libraries or a GPU), ``auto`` runs on the
+    CPU without onnxruntime's error log on stderr (provider_note says so), and ``cuda`` refuses to start (exit 5)
+    instead of running on the CPU."""
+    from fwconvert.errors import ResourceError
+
+    d = str(_folder(tmp_path))
+    capfd.readouterr()
+    s = ChunkSession(d, provider="auto")
+    if s.device == "cuda":
+        pytest.skip("CUDA works here")
+    assert s.provider_note.startswith("CPU execution provider") and capfd.readouterr().err == ""
+    with pytest.raises((ResourceError, InputError), match="--provider cuda: "):  # InputError: no CUDA provider at all
+        ChunkSession(d, provider="cuda")
+
+
 def test_reset_per_document(tmp_path):
     s = ChunkSession(str(_folder(tmp_path)), provider="cpu")
     a = token_losses(s, np.array([[1, 2, 3, 4, 5]]))

@@ -97,7 +97,7 @@ def test_sinks_need_a_window_export(tmp_path, capsys):
     src = save_checkpoint(make_hf_model("llama", seed=1), str(model_dir))
     with pytest.raises(SystemExit) as e:
         main(["export-onnx", src, "-o", str(tmp_path / "o"), "--sink-tokens", "4"])
-    assert e.value.code == 3 and "needs --attention window" in capsys.readouterr().err  # bad input
+    assert e.value.code == 2 and "needs --attention window" in capsys.readouterr().err  # a usage error
     with pytest.raises(SystemExit) as e:
         main(["export-onnx", src, "-o", str(tmp_path / "o"), "--attention", "window", "--window", "8",
               "--sink-tokens", "-1"])

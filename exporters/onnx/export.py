@@ -15,12 +15,12 @@ import math
 import os
 import shutil
 import tempfile
-from typing import Optional, Union
+from typing import Callable, Optional, Union
 
 import torch
 
 from fwconvert.config import TOLERANCES, fast_weights_to_dict
-from fwconvert.errors import InputError, ResourceError
+from fwconvert.errors import InputError, ResourceError, UsageError
 from fwconvert.modeling.decoder import DecoderLM
 
 from .graph import build_manifest, check_graph, export_program, smoke_check
@@ -90,16 +90,16 @@ def _resolve_attention(model: DecoderLM, attention: Optional[str], window: Optio
     native = model.window if model.window is not None else model.config.sliding_window
     attention = attention or ("window" if (window is not None or native is not None) else "full")
     if attention not in ("full", "window"):
-        raise InputError(f"--attention must be 'full' or 'window', got {attention!r}")
+        raise UsageError(f"--attention must be 'full' or 'window', got {attention!r}")
     if attention == "full":
         if window is not None:
-            raise InputError(f"--window {window} needs --attention window")
+            raise UsageError(f"--window {window} needs --attention window")
         if native is not None:
             raise InputError(f"the model attends within a sliding window of {native}; export it with --attention window")
         return "full", None
     window = window if window is not None else native
     if window is None or window < 2:
-        raise InputError(f"--attention window needs --window W >= 2 (got {window})")
+        raise UsageError(f"--attention window needs --window W >= 2 (got {window})")
     return "window", int(window)
 
 
@@ -118,12 +118,12 @@ def _chunk_size(model: DecoderLM, chunk_size: Optional[int]) -> tuple:
     fixed = aligned_chunk_size(model)
     if fixed is not None:
         if chunk_size is not None and chunk_size != fixed:
-            raise InputError(f"--chunk-size {chunk_size}: this model's in-place TTT chunk size is {fixed}; "
+            raise UsageError(f"--chunk-size {chunk_size}: this model's in-place TTT chunk size is {fixed}; "
                              f"chunks must hold exactly {fixed} tokens")
         return fixed, True
     chunk_size = 512 if chunk_size is None else chunk_size
     if chunk_size < 1:
-        raise InputError(f"--chunk-size must be >= 1, got {chunk_size}")
+        raise UsageError(f"--chunk-size must be >= 1, got {chunk_size}")
     return chunk_size, False
 
 
@@ -161,16 +161,18 @@ def _install(staging: str, out: str) -> None:
 
 def export_onnx(model_or_path: Union[str, os.PathLike, DecoderLM], out: str, *, chunk_size: Optional[int] = None,
                 attention: Optional[str] = None, window: Optional[int] = None, dtype: str = "fp32",
-                force: bool = False, external_data: Optional[bool] = None, sinks: Optional[int] = None) -> str:
+                force: bool = False, external_data: Optional[bool] = None, sinks: Optional[int] = None,
+                log: Optional[Callable[[str], None]] = None) -> str:
     """Export ``model_or_path`` (a checkpoint path or a DecoderLM) to the folder ``out``; returns ``out``.
+    ``log``: called with a line as each stage starts (the CLI prints them on stderr).
     ``sinks`` (window exports only): the document's first ``sinks`` tokens stay attendable beyond the window
     (attention sinks), in a fixed-size state of their own. Default: a given DecoderLM's own; for a checkpoint path,
     ``DEFAULT_SINKS`` when the window is not the model's own sliding window (a pretrained model breaks once a
     document's first tokens leave a window it was not trained with), else 0 (e.g. Mistral's own window)."""
     if dtype not in ("fp32", "fp16"):
-        raise InputError(f"--dtype must be fp32 or fp16, got {dtype!r}")
+        raise UsageError(f"--dtype must be fp32 or fp16, got {dtype!r}")
     if sinks is not None and (isinstance(sinks, bool) or not isinstance(sinks, int) or sinks < 0):
-        raise InputError(f"--sink-tokens must be an integer >= 0, got {sinks!r}")
+        raise UsageError(f"--sink-tokens must be an integer >= 0, got {sinks!r}")
     source_path = None if isinstance(model_or_path, DecoderLM) else os.path.abspath(str(model_or_path))
     out = _prepare_out(out, force, source_path)
     ck = None
@@ -186,7 +188,7 @@ def export_onnx(model_or_path: Union[str, os.PathLike, DecoderLM], out: str, *, 
     attention, window = _resolve_attention(model, attention, window)
     sinks = _resolve_sinks(model, source_path, attention, sinks)
     if sinks and attention != "window":
-        raise InputError(f"--sink-tokens {sinks} needs --attention window (a full-attention export keeps every token)")
+        raise UsageError(f"--sink-tokens {sinks} needs --attention window (a full-attention export keeps every token)")
     if model.window != window or model.sinks != sinks:  # never modify the caller's model
         model = copy.deepcopy(model)
         model.window, model.sinks = window, sinks
@@ -198,8 +200,11 @@ def export_onnx(model_or_path: Union[str, os.PathLike, DecoderLM], out: str, *, 
     os.umask(umask)
     os.chmod(staging, 0o777 & ~umask)
     writing = staging  # the file being written, for a no-space error
+    log = log or (lambda m: None)
     try:
+        log(f"tracing the chunk step ({dtype}, {attention} attention, chunk {chunk}) and fusing it for onnxruntime")
         prog, layout = export_program(model, attention == "window", dtype, opset=OPSET, ir_version=IR_VERSION)
+        log("saving the graph")
         n_bytes = sum(p.numel() * p.element_size() for p in model.parameters()) // (2 if dtype == "fp16" else 1)
         use_ext = n_bytes > EXTERNAL_DATA_BYTES if external_data is None else external_data
         graph_path = writing = os.path.join(staging, GRAPH_NAME)
@@ -216,6 +221,7 @@ def export_onnx(model_or_path: Union[str, os.PathLike, DecoderLM], out: str, *, 
         manifest.fast_weights = fast_weights_to_dict(model.fast_weights)
         manifest.versions["ort_contrib_ops"] = getattr(prog, "fusions", {})
         check_graph(graph_path, manifest)
+        log("checking the graph against torch on one chunk")
         tol = TOLERANCES["ort_fp32_vs_torch_fp32" if dtype == "fp32" else "export_smoke_fp16"]
         smoke_check(model, graph_path, manifest, staging, tol)
         writing = os.path.join(staging, MANIFEST_NAME)

@@ -13,7 +13,7 @@ from typing import Optional
 import numpy as np
 
 from fwconvert.config import load_json_strict
-from fwconvert.errors import InputError
+from fwconvert.errors import InputError, ResourceError
 
 from ..onnx.io_spec import BATCH, CHUNK, MANIFEST_NAME, PAST, Manifest
 from .feeds import ORT_TYPES, check_feeds, check_manifest_against_graph
@@ -89,7 +89,10 @@ def _providers(provider: str, use_tf32: bool, cuda_graph: bool = False, fp32: bo
                attention_kernels: Optional[int] = None):
     import onnxruntime as ort
 
-    ort.set_default_logger_severity(3)  # a missing CUDA runtime is reported by us, not as an ORT warning
+    # With "auto", onnxruntime's own error log about CUDA libraries it cannot load (onnxruntime-gpu on a machine
+    # without CUDA) is noise: the session falls back to the CPU and provider_note says so. With "cuda" it is the
+    # reason the session refuses to start, so it stays.
+    ort.set_default_logger_severity(4 if provider == "auto" else 3)
     have_cuda = "CUDAExecutionProvider" in ort.get_available_providers()
     if provider == "cuda" and not have_cuda:
         raise InputError("--provider cuda: this onnxruntime has no CUDA execution provider")
@@ -148,6 +151,9 @@ class ChunkSession:
         self.sess = self.open_pinned(0 if static_batch is not None and growing else None)
         used = self.sess.get_providers()
         self.device = "cuda" if used and used[0] == "CUDAExecutionProvider" else "cpu"
+        if provider == "cuda" and self.device != "cuda":
+            raise ResourceError("--provider cuda: onnxruntime could not start its CUDA execution provider (missing "
+                                "CUDA or cuDNN libraries, or no GPU; its log above says which); use --provider cpu")
         self.provider_note = ("CUDA execution provider" + (" (TF32 on)" if use_tf32 else " (TF32 off)")) if self.device == "cuda" \
             else "CPU execution provider" + (" (no CUDA provider available)" if provider == "auto" else "")
         self.inputs = {i.name: i for i in self.sess.get_inputs()}

@@ -16,7 +16,7 @@ from typing import Callable, List, Optional, Sequence
 import numpy as np
 
 from ..checkpoint.paths import stat_regular
-from ..errors import InputError
+from ..errors import InputError, UsageError
 
 TOKEN_SUFFIXES = (".tokens.npy", ".tokens.bin")
 DEFAULT_TEXT_EXTS = (".txt", ".py", ".rst", ".md")
@@ -137,7 +137,7 @@ def split_documents(docs: Sequence[Document], heldout_fraction: float, seed: int
     """(train, heldout): a seeded permutation of documents; at least one held out when fraction > 0
     and there are two or more documents."""
     if not 0.0 <= heldout_fraction < 1.0:
-        raise InputError(f"--heldout must be in [0, 1), got {heldout_fraction}")
+        raise UsageError(f"--heldout must be in [0, 1), got {heldout_fraction}")
     n = len(docs)
     k = int(round(n * heldout_fraction))
     if heldout_fraction > 0 and n >= 2:

@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from ..errors import InputError, NumericError, ResourceError
+from ..errors import NumericError, ResourceError, UsageError
 from . import checkpoint as ckpt
 from . import ddp
 from .data import WindowSampler
@@ -47,17 +47,17 @@ class CalibrationSettings:
     tf32: bool = False  # fp32 matmuls on CUDA may use TF32 (the fp32 fast-weight products; not bit-identical)
 
     def validate(self) -> None:
-        for name in ("steps", "seq_len", "batch_size", "save_every", "loss_block"):
+        for name in ("steps", "batch_size", "save_every", "loss_block"):
             if getattr(self, name) < 1:
-                raise InputError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
+                raise UsageError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
         if self.seq_len < 2:
-            raise InputError("--seq-len must be at least 2")
+            raise UsageError(f"--seq-len must be at least 2 (a window of one token predicts nothing), got {self.seq_len}")
         if not (self.lr > 0 and math.isfinite(self.lr)):
-            raise InputError(f"--lr must be a positive number, got {self.lr}")
+            raise UsageError(f"--lr must be a positive number, got {self.lr}")
         if self.fast_lr is not None and not (self.fast_lr > 0 and math.isfinite(self.fast_lr)):
-            raise InputError(f"--fast-lr must be a positive number, got {self.fast_lr}")
+            raise UsageError(f"--fast-lr must be a positive number, got {self.fast_lr}")
         if self.skip_nonfinite < 0:
-            raise InputError("--skip-nonfinite must be >= 0")
+            raise UsageError("--skip-nonfinite must be >= 0")
 
     @property
     def warmup_steps(self) -> int:

@@ -20,7 +20,7 @@ from typing import Dict, List, Optional, Sequence
 from torch import nn
 
 from ..config import InPlaceTTTConfig, ModelConfig
-from ..errors import InputError
+from ..errors import InputError, UsageError
 
 MODES = ("fast", "fast+norms", "fast+baseline", "all")
 
@@ -66,7 +66,7 @@ def select_trainable(model: nn.Module, mode: str, base_names: set,
                      baseline_layer_ids: Optional[Sequence[int]] = None) -> Dict[str, nn.Parameter]:
     """name -> parameter to train; every other parameter gets ``requires_grad=False``."""
     if mode not in MODES:
-        raise InputError(f"--train {mode!r} is not one of {', '.join(MODES)}")
+        raise UsageError(f"--train {mode!r} is not one of {', '.join(MODES)}")
     named = dict(model.named_parameters())
     if mode == "all":
         chosen = set(named)

@@ -15,7 +15,7 @@ from typing import Callable, Sequence
 import torch
 
 from .. import __version__
-from ..errors import InputError, OutputError
+from ..errors import InputError, OutputError, UsageError
 from . import checkpoint as ckpt
 from . import ddp
 from .data import DEFAULT_TEXT_EXTS, WindowSampler, load_documents, split_documents
@@ -75,7 +75,7 @@ def _prepare_data(model_path, ck, data, exts, settings, heldout):
         return load_tokenizer(model_path)
 
     if settings.seq_len > ck.config.max_position_embeddings:
-        raise InputError(f"--seq-len {settings.seq_len} is longer than the model's max_position_embeddings "
+        raise UsageError(f"--seq-len {settings.seq_len} is longer than the model's max_position_embeddings "
                          f"{ck.config.max_position_embeddings}")
     docs = load_documents(data, ck.config.vocab_size, tokenizer, exts=exts)
     train, held = split_documents(docs, heldout, settings.seed)
@@ -90,19 +90,22 @@ def default_fast_lr(settings: CalibrationSettings, fast_weights, log: Callable[[
     min(--lr, 1e-4), else --lr."""
     if settings.fast_lr is not None or getattr(fast_weights, "kind", None) != "inplace_ttt" or settings.lr <= TTT_FAST_LR:
         return settings
-    log(f"in-place TTT: its own parameters train at lr {TTT_FAST_LR:g} (--fast-lr to change), the rest at {settings.lr:g}")
+    rest = "" if settings.train == "fast" else f", the rest at {settings.lr:g}"  # --train fast trains nothing else
+    log(f"in-place TTT: its own parameters train at lr {TTT_FAST_LR:g} (--fast-lr to change){rest}")
     return dataclasses.replace(settings, fast_lr=TTT_FAST_LR)
 
 
 def _check_ttt_window(fast_weights, seq_len: int) -> None:
-    """In-place TTT updates its fast weights once per chunk, and a chunk's update serves the chunks after it: a
-    training window of at most one chunk gives its parameters no gradient (the backward pass would find nothing to
-    differentiate with ``--train fast``)."""
-    if getattr(fast_weights, "kind", None) == "inplace_ttt" and seq_len <= fast_weights.chunk_size:
-        c = int(fast_weights.chunk_size)
-        raise InputError(f"--seq-len {seq_len}: in-place TTT updates its fast weights once per chunk of {c} tokens, "
-                         f"for the chunks after it, so a window of {seq_len} tokens gives them nothing to learn from; "
-                         f"use --seq-len > {c} (e.g. {max(8192, 4 * c)})")
+    """In-place TTT updates its fast weights once per chunk, and a chunk's update serves the chunks after it. A window
+    of L tokens is trained on the predictions made at positions 0 .. L - 2, so unless L >= C + 2 they all lie in the
+    first chunk and the TTT parameters get no gradient (the run would train nothing, or with ``--train fast`` find
+    nothing to differentiate)."""
+    c = int(getattr(fast_weights, "chunk_size", 0) or 0)
+    if getattr(fast_weights, "kind", None) == "inplace_ttt" and seq_len < c + 2:
+        raise UsageError(f"--seq-len {seq_len}: in-place TTT updates its fast weights once per chunk of {c} tokens, "
+                         f"for the chunks after it, and a window of {seq_len} tokens makes its predictions at "
+                         f"positions 0..{seq_len - 2}, all in the first chunk, so they give the fast weights nothing "
+                         f"to learn from; use --seq-len of at least {c + 2} (e.g. {max(8192, 4 * c)})")
 
 
 def calibrate(model_path: str, data: Sequence[str], out: str, settings: CalibrationSettings, *,
@@ -143,7 +146,14 @@ def calibrate(model_path: str, data: Sequence[str], out: str, settings: Calibrat
                 log(f"no checkpoint to resume in {work}; starting from step 0")
             elif dist.main and ckpt.list_checkpoints(work):
                 shutil.rmtree(work)
-        record = calib.run(progress=progress)
+        try:
+            record = calib.run(progress=progress)
+        except BaseException as e:  # Ctrl-C or SIGTERM (the CLI's Terminated): say what is kept and how to go on
+            kept = ckpt.list_checkpoints(work) if not isinstance(e, Exception) and dist.main else []
+            if kept:
+                e.interrupt_note = (f"the checkpoint of step {int(kept[-1][5:])} is kept in {work}; run the same "
+                                    f"command with --resume to continue from it")
+            raise
         record.update(seed=settings.seed, flags=flags, baseline=baseline, baseline_layers=layers,
                       source=os.path.abspath(model_path), source_fingerprint=ck.fingerprint(),
                       data={"train": _doc_summary(train), "heldout": _doc_list(held)}, run_id=rid,

@@ -71,6 +71,43 @@ def _scalar(field, path: str):
     return bool(v) if isinstance(v, np.bool_) else (int(v) if np.issubdtype(v.dtype, np.integer) else float(v))
 
 
+def _diagnose(path: str, error: Exception) -> str:
+    """Why ``gguf.GGUFReader`` failed on ``path``, in a user's terms where the header can still be read: the first
+    tensor whose data lies past the end of the file (a truncated download or copy); else the reader's own error."""
+    from gguf import GGUFReader
+
+    class _InfoOnly(GGUFReader):  # reads the header and the tensor table, builds no tensor views
+        def _build_tensors(self, start_offs, fields):
+            self.extents = []
+            for f in fields:
+                _, name, _, dims, raw_type, offset = f.parts
+                block, size = gguf_quant_sizes()[int(raw_type[0])]
+                n = int(np.prod(dims.astype(np.int64))) * size // block
+                self.extents.append((bytes(name).decode("utf-8", "replace"), int(start_offs + offset[0]), n))
+
+    import numpy as np
+
+    size = os.path.getsize(path)
+    try:
+        extents = _InfoOnly(path, "r").extents
+    except Exception:  # noqa: BLE001 - the header itself is cut or corrupt
+        return (f"its header (metadata and tensor table) is corrupt or cut short; the file is {size} bytes; "
+                f"{type(error).__name__}: {error}")
+    past = [(name, start, n) for name, start, n in extents if start + n > size]
+    if not past:
+        return f"{type(error).__name__}: {error}"
+    name, start, n = past[0]
+    return (f"truncated: the file ends at byte {size}, but tensor {name!r} needs bytes {start}..{start + n} "
+            f"({len(past)} of {len(extents)} tensors lie past the end); download or copy it again")
+
+
+def gguf_quant_sizes() -> Dict[int, Tuple[int, int]]:
+    """GGML type id -> (block size, bytes per block), from the gguf package."""
+    from gguf import GGML_QUANT_SIZES
+
+    return {int(k): v for k, v in GGML_QUANT_SIZES.items()}
+
+
 class GGUFWeights:
     """A GGUF file opened header-only (memory-mapped by ``gguf.GGUFReader``)."""
 
@@ -84,7 +121,7 @@ class GGUFWeights:
         except ImportError:
             raise InputError(f"{path}: reading GGUF needs the 'gguf' package (pip install gguf)") from None
         except Exception as e:  # noqa: BLE001 - any parse failure of an untrusted file is bad input
-            raise InputError(f"{path}: not a valid GGUF file ({type(e).__name__}: {e})") from None
+            raise InputError(f"{path}: not a valid GGUF file ({_diagnose(path, e)})") from None
         self.path = path
         self.arch = self._str("general.architecture")
         if self.arch not in ARCHITECTURES:

@@ -141,6 +141,9 @@ def _folder_weights(folder: str):
         raise InputError(f"{folder}: several .gguf files ({', '.join(ggufs[:10])}); pass the one to use")
     if any(n.endswith(PICKLE_SUFFIXES) or n.endswith(".bin.index.json") for n in names):
         raise InputError(f"{folder}: only pickle weights found: {PICKLE_REFUSAL}")
+    if "model.onnx" in names and "manifest.json" in names:  # exporters.onnx's GRAPH_NAME / MANIFEST_NAME
+        raise InputError(f"{folder}: an ONNX export (export-onnx), not a checkpoint; run, verify and eval --runtime "
+                         "ort take it, and its manifest.json names the model it came from")
     raise InputError(f"{folder}: no model weights found (expected {SINGLE_NAME}, {INDEX_NAME} or one .gguf file)")
 
 

@@ -43,9 +43,14 @@ def export_onnx_cmd(model, out, chunk_size, attention, window, sink_tokens, dtyp
 
     out = out or os.path.abspath(str(model)).rstrip(os.sep) + "-onnx"
     path = export_onnx(model, out, chunk_size=chunk_size, attention=attention, window=window, dtype=dtype, force=force,
-                       sinks=sink_tokens)
+                       sinks=sink_tokens, log=_progress_line)
     _window_notes(path, default_sinks=sink_tokens is None)
     click.echo(path)
+
+
+def _progress_line(msg: str) -> None:
+    """A stage or progress line of a long command, on stderr (stdout keeps the result)."""
+    click.echo(msg, err=True)
 
 
 def _window_notes(folder: str, default_sinks: bool) -> None:
@@ -123,8 +128,13 @@ def run_cmd(exported, text, tokens, generate, provider, as_json):
     from exporters.runtime.session import ChunkSession
     from exporters.runtime.stream import greedy_generate, perplexity, token_losses
 
+    from ..config import stat_regular
+
     if generate < 0:
         raise click.UsageError("--generate must be >= 0")
+    if (text is None) == (tokens is None):
+        raise click.UsageError("give exactly one of --text FILE or --tokens FILE")
+    stat_regular(text if text is not None else tokens, "input file")  # named before the graph is loaded
     session = ChunkSession(exported, provider=provider)
     ids, tok = _document(session.folder, text, tokens, session.manifest.vocab_size)
     arr = np.asarray([ids], dtype=np.int64)
@@ -182,7 +192,7 @@ def verify_cmd(exported, against, chunks, provider, batch, text, tokens, static,
         ids = [_document(exported, text, tokens, load_manifest(exported).vocab_size)[0]]
     try:
         report = verify(exported, against=against, chunks=chunks, provider=provider, batch=batch, tokens=ids,
-                        static=static)
+                        static=static, log=_progress_line)
     except NumericError as e:
         report = getattr(e, "report", None)
         if report is not None:

@@ -10,7 +10,7 @@ import os
 
 import click
 
-from ..errors import InputError
+from ..errors import InputError, UsageError
 
 DATA_HELP = ("Text files, folders (recursive, filtered by --ext) or pre-tokenized documents (*.tokens.npy: a 1-D "
              "integer array; *.tokens.bin: raw int32). Repeat for several.")
@@ -18,6 +18,15 @@ DATA_HELP = ("Text files, folders (recursive, filtered by --ext) or pre-tokenize
 
 def _log(msg: str) -> None:
     click.echo(msg, err=True)
+
+
+def _doc_bar(name: str, total: int):
+    """A progress bar over documents on stderr (off when stderr is not a terminal)."""
+    import sys
+
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc=name, unit="doc", file=sys.stderr, leave=False, disable=None)
 
 
 def _exts(ext: str):
@@ -78,6 +87,19 @@ def calibrate_cmd(model, data, ext, out, steps, seq_len, batch_size, lr, fast_lr
                    f"documents; wrote {out}")
 
 
+def _export_source(folder: str):
+    """The model folder an ONNX export was made from (its manifest's ``source``) when it is still there, else None."""
+    try:
+        from exporters.runtime.session import load_manifest
+    except ImportError:
+        return None
+    try:
+        src = load_manifest(folder).source
+    except InputError:
+        return None
+    return src if src and os.path.isdir(src) else None
+
+
 def _ort_runner(folder: str, device: str, chunk: int, static: bool = False, context: int = 8192):
     """(step, init_state) over an exported ONNX folder via ``exporters.runtime`` (imported lazily: the
     ``fwconvert`` package itself never imports ``exporters``). The state lives in ORT buffers.
@@ -98,7 +120,7 @@ def _ort_runner(folder: str, device: str, chunk: int, static: bool = False, cont
     manifest = load_manifest(folder)
     rule = manifest.chunking
     if (rule.get("fixed") or static) and chunk != int(rule["chunk_size"]):
-        raise InputError(f"--chunk-size {chunk}: {folder} takes chunks of exactly {rule['chunk_size']} tokens "
+        raise UsageError(f"--chunk-size {chunk}: {folder} takes chunks of exactly {rule['chunk_size']} tokens "
                          f"(use --chunk-size {rule['chunk_size']})")
     sessions = {}
 
@@ -163,19 +185,28 @@ def _ort_vocab(folder: str) -> int:
 @click.option("--batch-size", default=1, show_default=True, type=int, help="Documents streamed together.")
 @click.option("--device", default="cpu", show_default=True)
 @click.option("--dtype", default="fp32", show_default=True, type=click.Choice(["fp32", "bf16", "fp16"]))
-@click.option("--plot", default=None, type=click.Path(), help="Write a PNG of loss against position.")
+@click.option("--plot", default=None, type=click.Path(),
+              help="Write a plot of loss against position to this file (.png, .pdf or .svg).")
+@click.option("--force", is_flag=True, help="Replace an existing --plot file.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
 def eval_cmd(model, data, ext, context, min_tokens, chunk_size, runtime, static, base, baseline, dynamic_eval,
-             dynamic_eval_params, dynamic_eval_lr, split, split_from, max_docs, batch_size, device, dtype, plot, as_json):
-    """Perplexity by position over long documents, streamed in chunks with the state carried."""
+             dynamic_eval_params, dynamic_eval_lr, split, split_from, max_docs, batch_size, device, dtype, plot, force,
+             as_json):
+    """Perplexity by position over long documents, streamed in chunks with the state carried.
+
+    The held-out documents of the model's calibration are evaluated when its MANIFEST.json records a split (an
+    ONNX export: its source model's, when that folder is still there); --split all evaluates every document."""
     from .. import evaluate as ev
     from ..calibrate.data import load_documents
     from ..modeling.build import DTYPES
 
-    if chunk_size < 1 or batch_size < 1:
-        raise InputError("--chunk-size and --batch-size must be at least 1")
+    for name, value in (("--chunk-size", chunk_size), ("--batch-size", batch_size), ("--max-docs", max_docs)):
+        if value is not None and value < 1:
+            raise UsageError(f"{name} must be at least 1, got {value}")
     if static and runtime != "ort":
-        raise InputError("--static applies to --runtime ort (an exported graph)")
+        raise UsageError("--static applies to --runtime ort (an exported graph)")
+    if plot:
+        ev.check_plot_path(plot, force)
     if device.startswith("cuda"):
         import torch
 
@@ -184,8 +215,11 @@ def eval_cmd(model, data, ext, context, min_tokens, chunk_size, runtime, static,
     ev.bucket_edges(context)
     vocab, tok_src = _vocab_and_tokenizer_source(model, runtime, context)
     docs = load_documents(list(data), vocab, lambda: _tokenizer(tok_src), exts=_exts(ext))
-    docs = ev.select_documents(docs, context, split, ev.heldout_keys(split_from or model), min_tokens,
-                               max_docs)
+    split_src = split_from or (_export_source(model) if runtime == "ort" else None) or model
+    keys = ev.heldout_keys(split_src)
+    docs = ev.select_documents(docs, context, split, keys, min_tokens, max_docs)
+    used = f"the held-out split recorded in {split_src}" if split != "all" and keys is not None else "all of --data"
+    _log(f"documents: {len(docs)} from {used}")
     dt = DTYPES[dtype]
     runners = {}
     if runtime == "ort":
@@ -203,10 +237,11 @@ def eval_cmd(model, data, ext, context, min_tokens, chunk_size, runtime, static,
         src = base_model if base_model is not None else (ev.load_eval_model(model, device, dt, drop_fast_weights=True)
                                                          if runtime == "torch" else None)
         if src is None:
-            raise InputError("--dynamic-eval with --runtime ort needs --base")
+            raise UsageError("--dynamic-eval with --runtime ort needs --base")
         dyn = {"model": src, "lr": dynamic_eval_lr, "params": dynamic_eval_params}
-    stats = ev.compare(runners, docs, context, chunk_size, device, batch_size, dyn, log=_log)
+    stats = ev.compare(runners, docs, context, chunk_size, device, batch_size, dyn, log=_log, bar=_doc_bar)
     result = ev.report(stats, context, chunk_size, len(docs))
+    result["documents_from"] = used
     if plot:
         result["plot"] = ev.plot_curves({k: v.curve() for k, v in stats.items()}, context, plot)
     _print_eval(result, as_json)
@@ -220,7 +255,7 @@ def _vocab_and_tokenizer_source(model, runtime, context):
         return _ort_vocab(model), model
     cfg = open_checkpoint(model).config
     if context > cfg.max_position_embeddings:
-        raise InputError(f"--context {context} is longer than {model}'s max_position_embeddings {cfg.max_position_embeddings}")
+        raise UsageError(f"--context {context} is longer than {model}'s max_position_embeddings {cfg.max_position_embeddings}")
     return cfg.vocab_size, model
 
 

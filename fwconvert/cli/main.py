@@ -60,10 +60,10 @@ def _known_error(e: BaseException) -> Optional[CliError]:
     """The table's message and exit code for a known failure; None for anything else (a bug: exit 1)."""
     if isinstance(e, FwconvertError):
         return CliError(e.message, e.exit_code)
-    if isinstance(e, KeyboardInterrupt):
-        return CliError("interrupted; nothing written", EXIT_SIGINT)
-    if isinstance(e, Terminated):
-        return CliError("terminated; nothing written", EXIT_SIGTERM)
+    if isinstance(e, (KeyboardInterrupt, Terminated)):
+        what, code = ("interrupted", EXIT_SIGINT) if isinstance(e, KeyboardInterrupt) else ("terminated", EXIT_SIGTERM)
+        # a command that keeps something on purpose (calibrate's last checkpoint) says what, else nothing is left
+        return CliError(f"{what}; {getattr(e, 'interrupt_note', None) or 'nothing written'}", code)
     if isinstance(e, OSError):
         where = f"{e.filename}: " if e.filename else ""
         if e.errno in _RESOURCE_ERRNOS:

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import InPlaceTTTConfig, ModelConfig
-from ..errors import InputError
+from ..errors import InputError, UsageError
 from .base import FastWeightModule, State, StepContext
 
 TARGETS = ("hidden_states", "input_embed")
@@ -26,14 +26,14 @@ _UINT = re.compile(r"[0-9]+")
 def _spec_int(text: str, spec: str) -> int:
     text = text.strip()
     if not _UINT.fullmatch(text):
-        raise InputError(f"layer spec {spec!r}: {text!r} is not a non-negative integer")
+        raise UsageError(f"layer spec {spec!r}: {text!r} is not a non-negative integer")
     return int(text)
 
 
 def parse_layer_spec(spec: str, num_layers: int) -> Tuple[int, ...]:
     """Layer indices from ``every:K`` (0, K, 2K, ...), ``last:K``, ``all`` or a list like ``0,6,12``."""
     if not isinstance(spec, str) or not spec.strip():
-        raise InputError("layer spec is empty (use e.g. every:6, 0,6,12, all or last:4)")
+        raise UsageError("layer spec is empty (use e.g. every:6, 0,6,12, all or last:4)")
     s = spec.strip().lower()
     if s == "all":
         return tuple(range(num_layers))
@@ -41,17 +41,17 @@ def parse_layer_spec(spec: str, num_layers: int) -> Tuple[int, ...]:
         if s.startswith(prefix):
             k = _spec_int(s[len(prefix):], spec)
             if k < 1 or (prefix == "last:" and k > num_layers):
-                raise InputError(f"layer spec {spec!r}: {k} is out of range for a model with {num_layers} layers")
+                raise UsageError(f"layer spec {spec!r}: {k} is out of range for a model with {num_layers} layers")
             return tuple(range(0, num_layers, k)) if prefix == "every:" else tuple(range(num_layers - k, num_layers))
     layers = []
     for part in s.split(","):
         if not part.strip():
-            raise InputError(f"layer spec {spec!r}: empty entry (use e.g. 0,6,12)")
+            raise UsageError(f"layer spec {spec!r}: empty entry (use e.g. 0,6,12)")
         i = _spec_int(part, spec)
         if i >= num_layers:
-            raise InputError(f"layer spec {spec!r}: layer {i} is out of range (the model has layers 0..{num_layers - 1})")
+            raise UsageError(f"layer spec {spec!r}: layer {i} is out of range (the model has layers 0..{num_layers - 1})")
         if i in layers:
-            raise InputError(f"layer spec {spec!r}: layer {i} is listed twice")
+            raise UsageError(f"layer spec {spec!r}: layer {i} is listed twice")
         layers.append(i)
     return tuple(sorted(layers))
 
