@@ -354,12 +354,14 @@ def compare(runners: Dict[str, tuple], docs, context: int, chunk: int, device, b
 
 
 def report(stats: Dict[str, PositionStats], context: int, chunk: int, n_docs: int) -> dict:
-    """The --json object: one model's summary, or {"models": {name: summary}} when several."""
+    """The --json object: one model's summary (and its name under "model"), or {"models": {name: summary}} when
+    several."""
     summaries = {k: v.summary() for k, v in stats.items()}
     meta = {"context": context, "chunk_size": chunk, "documents": n_docs,
             "buckets": bucket_labels(bucket_edges(context))}
     if len(summaries) == 1:
-        return {**next(iter(summaries.values())), **meta}
+        (name, summary), = summaries.items()
+        return {**summary, **meta, "model": name}
     ref = summaries.get("baseline") or summaries.get("base")
     if ref is not None:
         for s in summaries.values():

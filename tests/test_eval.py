@@ -140,6 +140,7 @@ def test_cli_eval_single_model_and_all_split(calibrated, capsys):
     assert e.value.code == 0
     out = json.loads(capsys.readouterr().out)
     assert {"perplexity", "by_position", "tokens_per_second"} <= set(out) and out["documents"] == 4
+    assert out["model"] == "fwl"  # named as it would be beside --base (the table's row label too)
 
 
 def test_cli_eval_ort_without_runtime_is_a_clean_error(calibrated, capsys):

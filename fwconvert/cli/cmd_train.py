@@ -269,7 +269,7 @@ def _print_eval(result: dict, as_json: bool) -> None:
     if as_json:
         click.echo(json.dumps(result, indent=None, sort_keys=True))
         return
-    models = result.get("models") or {"model": result}
+    models = result.get("models") or {result.get("model", "model"): result}
     labels = result["buckets"]
     click.echo(f"{result['documents']} documents x {result['context']} tokens, chunk {result['chunk_size']}")
     click.echo(f"{'':14s}" + "".join(f"{b:>10s}" for b in labels) + f"{'overall':>10s}{'tokens/s':>12s}")
