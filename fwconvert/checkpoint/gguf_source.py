@@ -74,18 +74,19 @@ def _scalar(field, path: str):
 def _diagnose(path: str, error: Exception) -> str:
     """Why ``gguf.GGUFReader`` failed on ``path``, in a user's terms where the header can still be read: the first
     tensor whose data lies past the end of the file (a truncated download or copy); else the reader's own error."""
-    from gguf import GGUFReader
+    import numpy as np
+    from gguf import GGML_QUANT_SIZES, GGUFReader
+
+    sizes = {int(k): v for k, v in GGML_QUANT_SIZES.items()}  # GGML type id -> (block size, bytes per block)
 
     class _InfoOnly(GGUFReader):  # reads the header and the tensor table, builds no tensor views
         def _build_tensors(self, start_offs, fields):
             self.extents = []
             for f in fields:
                 _, name, _, dims, raw_type, offset = f.parts
-                block, size = gguf_quant_sizes()[int(raw_type[0])]
+                block, size = sizes[int(raw_type[0])]
                 n = int(np.prod(dims.astype(np.int64))) * size // block
                 self.extents.append((bytes(name).decode("utf-8", "replace"), int(start_offs + offset[0]), n))
-
-    import numpy as np
 
     size = os.path.getsize(path)
     try:
@@ -99,13 +100,6 @@ def _diagnose(path: str, error: Exception) -> str:
     name, start, n = past[0]
     return (f"truncated: the file ends at byte {size}, but tensor {name!r} needs bytes {start}..{start + n} "
             f"({len(past)} of {len(extents)} tensors lie past the end); download or copy it again")
-
-
-def gguf_quant_sizes() -> Dict[int, Tuple[int, int]]:
-    """GGML type id -> (block size, bytes per block), from the gguf package."""
-    from gguf import GGML_QUANT_SIZES
-
-    return {int(k): v for k, v in GGML_QUANT_SIZES.items()}
 
 
 class GGUFWeights:
