@@ -336,6 +336,9 @@ def test_fp16_aligned_step_is_as_precise_as_tf32_products(seed):
     assert out.dtype == torch.float16 and new["delta"].dtype == torch.float32
     want, want_new = m64(x.double(), {"delta": delta.double()}, _ctx(x, aligned=True))
     tf_out, tf_delta = _tf32_aligned_step(m16, x, delta)
+    print(f"seed {seed}: output {rel_err(tf_out.double(), want):.1e} (TF32 form) / {rel_err(out.double(), want):.1e} "
+          f"(fp16), delta {rel_err(tf_delta.double(), want_new['delta']):.1e} / "
+          f"{rel_err(new['delta'].double(), want_new['delta']):.1e}")  # docs/results.md, session 10 (pytest -s)
     assert rel_err(out.double(), want) <= 1.25 * rel_err(tf_out.double(), want)
     assert rel_err(new["delta"].double(), want_new["delta"]) <= 1.25 * rel_err(tf_delta.double(), want_new["delta"])
     assert rel_err(new["delta"].double(), want_new["delta"]) < 1e-2  # the update itself is real, not zero
