@@ -97,10 +97,20 @@ def _read_text(path: str, cap: int) -> str:
         raise InputError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
 
 
-def _document(folder: str, text, tokens, vocab_size: int):
-    """(token ids, tokenizer or None) of the document to run."""
+def _document_path(text, tokens) -> str:
+    """The one document file given (--text or --tokens), checked to be a regular file before anything is loaded."""
+    from ..config import stat_regular
+
     if (text is None) == (tokens is None):
         raise click.UsageError("give exactly one of --text FILE or --tokens FILE")
+    path = text if text is not None else tokens
+    stat_regular(path, "input file")
+    return path
+
+
+def _document(folder: str, text, tokens, vocab_size: int):
+    """(token ids, tokenizer or None) of the document to run."""
+    _document_path(text, tokens)
     if tokens is not None:
         ids, tok = _read_tokens(tokens), None
     else:
@@ -128,13 +138,9 @@ def run_cmd(exported, text, tokens, generate, provider, as_json):
     from exporters.runtime.session import ChunkSession
     from exporters.runtime.stream import greedy_generate, perplexity, token_losses
 
-    from ..config import stat_regular
-
     if generate < 0:
         raise click.UsageError("--generate must be >= 0")
-    if (text is None) == (tokens is None):
-        raise click.UsageError("give exactly one of --text FILE or --tokens FILE")
-    stat_regular(text if text is not None else tokens, "input file")  # named before the graph is loaded
+    _document_path(text, tokens)  # a missing file is named before the graph is loaded
     session = ChunkSession(exported, provider=provider)
     ids, tok = _document(session.folder, text, tokens, session.manifest.vocab_size)
     arr = np.asarray([ids], dtype=np.int64)
