@@ -72,6 +72,43 @@ def test_full_static_sessions_share_the_weights(exports, monkeypatch):
     assert w.static.sharing.startswith("off") and not w.static.weights
 
 
+def test_static_sessions_load_the_graph_once_per_session(exports, monkeypatch):
+    """A static full session opens its graph only pinned, once per past length, the first on the shared weights (no
+    unpinned copy is opened first: that held a second copy of the weights at start). Where sharing fails, each
+    pinned session loads its own, and the session still computes what an ordinary one does."""
+    import onnxruntime as ort
+
+    from exporters.runtime import static
+
+    opened, real = [], ort.InferenceSession
+
+    def counting(model, *args, **kwargs):
+        if isinstance(model, str):  # a graph file (the probe and the reset graph are built in memory)
+            opened.append(model)
+        return real(model, *args, **kwargs)
+
+    monkeypatch.setattr(ort, "InferenceSession", counting)
+    monkeypatch.setattr(static, "SHARE_BYTES", 1)
+    sta = ChunkSession(exports["fwl-full"], provider="cpu", static_batch=1)
+    assert len(opened) == 1 and sta.static.sharing == "on" and sta.static.sessions[0] is sta.sess
+    dyn = ChunkSession(exports["fwl-full"], provider="cpu")
+    assert len(opened) == 2
+    opened.clear()
+
+    def refuse(path, state):
+        raise RuntimeError("no sharing here")
+
+    monkeypatch.setattr(static, "shared_weights", refuse)
+    own = ChunkSession(exports["fwl-full"], provider="cpu", static_batch=1)
+    assert own.static.sharing == "off (RuntimeError: no sharing here)" and len(opened) == 1
+    ids = np.random.default_rng(4).integers(0, dyn.manifest.vocab_size, (1, 3 * C))
+    for s in (sta, own):
+        sd, ss = dyn.new_state(1), s.new_state(1)
+        for a in range(0, 3 * C, C):
+            np.testing.assert_array_equal(dyn.step(ids[:, a:a + C], sd), s.step(ids[:, a:a + C], ss))
+    assert len(opened) == 1 + 2 * 2  # then the pinned sessions at past C and 2C, of sta and of own
+
+
 def test_shared_weights_read_from_external_data(tmp_path, monkeypatch):
     """An export with its weights in model.onnx.data: the pinned sessions share them (read tensor by tensor from the
     data file) and compute exactly what an ordinary session computes."""

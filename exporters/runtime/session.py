@@ -147,23 +147,28 @@ class ChunkSession:
             use_tf32 = tf32_policy(self.manifest.dtype)
         self._threads, self._static_batch = threads, static_batch
         self._providers = _providers(provider, use_tf32, graphs, self.manifest.dtype == "fp32", attention_kernels)
-        growing = any(s.grows for s in self.manifest.state)
-        self.sess = self.open_pinned(0 if static_batch is not None and growing else None)
-        used = self.sess.get_providers()
-        self.device = "cuda" if used and used[0] == "CUDAExecutionProvider" else "cpu"
+        pinned_full = static_batch is not None and any(s.grows for s in self.manifest.state)
+        # A static full session's first session is opened by StaticSteps, pinned at past 0 and reading the shared
+        # weights: opening the graph here too would load a second copy of the weights (twice the weights' memory
+        # at start). Its device comes from a one-node probe session with the same providers instead.
+        self.sess = None if pinned_full else self.open_pinned()
+        self.device = _session_device(self.sess or _probe_session(self._providers))
         if provider == "cuda" and self.device != "cuda":
             raise ResourceError("--provider cuda: onnxruntime could not start its CUDA execution provider (missing "
                                 "CUDA or cuDNN libraries, or no GPU; its log above says which); use --provider cpu")
         self.provider_note = ("CUDA execution provider" + (" (TF32 on)" if use_tf32 else " (TF32 off)")) if self.device == "cuda" \
             else "CPU execution provider" + (" (no CUDA provider available)" if provider == "auto" else "")
-        self.inputs = {i.name: i for i in self.sess.get_inputs()}
-        self.output_names = [o.name for o in self.sess.get_outputs()]
-        check_manifest_against_graph(self.manifest, self.inputs, self.output_names)
         self.cuda_graph = graphs and self.device == "cuda"
         if self.cuda_graph:
             self.provider_note += ", CUDA graphs"
         self.static = StaticSteps(self, static_batch, self.cuda_graph, static_context) \
-            if static_batch is not None else None
+            if static_batch is not None else None  # a static full session's StaticSteps sets self.sess
+        if _session_device(self.sess) != self.device:
+            raise ResourceError(f"{self.path}: onnxruntime ran the graph on {_session_device(self.sess)}, not on "
+                                f"{self.device} like a one-node session with the same providers")
+        self.inputs = {i.name: i for i in self.sess.get_inputs()}
+        self.output_names = [o.name for o in self.sess.get_outputs()]
+        check_manifest_against_graph(self.manifest, self.inputs, self.output_names)
 
     def open_pinned(self, past: Optional[int] = None, initializers=None):
         """An onnxruntime session of this graph with this session's options; with ``static_batch``, the batch and
@@ -247,6 +252,25 @@ class ChunkSession:
                 b.bind_output(s.output, state.device, state.device_id)
             order.append(s.output)
         return b, order
+
+
+def _session_device(sess) -> str:
+    used = sess.get_providers()
+    return "cuda" if used and used[0] == "CUDAExecutionProvider" else "cpu"
+
+
+def _probe_session(providers):
+    """A session of one Identity node with ``providers``: which execution provider this onnxruntime starts with
+    them, without loading a graph."""
+    import onnxruntime as ort
+    from onnx import TensorProto, helper
+
+    io = [helper.make_tensor_value_info(n, TensorProto.FLOAT, [1]) for n in ("x", "y")]
+    model = helper.make_model(helper.make_graph([helper.make_node("Identity", ["x"], ["y"])], "probe", io[:1], io[1:]),
+                              opset_imports=[helper.make_opsetid("", 18)], ir_version=10)
+    opts = ort.SessionOptions()
+    opts.log_severity_level = 3
+    return ort.InferenceSession(model.SerializeToString(), opts, providers=providers)
 
 
 def _ort_dtype(value) -> str:

@@ -61,10 +61,10 @@ class StaticSteps:
         c = session.chunk_size
         self.max_steps = (context or DEFAULT_STATIC_CONTEXT) // c if self.growing else None
         self.steps_done = 0
-        self.sessions = {0: session.sess}  # step k's session (full attention); 0 serves every step of a window
         self.weights, self._weight_refs, self.sharing = {}, None, "off (a window export has one session)"
-        if self.growing:
-            self._share_weights()
+        if self.growing:  # the ChunkSession left its session to be opened here (pinned, on the shared weights)
+            session.sess = self._open_first()
+        self.sessions = {0: session.sess}  # step k's session (full attention); 0 serves every step of a window
         self.ids = self.state.put(np.zeros((batch, c), dtype=np.int64))
         out = next(o for o in session.sess.get_outputs() if o.name == "logits")
         dtype = _NP.get(out.type)
@@ -74,11 +74,10 @@ class StaticSteps:
         self.initial = None  # the device-side reset, made at the first reset
         self.bindings: Dict = {}
 
-    def _share_weights(self) -> None:
-        """Put one copy of the weights on the device for every pinned session, the past-0 one included: it replaces
-        the session the ChunkSession opened with its own copy (released with it), so a static full session holds
-        the weights once. Sharing saves memory only: where it fails, each session keeps its own copy and
-        ``sharing`` says why."""
+    def _open_first(self):
+        """The past-0 session, after one copy of the weights is put on the device for it and every later pinned
+        session, so a static full session holds the weights once (nothing else loaded them). Sharing saves memory
+        only: where it fails, each session loads its own copy and ``sharing`` says why."""
         try:
             owners, weights = shared_weights(self.session.path, self.state)
             # kept for the sessions' lifetime (onnxruntime holds pointers to them, not references)
@@ -86,9 +85,9 @@ class StaticSteps:
             first = self.session.open_pinned(0, weights)
         except Exception as e:  # noqa: BLE001 - see above
             self.weights, self._weight_refs, self.sharing = {}, None, f"off ({type(e).__name__}: {e})"
-            return
+            return self.session.open_pinned(0)
         self.weights, self.sharing = weights, "on"
-        self.sessions[0] = self.session.sess = first
+        return first
 
     def _session(self, k: int):
         if k not in self.sessions:
