@@ -53,7 +53,7 @@ PREP_ONLY=1 bash benchmarks/gpu_calibrate.sh
 stage "calibrate ($RUNS) on the GPU while the graphs export on the CPUs ($STAGES)"
 on calibrate && RUNS="$RUNS" STEPS=${STEPS:-600} LIMIT=1500 bash benchmarks/gpu_calibrate.sh > $RES/calibrate.log 2>&1 &
 if on export; then
-  EXPORTS="base:$G:fp16 fwl:$W/fwl:fp16 ttt:$W/ttt:fp16 base-w:$G:fp16:2048 fwl-w:$W/fwl:fp16:2048 ttt-w:$W/ttt:fp16:2048 base-ws:$G:fp16:2048:4 ttt-ws:$W/ttt:fp16:2048:4 base-c:$G:fp16:::causal fwl-c:$W/fwl:fp16:::causal ttt-c:$W/ttt:fp16:::causal" \
+  EXPORTS="base:$G:fp16 fwl:$W/fwl:fp16 ttt:$W/ttt:fp16 base-w:$G:fp16:2048 fwl-w:$W/fwl:fp16:2048 ttt-w:$W/ttt:fp16:2048 base-ws:$G:fp16:2048:4 ttt-ws:$W/ttt:fp16:2048:4" \
     PART=export bash benchmarks/gpu_export.sh > $RES/export-new.log 2>&1 &
   if [ -n "${OLD:-}" ] && [ -d "$OLD" ]; then
     (cd "$OLD" && PYTHONPATH=/tmp/fw-site:$OLD EXPORTS="base-w3:$G:fp16:2048 fwl-w3:$W/fwl:fp16:2048 ttt-w3:$W/ttt:fp16:2048" \
@@ -67,7 +67,7 @@ cat $RES/shapes-export/shapes.md 2>/dev/null; echo "   ($((SECONDS - T0)) s so f
 
 if on bench; then
   stage "chunk-step benchmark (SmolLM2), alone on the machine"
-  g=(); for n in base fwl ttt base-c fwl-c ttt-c base-w fwl-w ttt-w base-ws ttt-ws base-w3 fwl-w3 ttt-w3; do [ -d $X/$n ] && g+=(--graph "$n=$X/$n"); done
+  g=(); for n in base fwl ttt base-w fwl-w ttt-w base-ws ttt-ws base-w3 fwl-w3 ttt-w3; do [ -d $X/$n ] && g+=(--graph "$n=$X/$n"); done
   (cd benchmarks && timeout 600 python3 chunk_step.py --gguf "$G" "${g[@]}" --doc "$DOC" \
      --out-md $RES/chunk-step.md --out-json $RES/chunk-step.json > $RES/chunk-step.log 2>&1)
   tail -n 40 $RES/chunk-step.md; echo "   ($((SECONDS - T0)) s so far)"
@@ -75,8 +75,7 @@ fi
 
 stage "calibrated graphs of $VERIFY export (CPUs) while the kernel profiles run (GPU)"
 if on verify; then
-  e=""; for m in $VERIFY; do e+=" $m-w:$W/$m:fp16:2048 $m-ws:$W/$m:fp16:2048:4 $m-f:$W/$m:fp16 $m-f32:$W/$m:fp32"
-    e+=" $m-c:$W/$m:fp16:::causal $m-c32:$W/$m:fp32:::causal"; done
+  e=""; for m in $VERIFY; do e+=" $m-w:$W/$m:fp16:2048 $m-ws:$W/$m:fp16:2048:4 $m-f:$W/$m:fp16 $m-f32:$W/$m:fp32"; done
   EXPORTS="$e" PART=export bash benchmarks/gpu_export.sh > $RES/export-cal.log 2>&1 &
 fi
 if on profile; then
@@ -88,7 +87,7 @@ if on profile; then
        --md $RES/kernels-sdpa$k.md --json $RES/kernels-sdpa$k.json > $RES/kernels-sdpa$k.log 2>&1)
   done
   if [ "${PROFILE_PAST:-7680}" != 0 ]; then  # the streaming document's last chunk: full graphs, KV cache grown
-    g=(); for n in base fwl ttt base-c fwl-c ttt-c; do [ -d $X/$n ] && g+=("$n=$X/$n"); done
+    g=(); for n in base fwl ttt; do [ -d $X/$n ] && g+=("$n=$X/$n"); done
     (cd benchmarks && timeout 300 python3 kernel_profile.py "${g[@]}" --batch 1 --past "${PROFILE_PAST:-7680}" \
        --md $RES/kernels-past.md --json $RES/kernels-past.json > $RES/kernels-past.log 2>&1)
     for k in ${SDPA:-}; do
@@ -122,8 +121,6 @@ for m in $VERIFY; do
   vf $m-ws-fp16-text $m-ws --static --chunks 16 --text "$DOC"  # the window with 4 attention sinks
   vf $m-f32-static-b8 $m-f32 --static --batch 8 --chunks 8  # full attention: one pinned session and graph per past
   vf $m-f-fp16-text $m-f --static --chunks 16 --text "$DOC"
-  vf $m-c-fp16-text $m-c --static --chunks 16 --text "$DOC"  # causal_form.py's experiment: flash over the past
-  vf $m-c32-static-b8 $m-c32 --static --batch 8 --chunks 8
 done
 python3 - $V/*.json <<'PY'
 import json, sys

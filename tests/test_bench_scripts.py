@@ -259,7 +259,7 @@ def test_chunk_step_keeps_going_when_a_graph_fails():
     def refuse(folder, batch):
         raise RuntimeError(f"provider refused {folder}\nsecond line")
 
-    assert chunk_step.attempt(errors, "ours: base-c, batch 1", lambda folder, batch: 2.5, "x", 1) == 2.5
-    got = chunk_step.attempt(errors, "ours: fwl-c, batch 8", refuse, "fwl-c", 8)
+    assert chunk_step.attempt(errors, "ours: base-w, batch 1", lambda folder, batch: 2.5, "x", 1) == 2.5
+    got = chunk_step.attempt(errors, "ours: fwl-w, batch 8", refuse, "fwl-w", 8)
     assert got != got  # NaN
-    assert errors == {"ours: fwl-c, batch 8": "RuntimeError: provider refused fwl-c"}
+    assert errors == {"ours: fwl-w, batch 8": "RuntimeError: provider refused fwl-w"}

@@ -68,13 +68,8 @@ def _inner_splits(folder):
     return out
 
 
-@pytest.mark.parametrize("family,kind,dtype,causal", [("llama", "base", "fp16", False), ("qwen2", "inplace", "fp32", False),
-                                                      ("llama", "fwl", "fp32", True)])
-def test_exports_split_only_along_the_last_axis(tmp_path, monkeypatch, family, kind, dtype, causal):
-    if causal:
-        from exporters.onnx.causal_form import EXPERIMENT_ENV
-
-        monkeypatch.setenv(EXPERIMENT_ENV, "1")
+@pytest.mark.parametrize("family,kind,dtype", [("llama", "base", "fp16"), ("qwen2", "inplace", "fp32"), ("llama", "fwl", "fp32")])
+def test_exports_split_only_along_the_last_axis(tmp_path, family, kind, dtype):
     model = tiny_model(family, kind=kind, seed=4)
     out = export_onnx(model, str(tmp_path / "onnx"), chunk_size=8, dtype=dtype)
     assert _inner_splits(out) == []

@@ -17,7 +17,6 @@ import fwconvert
 from fwconvert.errors import InputError, NumericError
 from fwconvert.modeling.decoder import DecoderLM
 
-from . import causal_form
 from .attention_forms import attention_without_transposes, grouped_queries
 from .ir_nodes import Nodes, replace_value
 from .query_order import query_heads_in_group_order
@@ -66,7 +65,7 @@ def export_program(model: DecoderLM, fixed_window: bool, dtype: str, *, opset: i
     with export_form(model):
         prog = _trace(wrapper, ids, state, keys, shapes, opset)
     prog.model.ir_version = ir_version
-    prog.fusions = fuse_for_ort(prog.model, causal_past=not fixed_window and causal_form.wanted())
+    prog.fusions = fuse_for_ort(prog.model)
     return prog, (keys, shapes)
 
 
@@ -110,15 +109,13 @@ def _trace(wrapper, ids, state, keys, shapes, opset):
     return prog
 
 
-def fuse_for_ort(model, causal_past: bool = False) -> Dict[str, int]:
+def fuse_for_ort(model) -> Dict[str, int]:
     """Rewrite ``model`` (onnx_ir, in place) with onnxruntime's fused contrib ops: RMSNorm and residual+RMSNorm
     to (Skip)SimplifiedLayerNormalization, QK^T-mask-softmax-V to MultiHeadAttention, RoPE to RotaryEmbedding, grouped
     query heads stacked by a head order in the weights (query_order.py). Besides fewer kernels,
     this fixes fp16 accuracy: the decomposed attention rounds its scores to fp16 before the softmax (logits off
     by 5e-2 on the GPU), the fused kernel keeps them in fp32 as torch's SDPA does. Returns the count of each
-    contrib op in the result, e.g. ``{"com.microsoft.MultiHeadAttention": 30, ...}``. ``causal_past`` (full
-    attention only): the grouped attentions in causal_form.py's form, onnxruntime's causal attention over the past
-    without a bias (an experiment)."""
+    contrib op in the result, e.g. ``{"com.microsoft.MultiHeadAttention": 30, ...}``."""
     import onnx_ir.passes.common as ir_passes
     from onnxscript.rewriter.ort_fusions import optimize_for_ort
 
@@ -134,8 +131,6 @@ def fuse_for_ort(model, causal_past: bool = False) -> Dict[str, int]:
     ir_passes.RemoveUnusedNodesPass()(model)  # the shape arithmetic of the removed broadcasts, the RoPE tables
     query_heads_in_group_order(model.graph)  # after that pass: it reorders heads only where nothing else reads them
     ir_passes.RemoveUnusedNodesPass()(model)  # the transposed stacking's constants and shape arithmetic
-    if causal_past and causal_form.causal_attention_over_past(model.graph):
-        ir_passes.RemoveUnusedNodesPass()(model)  # the attention bias and its arithmetic
     splits_on_last_axis(model.graph)  # last: the rewrites above read the head splits as they were traced
     fused_ops: Dict[str, int] = {}
     for n in model.graph:

@@ -1,6 +1,6 @@
 """Reading an onnx_ir graph for the rewrites: constant values, dims, the shapes a rewrite's values imply, Split sizes,
 Transpose permutations, graph.py's RMS form; and removing the nodes a rewrite left unread. Shared by every rewrite
-module (attention_forms, query_order, rotary_form, causal_form, split_form), which import nothing from each other.
+module (attention_forms, query_order, rotary_form, split_form), which import nothing from each other.
 """
 from __future__ import annotations
 
