@@ -109,6 +109,25 @@ def test_static_sessions_load_the_graph_once_per_session(exports, monkeypatch):
     assert len(opened) == 1 + 2 * 2  # then the pinned sessions at past C and 2C, of sta and of own
 
 
+def test_static_full_session_checks_the_graph_against_its_manifest(exports, tmp_path):
+    """The pinned past-0 session is the first this static session opens: a manifest that disagrees with the graph is
+    refused there with the ordinary session's clear error."""
+    import json
+    import shutil
+
+    d = tmp_path / "edited"
+    shutil.copytree(exports["base-full"], d)
+    man = json.loads((d / "manifest.json").read_text())
+    extra = dict(man["state"][-1], key="fast_weights.x", input="past_fast_weights.x", output="present_fast_weights.x")
+    man["state"].append(extra)
+    man["inputs"].append(extra["input"])
+    man["outputs"].append(extra["output"])
+    (d / "manifest.json").write_text(json.dumps(man))
+    for static in (None, 1):
+        with pytest.raises(InputError, match="disagree on inputs"):
+            ChunkSession(str(d), provider="cpu", static_batch=static)
+
+
 def test_shared_weights_read_from_external_data(tmp_path, monkeypatch):
     """An export with its weights in model.onnx.data: the pinned sessions share them (read tensor by tensor from the
     data file) and compute exactly what an ordinary session computes."""

@@ -161,10 +161,17 @@ class ChunkSession:
         self.cuda_graph = graphs and self.device == "cuda"
         if self.cuda_graph:
             self.provider_note += ", CUDA graphs"
+        if self.sess is not None:
+            self.check_graph()
         self.static = StaticSteps(self, static_batch, self.cuda_graph, static_context) \
-            if static_batch is not None else None  # a static full session's StaticSteps sets self.sess
+            if static_batch is not None else None  # a static full session's StaticSteps opens self.sess
+
+    def check_graph(self) -> None:
+        """InputError unless the opened session's graph has the manifest's inputs and outputs (their names and
+        types); records them. ResourceError if it runs on another device than the one this session was set up
+        for (a static full session's device comes from a probe session)."""
         if _session_device(self.sess) != self.device:
-            raise ResourceError(f"{self.path}: onnxruntime ran the graph on {_session_device(self.sess)}, not on "
+            raise ResourceError(f"{self.path}: onnxruntime runs the graph on {_session_device(self.sess)}, not on "
                                 f"{self.device} like a one-node session with the same providers")
         self.inputs = {i.name: i for i in self.sess.get_inputs()}
         self.output_names = [o.name for o in self.sess.get_outputs()]

@@ -64,6 +64,7 @@ class StaticSteps:
         self.weights, self._weight_refs, self.sharing = {}, None, "off (a window export has one session)"
         if self.growing:  # the ChunkSession left its session to be opened here (pinned, on the shared weights)
             session.sess = self._open_first()
+            session.check_graph()
         self.sessions = {0: session.sess}  # step k's session (full attention); 0 serves every step of a window
         self.ids = self.state.put(np.zeros((batch, c), dtype=np.int64))
         out = next(o for o in session.sess.get_outputs() if o.name == "logits")
