@@ -13,7 +13,7 @@ The per-token gradient signals δ are written by hand (the spec's formulas) and 
 causal linear attention (query = fast-path layer input, key = slow-path layer input, value = δ), computed with
 mixed chunk attention (exclusive cumulative sum of per-chunk KᵀV + an intra-chunk quadratic term; a ragged last
 chunk is zero-padded). Bias sums ride along as a constant-1 key feature (query η_b), and the LN affine sums Γ, Β
-are the same attention with unit queries and keys (no cumsum kernels). No per-position weights are ever built. Keys are shifted by one: key j of a step is
+are causal cumulative sums (``causal_cumsum``: a triangular product in the export, no cumsum kernel). No per-position weights are ever built. Keys are shifted by one: key j of a step is
 the position whose label y is input token j of this step, i.e. the carried last position of the previous step
 (``pending_x``, weight 0 at document start) followed by positions 0..T-2; query t then sees keys j ≤ t, which
 is exactly s < t in absolute positions. State (per sequence, fp32; float64 when the model runs in float64)::
@@ -43,6 +43,7 @@ from .base import FastWeightModule, State, StepContext
 
 STEP_SIZE_NAMES = ("w1", "b1", "w2", "b2", "gamma", "beta")  # order of fwl_head.step_sizes (TF variant)
 SUM_NAMES = ("sum_w1", "sum_b1", "sum_w2", "sum_b2", "sum_gamma", "sum_beta")
+FEATURE_ALIGN = 8  # the dense updates' query/key feature axis is padded to a multiple of this (_dense_update)
 
 
 def validate_fwl_config(cfg: ModelConfig, fw: FWLConfig) -> None:
@@ -89,6 +90,17 @@ def causal_linear_attention(q, k, v, prefix, chunk: Optional[int]) -> torch.Tens
     return out.reshape(b, g * c, -1)[:, :t]
 
 
+def causal_cumsum(v, carried, chunk: Optional[int]) -> torch.Tensor:
+    """``carried + Σ_{j≤t} v_j`` for v [B, T, dv], carried [B, 1, dv]: ``causal_linear_attention`` with unit
+    queries and keys, without its rank-1 products. The whole-step form (``chunk`` None, the export) multiplies
+    by a lower-triangular matrix of ones: one GEMM on the GPU, where onnxruntime's CUDA ``CumSum`` loops over
+    the prefix of every element. The chunked form (PyTorch) is ``cumsum``."""
+    if chunk is None:
+        t = v.shape[1]
+        return carried + torch.ones(t, t, dtype=v.dtype, device=v.device).tril() @ v
+    return carried + v.cumsum(1)
+
+
 def slow_signals(p: Dict[str, torch.Tensor], xk, labels, weights, U, normalizer: float, eps: float) -> Dict[str, torch.Tensor]:
     """Slow-path activations and per-token gradient signals δ at the slow weights ``p`` (math layout).
 
@@ -112,11 +124,19 @@ def slow_signals(p: Dict[str, torch.Tensor], xk, labels, weights, U, normalizer:
 
 def _dense_update(eta_w, eta_b, q, k, delta, sum_w, sum_b, chunk):
     """η_W (q_t·M + Σ_{s<t} (q_t·k_s) δ_s) + η_b (Σδ + Σ_{s<t} δ_s) as ONE linear attention: the bias sum is a
-    constant-1 key feature, the step sizes scale the query: query [η_W q, η_b], key [k, 1], prefix [M; Σδ]."""
+    constant-1 key feature, the step sizes scale the query: query [η_W q, η_b], key [k, 1], prefix [M; Σδ].
+
+    The feature axis is zero-padded from dk + 1 to a multiple of ``FEATURE_ALIGN`` (zeros in query, key and prefix
+    add exact zeros): with dk + 1 odd (577, 2305 for SmolLM2) the rows of query, key and prefix were not 16-byte
+    aligned, and cuBLAS ran their four fp32 products on the GPU as slow unaligned kernels (``align1``, 0.47 ms of
+    FWL's step at batch 8 on the H200, session 8's profile)."""
+    pad = -(q.shape[-1] + 1) % FEATURE_ALIGN
     one = torch.ones_like(q[..., :1])  # [B, T, 1]
-    query = torch.cat((eta_w * q, eta_b * one), -1)  # [B, T, dk+1]
-    key = torch.cat((k, torch.ones_like(k[..., :1])), -1)
-    prefix = torch.cat((sum_w, sum_b[:, None]), 1)  # [B, dk+1, dv]
+    zero = torch.zeros_like(q[..., :1]).expand(*q.shape[:-1], pad)  # [B, T, pad]
+    query = torch.cat((eta_w * q, eta_b * one, zero), -1)  # [B, T, dk+1+pad]
+    key = torch.cat((k, torch.ones_like(k[..., :1]), zero), -1)
+    rows = torch.zeros_like(sum_b[:, None]).expand(sum_b.shape[0], pad, sum_b.shape[-1])  # [B, pad, dv]
+    prefix = torch.cat((sum_w, sum_b[:, None], rows), 1)  # [B, dk+1+pad, dv]
     return causal_linear_attention(query, key, delta, prefix, chunk)
 
 
@@ -127,17 +147,16 @@ def fast_residual(p, eta, x, xk, sig, sums: State, eps: float, chunk: Optional[i
     a = torch.relu(z1).square()  # fast-path activations are layer 2's queries
     z2 = a @ p["w2"] + p["b2"] - _dense_update(eta[2], eta[3], a, sig["a"], d2, sums["sum_w2"], sums["sum_b2"], chunk)
     xh, _ = layer_norm(z2, eps)
-    one = torch.ones_like(x[..., :1])  # [B, T, 1]: the LN affine sums are linear attention with unit q and k
     values = torch.cat((dh * sig["xh"], dh), -1)  # [B, T, 2S]
     carried = torch.cat((sums["sum_gamma"], sums["sum_beta"]), -1)[:, None]  # [B, 1, 2S]
-    gb = causal_linear_attention(one, one, values, carried, chunk)  # [B, T, 2S]: Γ_t, Β_t
+    gb = causal_cumsum(values, carried, chunk)  # [B, T, 2S]: Γ_t, Β_t (the LN affine sums)
     r = (p["gamma"] - eta[4] * gb[..., :s]) * xh + (p["beta"] - eta[5] * gb[..., s:])
     new = {"sum_w1": sums["sum_w1"] + xk.transpose(1, 2) @ d1,  # [B, D, H]
            "sum_b1": sums["sum_b1"] + d1.sum(1),
            "sum_w2": sums["sum_w2"] + sig["a"].transpose(1, 2) @ d2,  # [B, H, S]
            "sum_b2": sums["sum_b2"] + d2.sum(1),
-           "sum_gamma": sums["sum_gamma"] + values[..., :s].sum(1),
-           "sum_beta": sums["sum_beta"] + dh.sum(1)}
+           "sum_gamma": gb[:, -1, :s],  # the inclusive sum at the last position: the carried sums plus all of
+           "sum_beta": gb[:, -1, s:]}  # this step's (two reductions over the step fewer)
     return r, new
 
 
