@@ -8,6 +8,8 @@
 # Each `run` call must follow the last within the machine's idle release (30 s): poll with `sleep 240; ... status`.
 # Settings (environment): RUNS, STEPS, CONVERT, CONVERT2, RUNS2 (gpu_calibrate.sh), EVALS, ABLATE (gpu_eval.sh), OLD: a folder holding
 # an older checkout whose window graphs are exported and timed beside the new ones (names with suffix 3: base-w3, ...),
+# NEW: the SmolLM2 graphs exported for the bench (gpu_export.sh's EXPORTS form; default: base, FWL and in-place, full,
+# window 2048, window + 4 sinks), LINATT=0: skip the LinearAttention check of the profile stage,
 # PROFILE: the graphs whose kernels are profiled (default: every SmolLM2 graph; 20-30 s each), PROFILE_1B=0 to
 # skip the 1B kernel profile, PROFILE_PAST: the past length at which the full graphs' step is profiled too (B = 1,
 # default 7680: the streamed document's last chunk; 0 skips it),
@@ -24,7 +26,7 @@ G=/tmp/fw-assets/SmolLM2-135M-Instruct.Q4_1.gguf; W=/tmp/w; X=$W/x
 case ${1:-} in
 start)
   rm -rf $R && mkdir -p $R $S $RES && tar -C "$(dirname "$0")/.." --exclude=./.device -cf - . | tar -C $R -xf -
-  for v in RUNS STEPS EVALS ABLATE OLD CONVERT CONVERT2 RUNS2 STAGES VERIFY SDPA PROFILE PROFILE_1B PROFILE_PAST; do [ -n "${!v:-}" ] && printf '%s=%q\n' "$v" "${!v}"; done > $S/settings
+  for v in RUNS STEPS EVALS ABLATE OLD NEW CONVERT CONVERT2 RUNS2 STAGES VERIFY SDPA PROFILE PROFILE_1B PROFILE_PAST LINATT; do [ -n "${!v:-}" ] && printf '%s=%q\n' "$v" "${!v}"; done > $S/settings
   setsid nohup bash $R/benchmarks/gpu_pipeline.sh run > $S/pipeline.log 2>&1 < /dev/null &
   echo "started (pid $!); follow with: bash benchmarks/gpu_pipeline.sh status"
   exit 0;;
@@ -53,7 +55,7 @@ PREP_ONLY=1 bash benchmarks/gpu_calibrate.sh
 stage "calibrate ($RUNS) on the GPU while the graphs export on the CPUs ($STAGES)"
 on calibrate && RUNS="$RUNS" STEPS=${STEPS:-600} LIMIT=1500 bash benchmarks/gpu_calibrate.sh > $RES/calibrate.log 2>&1 &
 if on export; then
-  EXPORTS="base:$G:fp16 fwl:$W/fwl:fp16 ttt:$W/ttt:fp16 base-w:$G:fp16:2048 fwl-w:$W/fwl:fp16:2048 ttt-w:$W/ttt:fp16:2048 base-ws:$G:fp16:2048:4 ttt-ws:$W/ttt:fp16:2048:4" \
+  EXPORTS="${NEW:-base:$G:fp16 fwl:$W/fwl:fp16 ttt:$W/ttt:fp16 base-w:$G:fp16:2048 fwl-w:$W/fwl:fp16:2048 ttt-w:$W/ttt:fp16:2048 base-ws:$G:fp16:2048:4 ttt-ws:$W/ttt:fp16:2048:4}" \
     PART=export bash benchmarks/gpu_export.sh > $RES/export-new.log 2>&1 &
   if [ -n "${OLD:-}" ] && [ -d "$OLD" ]; then
     (cd "$OLD" && PYTHONPATH=/tmp/fw-site:$OLD EXPORTS="base-w3:$G:fp16:2048 fwl-w3:$W/fwl:fp16:2048 ttt-w3:$W/ttt:fp16:2048" \
@@ -96,8 +98,8 @@ if on profile; then
          > $RES/kernels-past-sdpa$k.log 2>&1)
     done
   fi
-  # onnxruntime's LinearAttention against the FWL graphs' masked form on FWL's shapes (about 1 min)
-  (cd benchmarks && timeout 180 python3 linear_attention_check.py --provider cuda --batch 1 8 \
+  # onnxruntime's LinearAttention against the FWL graphs' masked form on FWL's shapes (about 1 min; LINATT=0 skips)
+  [ "${LINATT:-1}" != 0 ] && (cd benchmarks && timeout 180 python3 linear_attention_check.py --provider cuda --batch 1 8 \
      --md $RES/linear-attention.md --json $RES/linear-attention.jsonl > $RES/linear-attention.log 2>&1)
   tail -n 14 $RES/linear-attention.md 2>/dev/null
 fi
