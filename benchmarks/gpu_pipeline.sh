@@ -12,8 +12,10 @@
 # window 2048, window + 4 sinks), LINATT=0: skip the LinearAttention check of the profile stage,
 # PROFILE: the graphs whose kernels are profiled (default: every SmolLM2 graph; 20-30 s each), PROFILE_1B=0 to
 # skip the 1B kernel profile, PROFILE_PAST: the past length at which the full graphs' step is profiled too (B = 1,
-# default 7680: the streamed document's last chunk; 0 skips it),
-# SDPA: attention kernel masks to profile the base window graph (and the base graph at PROFILE_PAST) with besides
+# default 7680: the streamed document's last chunk; 0 skips it), PAST_GRAPHS: the full graphs profiled there (default
+# base fwl ttt),
+# SDPA: attention kernel masks to profile the base window graph (the base graph where NEW has no window graph; and the
+# base graph at PROFILE_PAST) with besides
 # onnxruntime's choice (e.g. "2 16"),
 # VERIFY: calibrated models whose window (plain, and with 4 sinks) and full graphs (fp16 and fp32) are exported and verified on CUDA through
 # static sessions (default: "fwl-cal ttt-mix"), STAGES: of "calibrate export bench profile eval verify 1b mfu tests"
@@ -26,7 +28,7 @@ G=/tmp/fw-assets/SmolLM2-135M-Instruct.Q4_1.gguf; W=/tmp/w; X=$W/x
 case ${1:-} in
 start)
   rm -rf $R && mkdir -p $R $S $RES && tar -C "$(dirname "$0")/.." --exclude=./.device -cf - . | tar -C $R -xf -
-  for v in RUNS STEPS EVALS ABLATE OLD NEW CONVERT CONVERT2 RUNS2 STAGES VERIFY SDPA PROFILE PROFILE_1B PROFILE_PAST LINATT; do [ -n "${!v:-}" ] && printf '%s=%q\n' "$v" "${!v}"; done > $S/settings
+  for v in RUNS STEPS EVALS ABLATE OLD NEW CONVERT CONVERT2 RUNS2 STAGES VERIFY SDPA PROFILE PROFILE_1B PROFILE_PAST PAST_GRAPHS LINATT; do [ -n "${!v:-}" ] && printf '%s=%q\n' "$v" "${!v}"; done > $S/settings
   setsid nohup bash $R/benchmarks/gpu_pipeline.sh run > $S/pipeline.log 2>&1 < /dev/null &
   echo "started (pid $!); follow with: bash benchmarks/gpu_pipeline.sh status"
   exit 0;;
@@ -84,12 +86,13 @@ if on profile; then
   g=(); for n in ${PROFILE:-base fwl ttt base-w fwl-w ttt-w base-w3 fwl-w3 ttt-w3}; do [ -d $X/$n ] && g+=("$n=$X/$n"); done
   (cd benchmarks && timeout 400 python3 kernel_profile.py "${g[@]}" --batch 1 8 --md $RES/kernels.md --json $RES/kernels.json \
      > $RES/kernels.log 2>&1)
-  for k in ${SDPA:-}; do  # the base window graph with other attention kernels (onnxruntime's sdpa_kernel mask)
-    (cd benchmarks && timeout 200 python3 kernel_profile.py "base-w=$X/base-w" --batch 1 8 --sdpa-kernel "$k" \
+  n=base-w; [ -d $X/$n ] || n=base
+  for k in ${SDPA:-}; do  # the base window graph (else full) with other attention kernels (onnxruntime's sdpa_kernel mask)
+    (cd benchmarks && timeout 200 python3 kernel_profile.py "$n=$X/$n" --batch 1 8 --sdpa-kernel "$k" \
        --md $RES/kernels-sdpa$k.md --json $RES/kernels-sdpa$k.json > $RES/kernels-sdpa$k.log 2>&1)
   done
   if [ "${PROFILE_PAST:-7680}" != 0 ]; then  # the streaming document's last chunk: full graphs, KV cache grown
-    g=(); for n in base fwl ttt; do [ -d $X/$n ] && g+=("$n=$X/$n"); done
+    g=(); for n in ${PAST_GRAPHS:-base fwl ttt}; do [ -d $X/$n ] && g+=("$n=$X/$n"); done
     (cd benchmarks && timeout 300 python3 kernel_profile.py "${g[@]}" --batch 1 --past "${PROFILE_PAST:-7680}" \
        --md $RES/kernels-past.md --json $RES/kernels-past.json > $RES/kernels-past.log 2>&1)
     for k in ${SDPA:-}; do
