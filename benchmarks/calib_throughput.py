@@ -86,7 +86,7 @@ def _time_updates(times: list):
 
 def run(model_dir: str, data: str, steps: int, seq_len: int, device: str = "cpu", warmup_steps: int = 2,
         train: str = "fast", ext: str = ".py", batch_size: int = 1, peak_flops: float | None = None,
-        tf32: bool = False) -> dict:
+        tf32: bool = True) -> dict:
     import torch
     from fwconvert.calibrate.loop import CalibrationSettings
     from fwconvert.calibrate.run import calibrate
@@ -141,7 +141,8 @@ def main(argv=None) -> int:
     ap.add_argument("--train", default="fast")
     ap.add_argument("--ext", default=".py")
     ap.add_argument("--peak-tflops", type=float, help="peak for MFU (default on CUDA: the measured bf16 matmul rate)")
-    ap.add_argument("--tf32", action="store_true", help="calibrate --tf32: fp32 matmuls on CUDA may use TF32")
+    ap.add_argument("--no-tf32", dest="tf32", action="store_false",
+                    help="calibrate --no-tf32: fp32 matmuls on CUDA stay full fp32 (default: TF32, as calibrate)")
     ap.add_argument("--label", default="")
     ap.add_argument("--json-out", help="append the JSON line to this file")
     a = ap.parse_args(argv)

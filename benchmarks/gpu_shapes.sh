@@ -63,7 +63,7 @@ calib() {  # label model [more calib_throughput.py flags]
   tail -n 1 $W/logs/calib-$1.log
 }
 if [[ " $PARTS " = *" calib "* ]]; then
-  calib fwl-$SHAPE $W/fwl; calib ttt-$SHAPE $W/ttt; calib ttt-$SHAPE-tf32 $W/ttt --tf32
+  calib fwl-$SHAPE $W/fwl; calib ttt-$SHAPE $W/ttt; calib ttt-$SHAPE-fp32 $W/ttt --no-tf32
   [ "$SMOL" = 1 ] && { calib fwl-smollm2 $SF; calib ttt-smollm2 $ST; }
 fi
 

