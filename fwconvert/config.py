@@ -185,7 +185,7 @@ TOLERANCES = {
     # a calibrated in-place TTT model (SmolLM2, W_down at lr 1e-3) measured 1.49e-2 there (H200 host, 2026-12-02).
     "export_smoke_fp16": Tolerance(rel=5e-2),
     "ppl_fp16_vs_fp32": Tolerance(rel=1e-2),
-    # verify of an fp16 graph, for the fast-weight states a mechanism declares as cancelling sums (FWL's sum_w1, ...:
+    # verify of an fp16 graph, for the fast-weight states a mechanism declares as cancelling sums (FWL's sum_fc1, ...:
     # sums over tokens of gradient signals (p - onehot(y)) U that largely cancel). Their relative error is about 10x
     # the fp16 trunk's: a calibrated FWL SmolLM2 window export on the H200 measured 1-2.3e-2 on every sum over 16 chunks
     # of typing.py while its logits stayed at 1.4-1.9e-3 and the trunk's last hidden state at 1.6e-3; session 4's

@@ -89,6 +89,35 @@ def test_definition_matches_explicit_sgd_step(family, normalizer):
     assert rel_err(slow[:, 1:], ref[:, 1:]) > 1e-2
 
 
+@pytest.mark.parametrize("chunk", [4, None])
+def test_state_sums_are_the_prefix_loss_gradients(chunk):
+    """The state after one step from a fresh state holds autograd's gradients of the step's loss at the slow
+    weights: sum_fc1 = [∂L/∂W1; ∂L/∂b1; 0...] (D + 1 rows, zero padding after), sum_fc2 likewise, sum_gamma /
+    sum_beta = ∂L/∂γ, ∂L/∂β (the layout the linear attention reads as its prefix)."""
+    from fwconvert.fastweights.fwl import padded
+    from fwconvert.fastweights.fwl_reference import _prefix_loss
+
+    model = fwl_model("llama", normalizer=3.0, chunk=4)
+    ids = ids_for(2, 11)
+    _, x = run_capturing(model, ids)
+    head, U = model.fwl_head, model.unembed_weight
+    with torch.no_grad():
+        _, state = head_call(head, x, ids, U, chunk=chunk, aligned=chunk is None)
+    d, h = head.fc1.in_features, head.fw.hidden
+    assert state["sum_fc1"].shape == (2, padded(d), h) and state["sum_fc2"].shape == (2, padded(h), head.fw.size)
+    for b in range(2):
+        params = {k: v.detach().requires_grad_() for k, v in fwl_params_ref(head).items()}
+        loss = _prefix_loss(params, x[b, :-1], ids[b, 1:], U, head.fw.normalizer, head.fw.eps)  # key 0: weight 0
+        g = dict(zip(params, torch.autograd.grad(loss, list(params.values()))))
+        for name, w, bias, n in (("sum_fc1", "w1", "b1", d), ("sum_fc2", "w2", "b2", h)):
+            st = state[name][b]
+            assert rel_err(st[:n], g[w]) <= 1e-10 and rel_err(st[n], g[bias]) <= 1e-10, name
+            assert bool((st[n + 1:] == 0).all()), name  # the padding rows stay exactly zero
+        assert rel_err(state["sum_gamma"][b], g["gamma"]) <= 1e-10
+        assert rel_err(state["sum_beta"][b], g["beta"]) <= 1e-10
+        assert float(g["w1"].abs().max()) > 1e-6  # non-trivial gradients (else the test would be weak)
+
+
 # 2. chunk invariance ---------------------------------------------------------------------------------
 @pytest.mark.parametrize("family", FAMILIES)
 @pytest.mark.parametrize("t", [16, 13])
@@ -217,7 +246,7 @@ def test_converted_half_model_is_bit_identical_and_keeps_fp32_state(dtype):
     logits, state = conv.step(ids, conv.init_state(2))
     assert logits.dtype == dtype and torch.equal(logits, base(ids))
     fw_state = {k: v for k, v in state.items() if k.startswith("fast_weights.fwl.")}
-    assert len(fw_state) == 7 and all(v.dtype == torch.float32 for v in fw_state.values())
+    assert len(fw_state) == 5 and all(v.dtype == torch.float32 for v in fw_state.values())
     assert all(bool(torch.isfinite(v).all()) for v in fw_state.values()) and fw_state["fast_weights.fwl.sum_beta"].abs().sum() > 0
 
 

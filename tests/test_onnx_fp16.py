@@ -20,13 +20,13 @@ def test_fp16_fwl_export(tmp_path):
     out = export_onnx(model, str(tmp_path / "onnx"), chunk_size=8, dtype="fp16")
     s = ChunkSession(out, provider="cpu")
     dtypes = {sp.key: sp.dtype for sp in s.manifest.state}
-    assert dtypes["past_key_values.0.key"] == "float16" and dtypes["fast_weights.fwl.sum_w1"] == "float32"
+    assert dtypes["past_key_values.0.key"] == "float16" and dtypes["fast_weights.fwl.sum_fc1"] == "float32"
     assert s.manifest.dtype == "fp16"
     rep = verify(out, against=model, chunks=16)
     assert rep.passed and rep.tolerance == TOLERANCES["ort_fp16_vs_torch_fp32"].rel
     # FWL's six gradient sums get their own tolerance in fp16 graphs; logits and every other state the report's
     own = {r.name for r in rep.rows if r.tolerance is not None}
-    assert own == {f"fast_weights.fwl.{n}" for n in ("sum_w1", "sum_b1", "sum_w2", "sum_b2", "sum_gamma", "sum_beta")}
+    assert own == {f"fast_weights.fwl.{n}" for n in ("sum_fc1", "sum_fc2", "sum_gamma", "sum_beta")}
     assert {r.tolerance for r in rep.rows if r.tolerance is not None} == {TOLERANCES["ort_fp16_cancelling_sums"].rel}
     p = rep.perplexity
     assert p["tokens"] == 16 * 8 - 1 and p["tolerance"] == TOLERANCES["ppl_fp16_vs_fp32"].rel
@@ -86,9 +86,9 @@ def test_fp16_inplace_export_multiplies_in_fp16_and_verifies(tmp_path, family):
 def test_verify_report_judges_each_row_by_its_own_tolerance_and_the_perplexity():
     from exporters.verify import Report, Row
 
-    rep = Report("f", "cpu", 1e-2, 8, 1, [Row(0, "logits", 0.1, 5e-3, 1.0), Row(0, "fast_weights.fwl.sum_b1", 1e-4, 3e-2,
+    rep = Report("f", "cpu", 1e-2, 8, 1, [Row(0, "logits", 0.1, 5e-3, 1.0), Row(0, "fast_weights.fwl.sum_fc1", 1e-4, 3e-2,
                                                                                tolerance=5e-2)])
-    assert rep.passed and rep.worst().name == "fast_weights.fwl.sum_b1"  # 3e-2 of 5e-2 is nearer than 5e-3 of 1e-2
+    assert rep.passed and rep.worst().name == "fast_weights.fwl.sum_fc1"  # 3e-2 of 5e-2 is nearer than 5e-3 of 1e-2
     rep.rows[1].rel = 6e-2
     assert not rep.passed
     rep.rows[1].rel = 3e-2

@@ -26,7 +26,7 @@ def test_fwl_verify_16_chunks(fwl_export):
     rep = verify(out, against=model, chunks=16, batch=2)
     assert rep.passed and rep.chunks == 16
     names = {r.name for r in rep.rows}
-    assert {"fast_weights.fwl.sum_w1", "fast_weights.fwl.sum_gamma", "fast_weights.fwl.pending_x"} <= names
+    assert {"fast_weights.fwl.sum_fc1", "fast_weights.fwl.sum_gamma", "fast_weights.fwl.pending_x"} <= names
     s = ChunkSession(out, provider="cpu")
     assert not s.fixed_chunks and all(sp.init == {"kind": "zeros"} for sp in s.manifest.state)
 
@@ -42,7 +42,7 @@ def test_fwl_state_is_live_and_any_chunking_works(fwl_export):
         outs.append(s.step(ids[:, a:a + n].numpy(), st))
         a += n
     assert rel_err(torch.from_numpy(np.concatenate(outs, 1)), ref) <= TOL
-    assert np.abs(st.to_numpy()["fast_weights.fwl.sum_w1"]).max() > 1e-3  # the fast weights did learn
+    assert np.abs(st.to_numpy()["fast_weights.fwl.sum_fc1"]).max() > 1e-3  # the fast weights did learn
     base = model.fwl_head
     model.fwl_head = None
     try:

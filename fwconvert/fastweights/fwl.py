@@ -18,8 +18,14 @@ the position whose label y is input token j of this step, i.e. the carried last 
 (``pending_x``, weight 0 at document start) followed by positions 0..T-2; query t then sees keys j ≤ t, which
 is exactly s < t in absolute positions. State (per sequence, fp32; float64 when the model runs in float64)::
 
-    sum_w1 [B,D,H] = Σ x_s ⊗ δ1_s   sum_b1 [B,H] = Σ δ1_s     sum_w2 [B,H,S] = Σ a_s ⊗ δ2_s   sum_b2 [B,S] = Σ δ2_s
+    sum_fc1 [B,D',H] = Σ [x_s; 1; 0] ⊗ δ1_s   (rows 0..D-1: the W1 sum Σ x_s ⊗ δ1_s; row D: the b1 sum Σ δ1_s)
+    sum_fc2 [B,H',S] = Σ [a_s; 1; 0] ⊗ δ2_s   (rows 0..H-1: the W2 sum; row H: the b2 sum)
     sum_gamma [B,S] = Σ δh_s ⊙ x̂_s  sum_beta [B,S] = Σ δh_s   pending_x [B,D] (last position, label not yet seen)
+
+with D' = ``padded(D)``, H' = ``padded(H)``: n + 1 rounded up to a multiple of ``FEATURE_ALIGN``, the rows past
+the bias row zero (they stay zero: their key feature is 0). One product per layer and step updates the weight and
+bias sums together, and the sums are the linear attention's prefix as they are (no reduction over the step for
+the biases, no concatenation per step).
 
 ``pending_x`` is read and returned on every path, the export (``ctx.aligned``) path included.
 Checkpoint keys: ``fwl_head.fc1.weight`` [H, D], ``fc1.bias`` [H], ``fc2.weight`` [S, H], ``fc2.bias`` [S],
@@ -42,8 +48,19 @@ from ..errors import InputError
 from .base import FastWeightModule, State, StepContext
 
 STEP_SIZE_NAMES = ("w1", "b1", "w2", "b2", "gamma", "beta")  # order of fwl_head.step_sizes (TF variant)
-SUM_NAMES = ("sum_w1", "sum_b1", "sum_w2", "sum_b2", "sum_gamma", "sum_beta")
-FEATURE_ALIGN = 8  # the dense updates' query/key feature axis is padded to a multiple of this (_dense_update)
+SUM_NAMES = ("sum_fc1", "sum_fc2", "sum_gamma", "sum_beta")
+FEATURE_ALIGN = 8  # the dense updates' key feature axis [k, 1, 0...] is padded to a multiple of this (_dense_update)
+
+
+def padded(n: int) -> int:
+    """n features plus the constant-1 bias feature, zero-padded to a multiple of ``FEATURE_ALIGN``."""
+    return n + 1 + (-(n + 1) % FEATURE_ALIGN)
+
+
+def bias_key(k: torch.Tensor) -> torch.Tensor:
+    """[k, 1, 0...] [B, T, padded(dk)]: the key with the constant-1 bias feature and the zero padding."""
+    pad = padded(k.shape[-1]) - k.shape[-1] - 1
+    return torch.cat((k, torch.ones_like(k[..., :1]), torch.zeros_like(k[..., :1]).expand(*k.shape[:-1], pad)), -1)
 
 
 def validate_fwl_config(cfg: ModelConfig, fw: FWLConfig) -> None:
@@ -102,7 +119,8 @@ def causal_cumsum(v, carried, chunk: Optional[int]) -> torch.Tensor:
 
 
 def slow_signals(p: Dict[str, torch.Tensor], xk, labels, weights, U, normalizer: float, eps: float) -> Dict[str, torch.Tensor]:
-    """Slow-path activations and per-token gradient signals δ at the slow weights ``p`` (math layout).
+    """Slow-path activations and per-token gradient signals δ at the slow weights ``p`` (math layout), and the
+    keys of both layers' dense updates (``bias_key``).
 
     xk [B, T, D] key positions, labels [B, T] their next tokens, weights [B, T] (0: no loss), U [V, D] (the
     products with U run in U's dtype; everything else in xk's dtype)."""
@@ -119,42 +137,39 @@ def slow_signals(p: Dict[str, torch.Tensor], xk, labels, weights, U, normalizer:
     dxh = dh * p["gamma"]
     d2 = rstd * (dxh - dxh.mean(-1, keepdim=True) - xh * (dxh * xh).mean(-1, keepdim=True))  # LayerNorm backward
     d1 = (d2 @ p["w2"].t()) * 2.0 * torch.relu(z1)  # squared-ReLU backward
-    return {"a": a, "xh": xh, "dh": dh, "d1": d1, "d2": d2}
+    return {"k1": bias_key(xk), "k2": bias_key(a), "xh": xh, "dh": dh, "d1": d1, "d2": d2}
 
 
-def _dense_update(eta_w, eta_b, q, k, delta, sum_w, sum_b, chunk):
+def _dense_update(eta_w, eta_b, q, key, delta, prefix, chunk):
     """η_W (q_t·M + Σ_{s<t} (q_t·k_s) δ_s) + η_b (Σδ + Σ_{s<t} δ_s) as ONE linear attention: the bias sum is a
-    constant-1 key feature, the step sizes scale the query: query [η_W q, η_b], key [k, 1], prefix [M; Σδ].
+    constant-1 key feature, the step sizes scale the query: query [η_W q, η_b, 0...], key [k, 1, 0...]
+    (``bias_key``), prefix [M; Σδ; 0...] (the state ``sum_fc1``/``sum_fc2`` as it is). Returns the update
+    [B, T, dv] and the new prefix (prefix + keyᵀ δ: the weight and the bias sums in one product).
 
-    The feature axis is zero-padded from dk + 1 to a multiple of ``FEATURE_ALIGN`` (zeros in query, key and prefix
-    add exact zeros): with dk + 1 odd (577, 2305 for SmolLM2) the rows of query, key and prefix were not 16-byte
-    aligned, and cuBLAS ran their four fp32 products on the GPU as slow unaligned kernels (``align1``, 0.47 ms of
-    FWL's step at batch 8 on the H200, session 8's profile)."""
-    pad = -(q.shape[-1] + 1) % FEATURE_ALIGN
+    The feature axis is zero-padded from dk + 1 to a multiple of ``FEATURE_ALIGN`` (zeros add exact zeros): with
+    dk + 1 odd (577, 2305 for SmolLM2) the rows of query, key and prefix were not 16-byte aligned, and cuBLAS ran
+    their four fp32 products on the GPU as slow unaligned kernels (``align1``, 0.47 ms of FWL's step at batch 8 on
+    the H200, session 8's profile)."""
     one = torch.ones_like(q[..., :1])  # [B, T, 1]
-    zero = torch.zeros_like(q[..., :1]).expand(*q.shape[:-1], pad)  # [B, T, pad]
-    query = torch.cat((eta_w * q, eta_b * one, zero), -1)  # [B, T, dk+1+pad]
-    key = torch.cat((k, torch.ones_like(k[..., :1]), zero), -1)
-    rows = torch.zeros_like(sum_b[:, None]).expand(sum_b.shape[0], pad, sum_b.shape[-1])  # [B, pad, dv]
-    prefix = torch.cat((sum_w, sum_b[:, None], rows), 1)  # [B, dk+1+pad, dv]
-    return causal_linear_attention(query, key, delta, prefix, chunk)
+    zero = torch.zeros_like(q[..., :1]).expand(*q.shape[:-1], key.shape[-1] - q.shape[-1] - 1)
+    query = torch.cat((eta_w * q, eta_b * one, zero), -1)  # [B, T, dk']
+    return causal_linear_attention(query, key, delta, prefix, chunk), prefix + key.transpose(1, 2) @ delta
 
 
-def fast_residual(p, eta, x, xk, sig, sums: State, eps: float, chunk: Optional[int]):
+def fast_residual(p, eta, x, sig, sums: State, eps: float, chunk: Optional[int]):
     """The block at the fast weights θ_t for every query position of x [B, T, D]; returns (r, new sums)."""
     d1, d2, dh, s = sig["d1"], sig["d2"], sig["dh"], sig["dh"].shape[-1]
-    z1 = x @ p["w1"] + p["b1"] - _dense_update(eta[0], eta[1], x, xk, d1, sums["sum_w1"], sums["sum_b1"], chunk)
+    u1, fc1 = _dense_update(eta[0], eta[1], x, sig["k1"], d1, sums["sum_fc1"], chunk)
+    z1 = x @ p["w1"] + p["b1"] - u1
     a = torch.relu(z1).square()  # fast-path activations are layer 2's queries
-    z2 = a @ p["w2"] + p["b2"] - _dense_update(eta[2], eta[3], a, sig["a"], d2, sums["sum_w2"], sums["sum_b2"], chunk)
+    u2, fc2 = _dense_update(eta[2], eta[3], a, sig["k2"], d2, sums["sum_fc2"], chunk)
+    z2 = a @ p["w2"] + p["b2"] - u2
     xh, _ = layer_norm(z2, eps)
     values = torch.cat((dh * sig["xh"], dh), -1)  # [B, T, 2S]
     carried = torch.cat((sums["sum_gamma"], sums["sum_beta"]), -1)[:, None]  # [B, 1, 2S]
     gb = causal_cumsum(values, carried, chunk)  # [B, T, 2S]: Γ_t, Β_t (the LN affine sums)
     r = (p["gamma"] - eta[4] * gb[..., :s]) * xh + (p["beta"] - eta[5] * gb[..., s:])
-    new = {"sum_w1": sums["sum_w1"] + xk.transpose(1, 2) @ d1,  # [B, D, H]
-           "sum_b1": sums["sum_b1"] + d1.sum(1),
-           "sum_w2": sums["sum_w2"] + sig["a"].transpose(1, 2) @ d2,  # [B, H, S]
-           "sum_b2": sums["sum_b2"] + d2.sum(1),
+    new = {"sum_fc1": fc1, "sum_fc2": fc2,  # [B, D', H], [B, H', S]
            "sum_gamma": gb[:, -1, :s],  # the inclusive sum at the last position: the carried sums plus all of
            "sum_beta": gb[:, -1, s:]}  # this step's (two reductions over the step fewer)
     return r, new
@@ -163,7 +178,7 @@ def fast_residual(p, eta, x, xk, sig, sums: State, eps: float, chunk: Optional[i
 class FWLHead(FastWeightModule):
     """The FWL block as a residual before the base unembedding (see the module docstring)."""
 
-    cancelling_sums = ("sum_w1", "sum_b1", "sum_w2", "sum_b2", "sum_gamma", "sum_beta")  # sums of δ-weighted terms
+    cancelling_sums = SUM_NAMES  # sums of δ-weighted terms
 
     def __init__(self, cfg: ModelConfig, fw: FWLConfig):
         super().__init__()
@@ -178,9 +193,8 @@ class FWLHead(FastWeightModule):
     def state_shapes(self, batch_size: int):
         b, d, s, h = batch_size, self.fc1.in_features, self.fw.size, self.fw.hidden
         f32 = torch.float32
-        return {"sum_w1": ((b, d, h), f32), "sum_b1": ((b, h), f32), "sum_w2": ((b, h, s), f32),
-                "sum_b2": ((b, s), f32), "sum_gamma": ((b, s), f32), "sum_beta": ((b, s), f32),
-                "pending_x": ((b, d), f32)}
+        return {"sum_fc1": ((b, padded(d), h), f32), "sum_fc2": ((b, padded(h), s), f32),
+                "sum_gamma": ((b, s), f32), "sum_beta": ((b, s), f32), "pending_x": ((b, d), f32)}
 
     def slow_params(self, dtype: torch.dtype) -> Dict[str, torch.Tensor]:
         """θ at the slow weights in math layout (W1 [D, H], W2 [H, S]), cast to ``dtype``."""
@@ -200,7 +214,7 @@ class FWLHead(FastWeightModule):
         p = self.slow_params(cdt)
         sig = slow_signals(p, xk, ctx.input_ids, weights, unembed_weight, float(self.fw.normalizer), self.fw.eps)
         chunk = None if ctx.aligned else self.fw.chunk_size
-        r, new = fast_residual(p, self.step_sizes.to(cdt), x, xk, sig, st, self.fw.eps, chunk)
+        r, new = fast_residual(p, self.step_sizes.to(cdt), x, sig, st, self.fw.eps, chunk)
         new["pending_x"] = x[:, -1]
         logits = F.linear((x + r).to(h.dtype), unembed_weight)  # r == 0 exactly at conversion
         return logits, new
@@ -225,4 +239,4 @@ def init_conversion_(head: FWLHead, generator: Optional[torch.Generator] = None,
 
 
 __all__ = ["FWLHead", "init_conversion_", "validate_fwl_config", "causal_linear_attention", "slow_signals",
-           "fast_residual", "layer_norm", "STEP_SIZE_NAMES", "SUM_NAMES"]
+           "fast_residual", "layer_norm", "padded", "bias_key", "STEP_SIZE_NAMES", "SUM_NAMES", "FEATURE_ALIGN"]
