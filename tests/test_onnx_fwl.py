@@ -49,3 +49,21 @@ def test_fwl_state_is_live_and_any_chunking_works(fwl_export):
         assert rel_err(model(ids), ref) > 10 * TOL  # and they change the logits
     finally:
         model.fwl_head = base
+
+
+def test_verify_names_a_state_layout_of_another_version(fwl_export):
+    """An export whose state tensors this fwconvert does not have (FWL's separate bias sums before 2026-12-05) is
+    refused by verify with the reason and the fix, before any chunk runs."""
+    import dataclasses
+
+    from exporters.runtime.session import load_manifest
+    from exporters.verify import _check_state_names
+    from fwconvert.errors import InputError
+
+    model, out = fwl_export
+    m = load_manifest(out)
+    _check_state_names(m, model)  # this version's own export passes
+    m.state = [dataclasses.replace(s, key="fast_weights.fwl.sum_w1") if s.key.endswith("sum_fc1") else s
+               for s in m.state]
+    with pytest.raises(InputError, match=r"sum_w1 exist only in the export.*export it again with this version"):
+        _check_state_names(m, model)
