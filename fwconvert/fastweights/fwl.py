@@ -136,7 +136,7 @@ def slow_signals(p: Dict[str, torch.Tensor], xk, labels, weights, U, normalizer:
     dh = scale * ((torch.softmax(logits, -1) @ U).to(xk.dtype) - U[labels].to(xk.dtype))
     dxh = dh * p["gamma"]
     d2 = rstd * (dxh - dxh.mean(-1, keepdim=True) - xh * (dxh * xh).mean(-1, keepdim=True))  # LayerNorm backward
-    d1 = (d2 @ p["w2"].t()) * 2.0 * torch.relu(z1)  # squared-ReLU backward
+    d1 = ((2.0 * d2) @ p["w2"].t()) * torch.relu(z1)  # squared-ReLU backward (the exact ×2 on the S-wide side)
     return {"k1": bias_key(xk), "k2": bias_key(a), "xh": xh, "dh": dh, "d1": d1, "d2": d2}
 
 
