@@ -135,7 +135,10 @@ class _FailingProgram:
     """Stands in for the ONNXProgram: its save leaves an empty model.onnx and half a .data file, then fails."""
 
     def __init__(self, exc):
+        import types
+
         self.exc = exc
+        self.model = types.SimpleNamespace(graph=types.SimpleNamespace(initializers={}))  # no weights to size
 
     def save(self, path, external_data=None):
         open(path, "wb").close()

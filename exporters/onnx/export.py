@@ -48,13 +48,18 @@ def _prepare_out(out: str, force: bool, source=None) -> str:
 
 def _estimate_bytes(model_or_path, ck, dtype: str) -> int:
     """Disk the export needs, from the checkpoint's headers (nothing loaded) or the model's parameters: every
-    weight in the graph's dtype, the tokenizer files and 1 MiB for the graph and manifest (as conversion)."""
+    weight in the graph's dtype (a tied unembedding twice: the graph stores its transpose too, weight_layout.py),
+    the tokenizer files and 1 MiB for the graph and manifest (as conversion)."""
     item = 2 if dtype == "fp16" else 4
     if isinstance(model_or_path, DecoderLM):
+        cfg = model_or_path.config
         numel, extra = sum(p.numel() for p in model_or_path.parameters()), 0
     else:
+        cfg = ck.config
         numel = sum(math.prod(shape) for shape, _ in ck.specs.values())
         extra = sum(os.path.getsize(p) for p in ck.tokenizer_files)
+    if cfg.tie_word_embeddings:
+        numel += cfg.vocab_size * cfg.hidden_size
     return numel * item + extra + (1 << 20)
 
 
@@ -205,7 +210,7 @@ def export_onnx(model_or_path: Union[str, os.PathLike, DecoderLM], out: str, *, 
         log(f"tracing the chunk step ({dtype}, {attention} attention, chunk {chunk}) and fusing it for onnxruntime")
         prog, layout = export_program(model, attention == "window", dtype, opset=OPSET, ir_version=IR_VERSION)
         log("saving the graph")
-        n_bytes = sum(p.numel() * p.element_size() for p in model.parameters()) // (2 if dtype == "fp16" else 1)
+        n_bytes = sum(v.const_value.nbytes for v in prog.model.graph.initializers.values() if v.const_value is not None)
         use_ext = n_bytes > EXTERNAL_DATA_BYTES if external_data is None else external_data
         graph_path = writing = os.path.join(staging, GRAPH_NAME)
         prog.save(graph_path, external_data=use_ext)

@@ -164,7 +164,7 @@ def fast_residual(p, eta, x, sig, sums: State, eps: float, chunk: Optional[int])
     a = torch.relu(z1).square()  # fast-path activations are layer 2's queries
     u2, fc2 = _dense_update(eta[2], eta[3], a, sig["k2"], d2, sums["sum_fc2"], chunk)
     z2 = a @ p["w2"] + p["b2"] - u2
-    xh, _ = layer_norm(z2, eps)
+    xh = F.layer_norm(z2, z2.shape[-1:], eps=eps)  # one LayerNormalization node in the export (no 1/std needed)
     values = torch.cat((dh * sig["xh"], dh), -1)  # [B, T, 2S]
     carried = torch.cat((sums["sum_gamma"], sums["sum_beta"]), -1)[:, None]  # [B, 1, 2S]
     gb = causal_cumsum(values, carried, chunk)  # [B, T, 2S]: Γ_t, Β_t (the LN affine sums)

@@ -1,0 +1,87 @@
+"""Transposed weights as initializers of their own (exporters/onnx/weight_layout.py): the rewrite is exact, keeps the
+original where something else reads it, and leaves onnxruntime nothing weight-sized to fold per session."""
+import numpy as np
+import onnx
+import onnxruntime as ort
+from onnx import TensorProto, helper, numpy_helper
+
+from exporters.onnx.weight_layout import pretransposed_weights
+
+V, D = 40, 12
+
+
+def _tied_head_graph(tmp_path, untied: bool = False) -> str:
+    """ids -> Gather(U) -> MatMul(·, Transpose(U or W)): a tied (or untied) unembedding as the exporter leaves it."""
+    rng = np.random.default_rng(0)
+    u = rng.standard_normal((V, D)).astype(np.float32)
+    inits = [numpy_helper.from_array(u, "U")]
+    head = "U"
+    if untied:
+        inits.append(numpy_helper.from_array(rng.standard_normal((V, D)).astype(np.float32), "W"))
+        head = "W"
+    nodes = [helper.make_node("Gather", ["U", "ids"], ["h"]),
+             helper.make_node("Transpose", [head], ["ut"], perm=[1, 0]),
+             helper.make_node("MatMul", ["h", "ut"], ["logits"])]
+    g = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("ids", TensorProto.INT64, ["b", "t"])],
+                          [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["b", "t", V])], inits)
+    path = str(tmp_path / ("untied.onnx" if untied else "tied.onnx"))
+    onnx.save(helper.make_model(g, opset_imports=[helper.make_opsetid("", 18)], ir_version=10), path)
+    return path
+
+
+def _rewrite(path: str) -> str:
+    import onnx_ir as ir
+
+    model = ir.load(path)
+    assert pretransposed_weights(model.graph) == 1
+    out = path.replace(".onnx", ".rewritten.onnx")
+    ir.save(model, out)
+    return out
+
+
+def _run(path, ids):
+    return ort.InferenceSession(path, providers=["CPUExecutionProvider"]).run(None, {"ids": ids})[0]
+
+
+def test_tied_unembedding_becomes_a_shared_initializer(tmp_path):
+    src = _tied_head_graph(tmp_path)
+    out = _rewrite(src)
+    m = onnx.load(out)
+    assert [n.op_type for n in m.graph.node] == ["Gather", "MatMul"]
+    inits = {i.name: numpy_helper.to_array(i) for i in m.graph.initializer}
+    assert set(inits) == {"U", "U.transposed"}  # the Gather still reads U
+    assert np.array_equal(inits["U.transposed"], inits["U"].T)
+    ids = np.array([[1, 5, 39], [0, 2, 7]], dtype=np.int64)
+    assert np.array_equal(_run(out, ids), _run(src, ids))  # exact: the same products in the same layout
+
+
+def test_untied_head_keeps_one_copy(tmp_path):
+    out = _rewrite(_tied_head_graph(tmp_path, untied=True))
+    names = {i.name for i in onnx.load(out).graph.initializer}
+    assert names == {"U", "W.transposed"}  # W is read by nothing else: dropped
+
+
+def test_onnxruntime_folds_nothing_weight_sized_after_the_rewrite(tmp_path):
+    """Before the rewrite onnxruntime makes a [D, V] constant of its own when the session loads (one per session);
+    after it, the session's optimized graph holds only the stored initializers."""
+    def folded(path):
+        so = ort.SessionOptions()
+        so.optimized_model_filepath = path + ".opt.onnx"
+        ort.InferenceSession(path, so, providers=["CPUExecutionProvider"])
+        return {i.name for i in onnx.load(so.optimized_model_filepath).graph.initializer}
+
+    src = _tied_head_graph(tmp_path)
+    assert folded(src) - {"U"}  # onnxruntime's own folded transpose: the per-session copy
+    assert folded(_rewrite(src)) == {"U", "U.transposed"}
+
+
+def test_disk_estimate_counts_the_transposed_tied_unembedding():
+    """export's disk preflight counts the tied unembedding twice (the graph stores Uᵀ beside U)."""
+    from exporters.onnx.export import _estimate_bytes
+    from test_onnx_common import tiny_model
+
+    model = tiny_model("llama")
+    cfg = model.config
+    assert cfg.tie_word_embeddings
+    params = sum(p.numel() for p in model.parameters())
+    assert _estimate_bytes(model, None, "fp16") == (params + cfg.vocab_size * cfg.hidden_size) * 2 + (1 << 20)
