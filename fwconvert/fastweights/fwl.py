@@ -13,10 +13,11 @@ The per-token gradient signals δ are written by hand (the spec's formulas) and 
 causal linear attention (query = fast-path layer input, key = slow-path layer input, value = δ), computed with
 mixed chunk attention (exclusive cumulative sum of per-chunk KᵀV + an intra-chunk quadratic term; a ragged last
 chunk is zero-padded). Bias sums ride along as a constant-1 key feature (query η_b), and the LN affine sums Γ, Β
-are causal cumulative sums (``causal_cumsum``: a triangular product in the export, no cumsum kernel). No per-position weights are ever built. Keys are shifted by one: key j of a step is
-the position whose label y is input token j of this step, i.e. the carried last position of the previous step
-(``pending_x``, weight 0 at document start) followed by positions 0..T-2; query t then sees keys j ≤ t, which
-is exactly s < t in absolute positions. State (per sequence, fp32; float64 when the model runs in float64)::
+are causal cumulative sums (``causal_cumsum``: a triangular product in the export, no cumsum kernel). No
+per-position weights are ever built. Keys are shifted by one: key j of a step is the position whose label y is
+input token j of this step, i.e. the carried last position of the previous step (``pending_x``, weight 0 at
+document start) followed by positions 0..T-2; query t then sees keys j ≤ t, which is exactly s < t in absolute
+positions. State (per sequence, fp32; float64 when the model runs in float64)::
 
     sum_fc1 [B,D',H] = Σ [x_s; 1; 0] ⊗ δ1_s   (rows 0..D-1: the W1 sum Σ x_s ⊗ δ1_s; row D: the b1 sum Σ δ1_s)
     sum_fc2 [B,H',S] = Σ [a_s; 1; 0] ⊗ δ2_s   (rows 0..H-1: the W2 sum; row H: the b2 sum)
