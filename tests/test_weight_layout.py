@@ -10,8 +10,9 @@ from exporters.onnx.weight_layout import pretransposed_weights
 V, D = 40, 12
 
 
-def _tied_head_graph(tmp_path, untied: bool = False) -> str:
-    """ids -> Gather(U) -> MatMul(·, Transpose(U or W)): a tied (or untied) unembedding as the exporter leaves it."""
+def _tied_head_graph(tmp_path, untied: bool = False, twice: bool = False) -> str:
+    """ids -> Gather(U) -> MatMul(·, Transpose(U or W)): a tied (or untied) unembedding as the exporter leaves it
+    (``twice``: a second logits product through a Transpose of its own, added to the first)."""
     rng = np.random.default_rng(0)
     u = rng.standard_normal((V, D)).astype(np.float32)
     inits = [numpy_helper.from_array(u, "U")]
@@ -21,19 +22,22 @@ def _tied_head_graph(tmp_path, untied: bool = False) -> str:
         head = "W"
     nodes = [helper.make_node("Gather", ["U", "ids"], ["h"]),
              helper.make_node("Transpose", [head], ["ut"], perm=[1, 0]),
-             helper.make_node("MatMul", ["h", "ut"], ["logits"])]
+             helper.make_node("MatMul", ["h", "ut"], ["logits" if not twice else "l1"])]
+    if twice:
+        nodes += [helper.make_node("Transpose", [head], ["ut2"], perm=[1, 0]),
+                  helper.make_node("MatMul", ["h", "ut2"], ["l2"]), helper.make_node("Add", ["l1", "l2"], ["logits"])]
     g = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("ids", TensorProto.INT64, ["b", "t"])],
                           [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["b", "t", V])], inits)
-    path = str(tmp_path / ("untied.onnx" if untied else "tied.onnx"))
+    path = str(tmp_path / f"{'untied' if untied else 'tied'}{'-twice' if twice else ''}.onnx")
     onnx.save(helper.make_model(g, opset_imports=[helper.make_opsetid("", 18)], ir_version=10), path)
     return path
 
 
-def _rewrite(path: str) -> str:
+def _rewrite(path: str, count: int = 1) -> str:
     import onnx_ir as ir
 
     model = ir.load(path)
-    assert pretransposed_weights(model.graph) == 1
+    assert pretransposed_weights(model.graph) == count
     out = path.replace(".onnx", ".rewritten.onnx")
     ir.save(model, out)
     return out
@@ -85,3 +89,11 @@ def test_disk_estimate_counts_the_transposed_tied_unembedding():
     assert cfg.tie_word_embeddings
     params = sum(p.numel() for p in model.parameters())
     assert _estimate_bytes(model, None, "fp16") == (params + cfg.vocab_size * cfg.hidden_size) * 2 + (1 << 20)
+
+
+def test_two_transposes_of_one_weight_share_one_copy(tmp_path):
+    src = _tied_head_graph(tmp_path, twice=True)
+    out = _rewrite(src, count=2)
+    assert {i.name for i in onnx.load(out).graph.initializer} == {"U", "U.transposed"}
+    ids = np.array([[3, 4]], dtype=np.int64)
+    assert np.array_equal(_run(out, ids), _run(src, ids))

@@ -22,7 +22,7 @@ def pretransposed_weights(graph) -> int:
     transposed values; drop initializers nothing reads any more. Returns how many Transposes were replaced."""
     import onnx_ir as ir
 
-    done = 0
+    done, made = 0, {}  # (weight, perm) -> its transposed initializer: two Transposes of one weight share it
     for node in list(graph):
         if node.op_type != "Transpose" or node.domain not in ("", "ai.onnx"):
             continue
@@ -31,11 +31,14 @@ def pretransposed_weights(graph) -> int:
             continue
         perm = node.attributes.get("perm")
         perm = list(perm.value) if perm is not None else list(reversed(range(len(w.shape))))
-        arr = np.ascontiguousarray(np.asarray(w.const_value.numpy()).transpose(perm))
-        name = f"{w.name}.transposed" if perm == [1, 0] else f"{w.name}.perm_{'_'.join(map(str, perm))}"
-        value = ir.Value(name=name, shape=ir.Shape(arr.shape), type=ir.TensorType(w.dtype),
-                         const_value=ir.tensor(arr, name=name))
-        graph.register_initializer(value)
+        value = made.get((w.name, tuple(perm)))
+        if value is None:
+            arr = np.ascontiguousarray(np.asarray(w.const_value.numpy()).transpose(perm))
+            name = f"{w.name}.transposed" if perm == [1, 0] else f"{w.name}.perm_{'_'.join(map(str, perm))}"
+            value = ir.Value(name=name, shape=ir.Shape(arr.shape), type=ir.TensorType(w.dtype),
+                             const_value=ir.tensor(arr, name=name))
+            graph.register_initializer(value)
+            made[(w.name, tuple(perm))] = value
         replace_value(graph, node.outputs[0], value)
         graph.remove(node, safe=True)
         if not w.uses() and not w.is_graph_output():
