@@ -1,11 +1,11 @@
-"""Transposed weights as initializers of their own (exporters/onnx/weight_layout.py): the rewrite is exact, keeps the
-original where something else reads it, and leaves onnxruntime nothing weight-sized to fold per session."""
+"""Transposed and cast weights as initializers of their own (exporters/onnx/weight_layout.py): the rewrite is exact,
+keeps the original where something else reads it, and leaves onnxruntime nothing weight-sized to fold per session."""
 import numpy as np
 import onnx
 import onnxruntime as ort
 from onnx import TensorProto, helper, numpy_helper
 
-from exporters.onnx.weight_layout import pretransposed_weights
+from exporters.onnx.weight_layout import folded_weights
 
 V, D = 40, 12
 
@@ -37,7 +37,7 @@ def _rewrite(path: str, count: int = 1) -> str:
     import onnx_ir as ir
 
     model = ir.load(path)
-    assert pretransposed_weights(model.graph) == count
+    assert folded_weights(model.graph) == count
     out = path.replace(".onnx", ".rewritten.onnx")
     ir.save(model, out)
     return out
@@ -97,3 +97,26 @@ def test_two_transposes_of_one_weight_share_one_copy(tmp_path):
     assert {i.name for i in onnx.load(out).graph.initializer} == {"U", "U.transposed"}
     ids = np.array([[3, 4]], dtype=np.int64)
     assert np.array_equal(_run(out, ids), _run(src, ids))
+
+
+def test_cast_of_a_transposed_weight_folds_too(tmp_path):
+    """fp16 W -> Transpose -> Cast(fp32) -> MatMul with fp32 activations (the FWL head's form): both fold, in order."""
+    rng = np.random.default_rng(1)
+    w = rng.standard_normal((V, D)).astype(np.float16)
+    nodes = [helper.make_node("Transpose", ["W"], ["wt"], perm=[1, 0]),
+             helper.make_node("Cast", ["wt"], ["wt32"], to=TensorProto.FLOAT),
+             helper.make_node("MatMul", ["x", "wt32"], ["y"])]
+    g = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", D])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", V])],
+                          [numpy_helper.from_array(w, "W")])
+    src = str(tmp_path / "cast.onnx")
+    onnx.save(helper.make_model(g, opset_imports=[helper.make_opsetid("", 18)], ir_version=10), src)
+    out = _rewrite(src, count=2)
+    m = onnx.load(out)
+    assert [n.op_type for n in m.graph.node] == ["MatMul"]
+    inits = {i.name: numpy_helper.to_array(i) for i in m.graph.initializer}
+    assert list(inits) == ["W.transposed.float"] and inits["W.transposed.float"].dtype == np.float32
+    assert np.array_equal(inits["W.transposed.float"], w.T.astype(np.float32))
+    x = rng.standard_normal((3, D)).astype(np.float32)
+    run = lambda p: ort.InferenceSession(p, providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]  # noqa: E731
+    assert np.array_equal(run(out), run(src))

@@ -22,7 +22,7 @@ from .ir_nodes import Nodes, replace_value
 from .query_order import query_heads_in_group_order
 from .rotary_form import rotary_embedding
 from .split_form import splits_on_last_axis
-from .weight_layout import pretransposed_weights
+from .weight_layout import folded_weights
 from .io_spec import BATCH, CHUNK, GRAPH_NAME, INITIAL_STATE_NAME, PAST, Manifest, StateSpec, chunk_rule, input_name, output_name
 from .wrapper import ChunkStep, initial_state, state_layout
 
@@ -67,7 +67,7 @@ def export_program(model: DecoderLM, fixed_window: bool, dtype: str, *, opset: i
         prog = _trace(wrapper, ids, state, keys, shapes, opset)
     prog.model.ir_version = ir_version
     prog.fusions = fuse_for_ort(prog.model)
-    pretransposed_weights(prog.model.graph)  # Uᵀ shared by a static session's pinned sessions, not one copy each
+    folded_weights(prog.model.graph)  # Uᵀ, fp32 head weights: shared by a static session's pinned sessions, not one copy each
     return prog, (keys, shapes)
 
 
