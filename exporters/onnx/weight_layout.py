@@ -24,9 +24,9 @@ def _folded(node, w):
     Cast, else None."""
     import onnx_ir as ir
 
-    if node.domain not in ("", "ai.onnx"):
+    if node.domain not in ("", "ai.onnx") or node.op_type not in ("Transpose", "Cast"):
         return None
-    arr = np.asarray(w.const_value.numpy())
+    arr = np.asarray(w.const_value.numpy())  # read only for the nodes that fold (not for the token Gather of U)
     if node.op_type == "Transpose":
         perm = node.attributes.get("perm")
         perm = list(perm.value) if perm is not None else list(reversed(range(arr.ndim)))
