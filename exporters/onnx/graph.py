@@ -67,7 +67,7 @@ def export_program(model: DecoderLM, fixed_window: bool, dtype: str, *, opset: i
         prog = _trace(wrapper, ids, state, keys, shapes, opset)
     prog.model.ir_version = ir_version
     prog.fusions = fuse_for_ort(prog.model)
-    folded_weights(prog.model.graph)  # Uᵀ, fp32 head weights: shared by a static session's pinned sessions, not one copy each
+    folded_weights(prog.model.graph)  # Uᵀ, fp32 head weights: one copy shared by a static session's pinned sessions
     return prog, (keys, shapes)
 
 
