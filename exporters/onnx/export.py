@@ -216,7 +216,7 @@ def export_onnx(model_or_path: Union[str, os.PathLike, DecoderLM], out: str, *, 
         prog.save(graph_path, external_data=use_ext)
         writing = os.path.join(staging, INITIAL_STATE_NAME)  # when some state does not start at zero
         manifest = build_manifest(model, layout, staging, dtype=dtype, attention=attention, window=window,
-                                  chunk=chunk, fixed=fixed, opset=OPSET, ir_version=IR_VERSION)
+                                  chunk=chunk, fixed=fixed, opset=prog.model.opset_imports[""], ir_version=IR_VERSION)
         manifest.external_data = GRAPH_NAME + ".data" if os.path.isfile(graph_path + ".data") else None
         writing = staging  # copyfile names its destination itself
         manifest.tokenizer_files, eos = _copy_tokenizer(ck, staging)

@@ -18,6 +18,7 @@ from fwconvert.errors import InputError, NumericError
 from fwconvert.modeling.decoder import DecoderLM
 
 from .attention_forms import attention_without_transposes, grouped_queries
+from . import causal_attention as onnx_attention
 from .ir_nodes import Nodes, replace_value
 from .query_order import query_heads_in_group_order
 from .rotary_form import rotary_embedding
@@ -66,7 +67,7 @@ def export_program(model: DecoderLM, fixed_window: bool, dtype: str, *, opset: i
     with export_form(model):
         prog = _trace(wrapper, ids, state, keys, shapes, opset)
     prog.model.ir_version = ir_version
-    prog.fusions = fuse_for_ort(prog.model)
+    prog.fusions = fuse_for_ort(prog.model, full_attention=not fixed_window)
     folded_weights(prog.model.graph)  # Uᵀ, fp32 head weights: one copy shared by a static session's pinned sessions
     return prog, (keys, shapes)
 
@@ -111,13 +112,15 @@ def _trace(wrapper, ids, state, keys, shapes, opset):
     return prog
 
 
-def fuse_for_ort(model) -> Dict[str, int]:
+def fuse_for_ort(model, full_attention: bool) -> Dict[str, int]:
     """Rewrite ``model`` (onnx_ir, in place) with onnxruntime's fused contrib ops: RMSNorm and residual+RMSNorm
-    to (Skip)SimplifiedLayerNormalization, QK^T-mask-softmax-V to MultiHeadAttention, RoPE to RotaryEmbedding, grouped
-    query heads stacked by a head order in the weights (query_order.py). Besides fewer kernels,
-    this fixes fp16 accuracy: the decomposed attention rounds its scores to fp16 before the softmax (logits off
-    by 5e-2 on the GPU), the fused kernel keeps them in fp32 as torch's SDPA does. Returns the count of each
-    contrib op in the result, e.g. ``{"com.microsoft.MultiHeadAttention": 30, ...}``."""
+    to (Skip)SimplifiedLayerNormalization, QK^T-mask-softmax-V to MultiHeadAttention with its grouped query heads
+    stacked by a head order in the weights (query_order.py), RoPE to RotaryEmbedding. As an experiment
+    (causal_attention.py, on with FWCONVERT_EXPERIMENT_ONNX_ATTENTION=1) a ``full_attention`` graph (no window) attends
+    with ONNX's own ``Attention`` instead (opset 23: grouped heads, the KV cache append and the causal mask in one op).
+    Besides fewer kernels, this fixes fp16 accuracy: the decomposed attention rounds its scores to fp16 before the
+    softmax (logits off by 5e-2 on the GPU), the fused kernel keeps them in fp32 as torch's SDPA does. Returns the
+    count of each fused op in the result, e.g. ``{"com.microsoft.MultiHeadAttention": 30, ...}``."""
     import onnx_ir.passes.common as ir_passes
     from onnxscript.rewriter.ort_fusions import optimize_for_ort
 
@@ -127,7 +130,9 @@ def fuse_for_ort(model) -> Dict[str, int]:
     if fused is not model:  # the API returns the model it rewrote; keep the caller's object current
         raise AssertionError("optimize_for_ort returned a new model object")
     _decompose_plain_rms(model.graph)
-    attention_without_transposes(model.graph)
+    if full_attention and onnx_attention.wanted():
+        onnx_attention.causal_attention(model)
+    attention_without_transposes(model.graph)  # the MultiHeadAttention left (all of them unless the experiment is on)
     grouped_queries(model.graph)
     rotary_embedding(model.graph)
     ir_passes.RemoveUnusedNodesPass()(model)  # the shape arithmetic of the removed broadcasts, the RoPE tables
@@ -136,8 +141,9 @@ def fuse_for_ort(model) -> Dict[str, int]:
     splits_on_last_axis(model.graph)  # last: the rewrites above read the head splits as they were traced
     fused_ops: Dict[str, int] = {}
     for n in model.graph:
-        if n.domain not in ("", "ai.onnx"):
-            fused_ops[f"{n.domain}.{n.op_type}"] = fused_ops.get(f"{n.domain}.{n.op_type}", 0) + 1
+        if n.domain not in ("", "ai.onnx") or n.op_type == "Attention":
+            key = f"{n.domain or 'ai.onnx'}.{n.op_type}"
+            fused_ops[key] = fused_ops.get(key, 0) + 1
     return dict(sorted(fused_ops.items()))
 
 
