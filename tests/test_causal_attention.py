@@ -14,7 +14,7 @@ from exporters.onnx.export import export_onnx
 from exporters.runtime.session import ChunkSession
 from exporters.verify import verify
 from fwconvert.config import TOLERANCES
-from test_onnx_common import tiny_model
+from test_onnx_common import step_in_pieces, tiny_model
 from tiny import make_hf_model, rel_err
 
 TOL = TOLERANCES["ort_fp32_vs_torch_fp32"].rel
@@ -79,12 +79,8 @@ def test_equals_the_model_over_any_chunking(tmp_path, heads, kv):
     with torch.no_grad():
         ref = model(ids).numpy()
     for pieces in ([1] * 23, [2, 1, 7, 1, 12], [8, 8, 7]):
-        st = s.new_state(3)
-        outs, a = [], 0
-        for n in pieces:
-            outs.append(s.step(ids[:, a:a + n].numpy(), st))
-            a += n
-        assert rel_err(torch.from_numpy(np.concatenate(outs, 1)), torch.from_numpy(ref)) <= TOL
+        got, st = step_in_pieces(s, ids, pieces)
+        assert rel_err(torch.from_numpy(got), torch.from_numpy(ref)) <= TOL
         assert st.position().tolist() == [23, 23, 23]
         assert st.to_numpy()["past_key_values.0.key"].shape == (3, kv, 23, 48 // heads)
 

@@ -1,6 +1,7 @@
 """Shared builders for the ONNX/runtime/verify tests (no tests here): tiny base, FWL and in-place models."""
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 from fwconvert.config import FWLConfig, InPlaceTTTConfig
@@ -36,3 +37,14 @@ def tiny_model(family="llama", kind="base", window=None, seed=0):
                 layer.mlp.ttt_conv.weight.copy_(0.3 * torch.randn(layer.mlp.ttt_conv.weight.shape, generator=g))
                 layer.mlp.ttt_proj.weight.copy_(0.2 * torch.randn(layer.mlp.ttt_proj.weight.shape, generator=g))
     return model.eval()
+
+
+def step_in_pieces(session, ids, pieces):
+    """Logits of ``ids`` [B, L] (torch) streamed through ``session`` in chunks of the given lengths from a fresh
+    state, concatenated; returns (logits [B, L, V] numpy, the final state)."""
+    st = session.new_state(ids.shape[0])
+    outs, a = [], 0
+    for n in pieces:
+        outs.append(session.step(ids[:, a:a + n].numpy(), st))
+        a += n
+    return np.concatenate(outs, 1), st

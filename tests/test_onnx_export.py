@@ -13,7 +13,7 @@ from exporters.runtime.session import ChunkSession
 from exporters.verify import verify
 from fwconvert.cli.main import main
 from fwconvert.config import TOLERANCES
-from test_onnx_common import tiny_model
+from test_onnx_common import step_in_pieces, tiny_model
 from tiny import make_hf_model, rel_err, save_checkpoint
 
 TOL = TOLERANCES["ort_fp32_vs_torch_fp32"].rel
@@ -81,12 +81,8 @@ def test_chunk_one_and_empty_past_any_chunking(qwen3_export):
     ids = torch.randint(0, 256, (3, 23), generator=torch.Generator().manual_seed(5))
     ref = model(ids).numpy()
     for pieces in ([1] * 23, [2, 1, 7, 1, 12], [23]):
-        st = s.new_state(3)
-        outs, a = [], 0
-        for n in pieces:
-            outs.append(s.step(ids[:, a:a + n].numpy(), st))
-            a += n
-        assert rel_err(torch.from_numpy(np.concatenate(outs, 1)), torch.from_numpy(ref)) <= TOL
+        got, st = step_in_pieces(s, ids, pieces)
+        assert rel_err(torch.from_numpy(got), torch.from_numpy(ref)) <= TOL
         assert st.position().tolist() == [23, 23, 23]
         assert st.to_numpy()["past_key_values.0.key"].shape == (3, 2, 23, 24)
 
