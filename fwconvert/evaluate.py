@@ -300,6 +300,10 @@ def select_documents(docs, context: int, split: str, keys: Optional[set], min_to
         raise UsageError(f"--max-docs must be at least 1, got {max_docs}")
     if split == "heldout" and keys is None:
         raise InputError("--split heldout: the model's MANIFEST.json records no calibration held-out split")
+    if split == "heldout" and not keys:
+        raise InputError("--split heldout: the model's calibration held out no documents (use --split all)")
+    if split == "auto" and not keys:  # no split recorded, or one that held out nothing: every document
+        keys = None
     if split != "all" and keys is not None:
         picked = [d for d in docs if d.key in keys]
         if not picked:
@@ -312,6 +316,64 @@ def select_documents(docs, context: int, split: str, keys: Optional[set], min_to
         longest = max((len(d.ids) for d in docs), default=0)
         raise InputError(f"no document has {need} tokens (longest: {longest}); lower --context or --min-tokens")
     return long_docs[:max_docs] if max_docs is not None else long_docs
+
+
+def _tokenizer_json(path: str) -> Optional[str]:
+    """The tokenizer.json beside a model (None for a GGUF file, whose vocabulary is embedded and slow to read)."""
+    import os
+
+    path = str(path)
+    if path.endswith(".gguf"):
+        return None
+    tj = os.path.join(path if os.path.isdir(path) else os.path.dirname(path), "tokenizer.json")
+    return tj if os.path.isfile(tj) else None
+
+
+def _token_ids(path: str) -> Optional[dict]:
+    """{id: token} of a tokenizer.json (its model's vocabulary and its added tokens), or None when unreadable."""
+    from .config import load_json_strict
+    from .tokenizer import TOKENIZER_JSON_CAP
+
+    try:
+        doc = load_json_strict(path, cap=TOKENIZER_JSON_CAP)
+    except InputError:
+        return None
+    model = doc.get("model") if isinstance(doc, dict) else None
+    vocab = model.get("vocab") if isinstance(model, dict) else None
+    if isinstance(vocab, dict):  # BPE / WordPiece: token -> id
+        ids = {i: t for t, i in vocab.items()}
+    elif isinstance(vocab, list):  # Unigram: [[piece, score], ...], ids are positions
+        ids = {i: e[0] if isinstance(e, list) and e else e for i, e in enumerate(vocab)}
+    else:
+        return None
+    for t in doc.get("added_tokens") or []:
+        if isinstance(t, dict):
+            ids[t.get("id")] = t.get("content")
+    return ids
+
+
+def check_same_vocabulary(model: str, vocab_size: int, other: str, option: str):
+    """Refuse (InputError) evaluating ``other`` beside ``model`` on ``model``'s token ids when its vocabulary differs:
+    another vocab_size, or, when both have a tokenizer.json, one that maps ids to other tokens (a GGUF's embedded
+    vocabulary is not read: slow, and its vocab_size is checked). Returns ``other``'s opened checkpoint."""
+    import filecmp
+
+    from .checkpoint import open_checkpoint
+
+    ck = open_checkpoint(str(other))
+    if ck.config.vocab_size != vocab_size:
+        raise InputError(f"{option} {other}: vocab_size {ck.config.vocab_size} differs from {model}'s {vocab_size}; "
+                         "the documents are token ids of MODEL's tokenizer, so the models must share it")
+    a, b = _tokenizer_json(model), _tokenizer_json(other)
+    if a and b and not filecmp.cmp(a, b, shallow=False):
+        ia, ib = _token_ids(a), _token_ids(b)
+        if ia is not None and ib is not None and ia != ib:
+            diff = sorted((i for i in set(ia) | set(ib) if ia.get(i) != ib.get(i)),
+                          key=lambda i: (0, i, "") if isinstance(i, int) else (1, 0, str(i)))
+            raise InputError(f"{option} {other}: its tokenizer ({b}) differs from {model}'s ({a}): {len(diff)} ids "
+                             f"stand for other tokens (e.g. id {diff[0]}: {ia.get(diff[0])!r} vs {ib.get(diff[0])!r}); "
+                             "the models must share a tokenizer")
+    return ck
 
 
 def load_eval_model(path: str, device, dtype=None, drop_fast_weights: bool = False):

@@ -230,7 +230,8 @@ def test_manifest_is_strict_json_even_with_a_skipped_step(tmp_path, fwl_folder, 
 
 def test_tf32_is_recorded_and_keeps_runs_apart(tmp_path, fwl_folder):
     """TF32 is on by default and --no-tf32 turns it off; the setting reaches the settings the manifest records, and
-    a run with the other one is another run for --resume (run id); on the CPU it changes no number."""
+    on CUDA a run with the other one is another run for --resume (run id: an unknown device counts as CUDA); on the
+    CPU it changes no number, nor the run id."""
     import dataclasses
 
     from fwconvert.calibrate.run import calibrate, run_id
@@ -239,6 +240,8 @@ def test_tf32_is_recorded_and_keeps_runs_apart(tmp_path, fwl_folder):
     s = CalibrationSettings(seq_len=64, batch_size=2, lr=3e-2, steps=2, save_every=2)
     assert s.tf32 is True
     assert run_id("m", s, ["d"], {}) != run_id("m", dataclasses.replace(s, tf32=False), ["d"], {})
+    cpu = {"device_type": "cpu"}
+    assert run_id("m", s, ["d"], cpu) == run_id("m", dataclasses.replace(s, tf32=False), ["d"], cpu)
     out = str(tmp_path / "fp32")
     r = run_cli(["calibrate", model, "--data", data, "-o", out, "--seq-len", "64", "--batch-size", "2", "--lr", "3e-2",
                  "--steps", "2", "--save-every", "2", "--no-progress", "--no-tf32"])

@@ -84,8 +84,9 @@ def _write_file(path: str, data: bytes) -> None:
         os.fsync(f.fileno())
 
 
-def save_checkpoint(work_dir: str, step: int, payload: dict, run_id: str) -> str:
-    """Write ``payload`` as checkpoint ``step`` atomically; prune to the last ``KEEP``; return its folder."""
+def save_checkpoint(work_dir: str, step: int, payload: dict, run_id: str, identity: Optional[dict] = None) -> str:
+    """Write ``payload`` as checkpoint ``step`` atomically; prune to the last ``KEEP``; return its folder.
+    ``identity`` (what ``run_id`` was made from) goes into the COMPLETE marker, for ``load_latest``'s message."""
     os.makedirs(work_dir, exist_ok=True)
     name = f"step-{step:08d}"
     staging = os.path.join(work_dir, f".{name}.partial-{os.getpid()}")
@@ -96,6 +97,8 @@ def save_checkpoint(work_dir: str, step: int, payload: dict, run_id: str) -> str
     with open(state_path, "rb+") as f:
         os.fsync(f.fileno())
     marker = {"step": step, "sha256": _sha256(state_path), "run_id": run_id}
+    if identity is not None:
+        marker["identity"] = identity
     _write_file(os.path.join(staging, MARKER), json.dumps(marker).encode())
     _fsync_dir(staging)
     final = os.path.join(work_dir, name)
@@ -133,16 +136,59 @@ def _verify(folder: str, run_id: str) -> Optional[str]:
     return None
 
 
-def load_latest(work_dir: str, run_id: str, warn: Callable[[str], None], map_location="cpu") -> Optional[dict]:
+def _short(v) -> str:
+    return f"{v[:12]}..." if isinstance(v, str) and len(v) > 12 else repr(v)
+
+
+def identity_mismatch(old, new: dict) -> Optional[str]:
+    """What differs between a checkpoint's recorded run identity ``old`` and this run's ``new`` (one line), or None
+    when ``old`` is not a recorded identity (a checkpoint of an older fwconvert)."""
+    if not isinstance(old, dict):
+        return None
+    parts = []
+    if old.get("version") != new.get("version"):
+        parts.append(f"fwconvert version changed (checkpoint {old.get('version')}, this run {new.get('version')})")
+    if old.get("input") != new.get("input"):
+        parts.append(f"model changed (fingerprint of its config and tensor headers: checkpoint "
+                     f"{_short(old.get('input'))}, this run {_short(new.get('input'))})")
+    od, nd = old.get("docs") if isinstance(old.get("docs"), dict) else {}, new.get("docs") or {}
+    if od != nd:
+        parts.append(f"training documents changed (checkpoint {od.get('documents')} with keys sha256 "
+                     f"{_short(od.get('keys_sha256'))}, this run {nd.get('documents')} with "
+                     f"{_short(nd.get('keys_sha256'))})")
+    flags = {}
+    for group in ("settings", "extra"):
+        o = old.get(group) if isinstance(old.get(group), dict) else {}
+        n = new.get(group) or {}
+        flags.update({k: (o.get(k), n.get(k)) for k in set(o) | set(n) if o.get(k) != n.get(k)})
+    if flags:
+        parts.append("flags changed (" + ", ".join(f"{k}: checkpoint {a!r}, this run {b!r}"
+                                                   for k, (a, b) in sorted(flags.items())) + ")")
+    return "; ".join(parts) if parts else None
+
+
+def _recorded_identity(folder: str):
+    try:
+        with open(os.path.join(folder, MARKER), encoding="utf-8") as f:
+            return json.load(f).get("identity")
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
+def load_latest(work_dir: str, run_id: str, warn: Callable[[str], None], map_location="cpu",
+                identity: Optional[dict] = None) -> Optional[dict]:
     """The newest complete checkpoint's payload (falling back over torn ones with a warning), or None.
 
-    A complete checkpoint of a different run (other input, flags or version) is an OutputError."""
+    A complete checkpoint of a different run (other input, flags or version) is an OutputError, naming what
+    differs when both this run's ``identity`` and the checkpoint's recorded one are known."""
     for name in reversed(list_checkpoints(work_dir)):
         folder = os.path.join(work_dir, name)
         why = _verify(folder, run_id)
         if why == "run_mismatch":
-            raise OutputError(f"{folder}: checkpoint does not match this run (different model, data, flags or "
-                              "fwconvert version); remove the folder or run without --resume")
+            diff = identity_mismatch(_recorded_identity(folder), identity) if identity is not None else None
+            what = f": {diff}" if diff else " (different model, data, flags or fwconvert version)"
+            raise OutputError(f"{folder}: checkpoint does not match this run{what}; remove the folder or run "
+                              "without --resume")
         if why is not None:
             warn(f"skipping torn checkpoint {folder}: {why}; falling back to the previous one")
             continue

@@ -58,6 +58,8 @@ class CalibrationSettings:
             raise UsageError(f"--fast-lr must be a positive number, got {self.fast_lr}")
         if self.skip_nonfinite < 0:
             raise UsageError("--skip-nonfinite must be >= 0")
+        if self.warmup is not None and self.warmup < 0:
+            raise UsageError(f"--warmup must be >= 0, got {self.warmup}")
 
     @property
     def warmup_steps(self) -> int:
@@ -158,12 +160,14 @@ class Calibrator:
     def __init__(self, model, trainable: Dict[str, torch.nn.Parameter], sampler: WindowSampler,
                  settings: CalibrationSettings, work_dir: str, run_id: str, device: torch.device,
                  dist: ddp.Dist = ddp.Dist(), log: Callable[[str], None] = lambda m: None,
-                 fast_names: Optional[set] = None):
+                 fast_names: Optional[set] = None, identity: Optional[dict] = None):
         """``fast_names``: the trainable names that are new fast-weight parameters (``settings.fast_lr`` applies
-        to them; every other trainable parameter gets ``settings.lr``)."""
+        to them; every other trainable parameter gets ``settings.lr``). ``identity``: what ``run_id`` was made
+        from (``run.run_identity``), recorded with each checkpoint so that a refused --resume can say what differs."""
         settings.validate()
         self.model, self.trainable, self.sampler, self.s = model, trainable, sampler, settings
         self.work_dir, self.run_id, self.device, self.dist, self.log = work_dir, run_id, device, dist, log
+        self.identity = identity
         self.params = list(trainable.values())
         fast = set(fast_names or ())
         groups = [{"params": [p for n, p in trainable.items() if n not in fast], "lr": settings.lr},
@@ -186,7 +190,7 @@ class Calibrator:
 
     def resume(self) -> bool:
         """Restore the newest complete checkpoint; False when there is none."""
-        state = ckpt.load_latest(self.work_dir, self.run_id, self.log)
+        state = ckpt.load_latest(self.work_dir, self.run_id, self.log, identity=self.identity)
         if state is None:
             return False
         with torch.no_grad():
@@ -206,7 +210,7 @@ class Calibrator:
             raise NumericError(f"non-finite weights after step {self.step} in {', '.join(bad[:5])}; "
                                f"not checkpointed; last good checkpoint kept in {self.work_dir}")
         if self.dist.main:
-            ckpt.save_checkpoint(self.work_dir, self.step, self._payload(), self.run_id)
+            ckpt.save_checkpoint(self.work_dir, self.step, self._payload(), self.run_id, self.identity)
         ddp.barrier(self.dist)
 
     # -- one update -------------------------------------------------------------------------------

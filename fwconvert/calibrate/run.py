@@ -34,9 +34,38 @@ def check_output_path(out: str, model_path: str, force: bool) -> None:
         raise OutputError(f"{out}: already exists (use --force to replace it)")
 
 
+def check_device(device: str) -> torch.device:
+    """``--device`` as a torch device: a usage error (exit 2) unless it is cpu, cuda or cuda:N; an input error
+    (exit 3) when it names a CUDA device this machine does not have."""
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError, ValueError):
+        dev = None
+    if dev is None or dev.type not in ("cpu", "cuda"):
+        raise UsageError(f"--device {device}: not a device this command runs on; use cpu, cuda or cuda:N")
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise InputError(f"--device {device}: no CUDA device is available")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise InputError(f"--device {device}: no such CUDA device (this machine has {torch.cuda.device_count()})")
+    return dev
+
+
+def run_identity(fingerprint: str, settings: CalibrationSettings, doc_keys: Sequence[str], extra: dict) -> dict:
+    """What a resumed run must share with the interrupted one: the input, the training documents, the version, and
+    the settings that can change the result. ``save_every`` changes no number, nor does ``tf32`` off CUDA (when
+    ``extra["device_type"]`` says the run is not on CUDA; an unknown device type keeps it)."""
+    s = dataclasses.asdict(settings)
+    s.pop("save_every")
+    if extra.get("device_type", "cuda") != "cuda":
+        s.pop("tf32")
+    docs = {"documents": len(doc_keys), "keys_sha256": hashlib.sha256("\n".join(doc_keys).encode()).hexdigest()}
+    ident = {"input": fingerprint, "settings": s, "docs": docs, "extra": extra, "version": __version__}
+    return json.loads(json.dumps(ident, sort_keys=True))  # JSON-normal, as read back from a checkpoint marker
+
+
 def run_id(fingerprint: str, settings: CalibrationSettings, doc_keys: Sequence[str], extra: dict) -> str:
-    blob = json.dumps({"input": fingerprint, "settings": dataclasses.asdict(settings), "docs": list(doc_keys),
-                       "extra": extra, "version": __version__}, sort_keys=True)
+    blob = json.dumps(run_identity(fingerprint, settings, doc_keys, extra), sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()
 
 
@@ -95,6 +124,15 @@ def default_fast_lr(settings: CalibrationSettings, fast_weights, log: Callable[[
     return dataclasses.replace(settings, fast_lr=TTT_FAST_LR)
 
 
+def _warn_warmup(settings: CalibrationSettings, log: Callable[[str], None]) -> None:
+    """A --warmup of at least --steps: the learning rate rises for the whole run and never decays."""
+    w, n = settings.warmup, settings.steps
+    if w is not None and w >= n:
+        log(f"warning: --warmup {w} is not below --steps {n}: the learning rate warms up for the whole run (reaching "
+            f"{100 * min(1.0, n / w):.0f}% of its peak at the last update) and never decays; use a --warmup below "
+            "--steps")
+
+
 def _check_ttt_window(fast_weights, seq_len: int) -> None:
     """In-place TTT updates its fast weights once per chunk, and a chunk's update serves the chunks after it. A window
     of L tokens is trained on the predictions made at positions 0 .. L - 2, so unless L >= C + 2 they all lie in the
@@ -116,14 +154,18 @@ def calibrate(model_path: str, data: Sequence[str], out: str, settings: Calibrat
     from ..checkpoint import open_checkpoint
 
     settings.validate()
+    check_device(device)
     check_output_path(out, model_path, force)
     ck = open_checkpoint(model_path)
     if not baseline:
         settings = default_fast_lr(settings, ck.fast_weights, log)
         _check_ttt_window(ck.fast_weights, settings.seq_len)
+    _warn_warmup(settings, log)
     train, held, sampler = _prepare_data(model_path, ck, data, exts, settings, heldout)
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise InputError(f"--device {device}: no CUDA device is available")
+    if not held:
+        why = f"--heldout {heldout:g}" if heldout <= 0 else f"only {len(train)} document"
+        log(f"warning: held out 0 documents ({why}): `fwconvert eval` of the result will evaluate all of --data, "
+            "the training documents included; give two or more documents and --heldout > 0 for a held-out split")
     dist = ddp.setup(device)
     try:
         dev = ddp.device_for(dist, device)
@@ -135,10 +177,11 @@ def calibrate(model_path: str, data: Sequence[str], out: str, settings: Calibrat
         base_names = base_parameter_names(ck.config)
         trainable = select_trainable(model, settings.train, base_names, layers)
         extra = {"baseline": baseline, "world_size": dist.world, "device_type": dev.type}
+        identity = run_identity(ck.fingerprint(), settings, [d.key for d in train], extra)
         rid = run_id(ck.fingerprint(), settings, [d.key for d in train], extra)
         work = ckpt.work_dir_for(out)
         calib = Calibrator(model, trainable, sampler, settings, work, rid, dev, dist, log,
-                           fast_names={n for n in trainable if n not in base_names})
+                           fast_names={n for n in trainable if n not in base_names}, identity=identity)
         if dist.main:
             ckpt.clean_partials(work)
         if not (resume and calib.resume()):

@@ -66,8 +66,8 @@ def _exts(ext: str):
 @click.option("--tf32/--no-tf32", default=True, show_default=True,
               help="On CUDA, let fp32 matmuls use TF32: the fp32 fast-weight products (in-place TTT's updates, FWL's "
                    "head) run on tensor cores, as they do in fp16 exports (in-place calibration of a 1B model: 1.43x "
-                   "faster). --no-tf32 keeps them full fp32. Recorded in the manifest; --resume continues only a run "
-                   "with the same setting.")
+                   "faster). --no-tf32 keeps them full fp32. Recorded in the manifest; on CUDA, --resume continues only "
+                   "a run with the same setting (elsewhere it changes nothing).")
 def calibrate_cmd(model, data, ext, out, steps, seq_len, batch_size, lr, fast_lr, warmup, train, device, resume, seed,
                   save_every, heldout, baseline, skip_nonfinite, force, no_progress, tf32):
     """Train MODEL's fast-weight parameters on local documents (through the fast-weight updates)."""
@@ -199,6 +199,7 @@ def eval_cmd(model, data, ext, context, min_tokens, chunk_size, runtime, static,
     ONNX export: its source model's, when that folder is still there); --split all evaluates every document."""
     from .. import evaluate as ev
     from ..calibrate.data import load_documents
+    from ..calibrate.run import check_device
     from ..modeling.build import DTYPES
 
     for name, value in (("--chunk-size", chunk_size), ("--batch-size", batch_size), ("--max-docs", max_docs)):
@@ -208,18 +209,25 @@ def eval_cmd(model, data, ext, context, min_tokens, chunk_size, runtime, static,
         raise UsageError("--static applies to --runtime ort (an exported graph)")
     if plot:
         ev.check_plot_path(plot, force)
-    if device.startswith("cuda"):
-        import torch
-
-        if not torch.cuda.is_available():
-            raise InputError(f"--device {device}: no CUDA device is available")
+    check_device(device)
     ev.bucket_edges(context)
     vocab, tok_src = _vocab_and_tokenizer_source(model, runtime, context)
+    if base:
+        base_ck = ev.check_same_vocabulary(model, vocab, base, "--base")
+        if base_ck.fast_weights is not None:
+            kind = getattr(base_ck.fast_weights, "kind", "fast weights")
+            raise InputError(f"--base {base}: has fast weights ({kind}); --base is the original model they were added "
+                             "to (a calibrated baseline goes to --baseline)")
+    if baseline:
+        ev.check_same_vocabulary(model, vocab, baseline, "--baseline")
     docs = load_documents(list(data), vocab, lambda: _tokenizer(tok_src), exts=_exts(ext))
     split_src = split_from or (_export_source(model) if runtime == "ort" else None) or model
     keys = ev.heldout_keys(split_src)
+    if split == "auto" and keys is not None and not keys:
+        _log(f"note: the calibration recorded in {split_src} held out no documents; evaluating all of --data "
+             "(its training documents included)")
     docs = ev.select_documents(docs, context, split, keys, min_tokens, max_docs)
-    used = f"the held-out split recorded in {split_src}" if split != "all" and keys is not None else "all of --data"
+    used = (f"the held-out split recorded in {split_src}" if split != "all" and keys else "all of --data")
     _log(f"documents: {len(docs)} from {used}")
     dt = DTYPES[dtype]
     runners = {}

@@ -40,7 +40,10 @@ def parse_layer_spec(spec: str, num_layers: int) -> Tuple[int, ...]:
     for prefix in ("every:", "last:"):
         if s.startswith(prefix):
             k = _spec_int(s[len(prefix):], spec)
-            if k < 1 or (prefix == "last:" and k > num_layers):
+            if k < 1:
+                what = "the step K of every:K" if prefix == "every:" else "the count K of last:K"
+                raise UsageError(f"layer spec {spec!r}: {what} must be at least 1")
+            if prefix == "last:" and k > num_layers:
                 raise UsageError(f"layer spec {spec!r}: {k} is out of range for a model with {num_layers} layers")
             return tuple(range(0, num_layers, k)) if prefix == "every:" else tuple(range(num_layers - k, num_layers))
     layers = []
