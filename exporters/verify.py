@@ -45,6 +45,7 @@ class Report:
     rows: List[Row] = field(default_factory=list)
     # {"onnx": ..., "torch": ..., "rel": ..., "tolerance": ...} over the compared tokens (None before any chunk)
     perplexity: Optional[dict] = None
+    note: Optional[str] = None  # why fewer tokens were compared than asked (a short document, --static's full chunks)
 
     def tolerance_of(self, r: Row) -> float:
         return self.tolerance if r.tolerance is None else r.tolerance
@@ -69,7 +70,7 @@ class Report:
                 "chunk_size": self.chunk_size, "chunks": self.chunks,
                 "worst": {"chunk": w.chunk, "name": w.name, "max_abs": w.max_abs, "rel": w.rel,
                           "tolerance": self.tolerance_of(w)},
-                "perplexity": self.perplexity, "rows": [vars(r) for r in self.rows]}
+                "perplexity": self.perplexity, "note": self.note, "rows": [vars(r) for r in self.rows]}
 
 
 def compare(a: np.ndarray, b: np.ndarray) -> tuple:
@@ -101,8 +102,14 @@ def _load_reference(session: ChunkSession, against) -> DecoderLM:
         if not path:
             raise InputError(f"{session.folder}: the manifest records no source model; pass --against MODEL")
         import fwconvert
+        from fwconvert.checkpoint import open_checkpoint
 
-        model = fwconvert.load(path, dtype=torch.float32, window=window, sinks=m.sink_tokens)
+        ck = open_checkpoint(path)
+        if against is None and m.source_fingerprint and ck.fingerprint() != m.source_fingerprint:  # header-only: cheap
+            raise InputError(f"{path}: the source model changed since the export (its config or tensor headers are not "
+                             f"those recorded in {session.folder}'s manifest); pass the model that was exported as "
+                             "--against MODEL, or export it again")
+        model = fwconvert.load_checkpoint(ck, dtype=torch.float32, window=window, sinks=m.sink_tokens)
     if m.attention == "window" and model.window != window:
         raise InputError(f"the export attends within a window of {window} but the reference model uses {model.window}")
     if model.sinks != m.sink_tokens:
@@ -154,6 +161,8 @@ def verify(folder: str, against=None, chunks: int = 16, provider: str = "cpu", b
     log = log or (lambda m: None)
     if chunks < 1:
         raise UsageError(f"--chunks must be >= 1, got {chunks}")
+    if batch < 1:
+        raise UsageError(f"--batch must be >= 1, got {batch}")
     manifest = load_manifest(folder)
     session = ChunkSession(folder, provider=provider, threads=threads, manifest=manifest,  # TF32 as deployed
                            static_batch=batch if static else None,  # enough pinned past lengths for every chunk:
@@ -165,6 +174,7 @@ def verify(folder: str, against=None, chunks: int = 16, provider: str = "cpu", b
     own = _own_tolerances(model, session.manifest.dtype)
     ppl_tol = TOLERANCES["ort_fp32_vs_torch_fp32" if fp32 else "ppl_fp16_vs_fp32"].rel
     ids = _tokens(session, chunks, batch, seed, tokens)
+    report.note = _short_document_note(ids.shape[1], chunks, session.chunk_size, static)
     if static:  # a static session takes full chunks only: a document's ragged tail is not compared
         full = ids.shape[1] // session.chunk_size * session.chunk_size
         if full == 0:
@@ -206,22 +216,56 @@ def verify(folder: str, against=None, chunks: int = 16, provider: str = "cpu", b
         else:
             what = (f"output {w.name!r} at chunk {w.chunk}: max abs {w.max_abs:.3g}, max rel {w.rel:.3g} > tolerance "
                     f"{report.tolerance_of(w):g}" + (f" ({key})" if w.tolerance is None else " (ort_fp16_cancelling_sums)"))
-        err = NumericError(f"verify failed: {what}; the export is kept at {session.folder} but does not match PyTorch")
+        err = NumericError(f"verify failed: {what}; the export at {session.folder} does not match PyTorch")
         err.report = report
         raise err
     return report
 
 
+def _short_document_note(tokens: int, chunks: int, c: int, static: bool) -> Optional[str]:
+    """A line saying that fewer chunks (or tokens) are compared than asked, or None."""
+    if tokens >= chunks * c:
+        return None
+    full, rest = divmod(tokens, c)
+    if static:
+        return (f"the document gives {_n(full, 'full chunk')} of the {chunks} asked"
+                + (f"; --static compares full chunks only, so its last {rest} tokens are not compared" if rest else ""))
+    return (f"the document gives {_n(full + bool(rest), 'chunk')} of the {chunks} asked"
+            + (f" (the last {rest} tokens)" if rest else ""))
+
+
+def _n(n: int, noun: str) -> str:
+    return f"{n} {noun}{'' if n == 1 else 's'}"
+
+
+def _owners(keys) -> set:
+    """The fast-weight owners (``fwl``, ``layers.0.mlp``, ...) of state keys ``fast_weights.<owner>.<name>``."""
+    return {k[len("fast_weights."):].rsplit(".", 1)[0] for k in keys if k.startswith("fast_weights.")}
+
+
 def _check_state_names(manifest, model) -> None:
     """Every state tensor of the export must be one of the reference model's (which may hold more: in-place TTT's
-    pending tokens live only in its general step). An export of an older fwconvert may lay a mechanism's state out
-    differently, e.g. FWL's bias sums were tensors of their own before 2026-12-05."""
-    extra = sorted({s.key for s in manifest.state} - set(model.init_state(1)))
+    pending tokens live only in its general step). A reference model with other fast weights than the export's is
+    not the exported model; an export of an older fwconvert may lay a mechanism's state out differently, e.g. FWL's
+    bias sums were tensors of their own before 2026-12-05."""
+    import fwconvert
+
+    exported, ref = {s.key for s in manifest.state}, set(model.init_state(1))
+    mine, theirs = _owners(exported), _owners(ref)
+    if mine != theirs:
+        def has(owners):
+            return ", ".join(f"fast_weights.{o}.*" for o in sorted(owners)) if owners else "no fast-weight state"
+
+        raise InputError(f"the reference model has {has(theirs)} but the export has {has(mine)}: the reference must "
+                         "be the model that was exported (--against MODEL)")
+    extra = sorted(exported - ref)
     if extra:
-        raise InputError(f"this export's state is not this fwconvert's ({', '.join(extra[:4])}"
-                         f"{', ...' if len(extra) > 4 else ''} exist only in the export, written by fwconvert "
-                         f"{manifest.versions.get('fwconvert', '?')}). The graph still runs, but verify cannot compare "
-                         "its state: export it again with this version to verify it")
+        written = manifest.versions.get("fwconvert", "?")
+        why = (f"written by fwconvert {written}, this is {fwconvert.__version__}" if written != fwconvert.__version__
+               else f"written by fwconvert {written} with another state layout than this build's")
+        raise InputError(f"the export's state does not match the reference model's ({', '.join(extra[:4])}"
+                         f"{', ...' if len(extra) > 4 else ''} exist only in the export; {why}). The graph still runs, "
+                         "but verify cannot compare its state: export it again with this version to verify it")
 
 
 def _check_window_layout(manifest, model) -> None:
@@ -244,19 +288,22 @@ def format_table(report: Report) -> str:
         by_chunk.setdefault(r.chunk, []).append(r)
     ks = sorted(by_chunk)
     show = ks if len(ks) <= 12 else ks[:6] + ks[-6:]
-    lines = [f"{'chunk':>5}  {'logits max-abs':>14}  {'logits rel':>10}  {'greedy':>6}  {'worst state (rel)':<40}"]
+    lines = [f"{'chunk':>5}  {'logits max-abs':>14}  {'logits rel':>10}  {'greedy':>6}  "
+             f"{'worst state (rel / its tolerance)':<40}"]
     for k in show:
         rows = by_chunk[k]
         lg = rows[0]
-        st = max(rows[1:], key=lambda r: r.rel, default=None)
-        worst = f"{st.name} {st.rel:.2e}" if st else "-"
+        st = report.worst(rows[1:]) if rows[1:] else None  # rel / tolerance, as the verdict and progress judge
+        worst = f"{st.name} {st.rel:.2e} / {report.tolerance_of(st):g}" if st else "-"
         lines.append(f"{k:>5}  {lg.max_abs:>14.3e}  {lg.rel:>10.3e}  {lg.greedy:>6.1%}  {worst:<40}")
     w = report.worst()
     p = report.perplexity
     if p is not None:
         lines.append(f"perplexity over {p['tokens']} tokens: {p['onnx']:.6g} (onnxruntime) vs {p['torch']:.6g} (torch), "
                      f"rel {p['rel']:.2e} (tolerance {p['tolerance']:g})")
+    if report.note:
+        lines.append(report.note)
     verdict = "PASS" if report.passed else "FAIL"
-    lines.append(f"{verdict}: {report.chunks} chunks of {report.chunk_size} on {report.provider}; worst {w.name!r} "
-                 f"rel {w.rel:.3e} (tolerance {report.tolerance_of(w):g})")
+    lines.append(f"{verdict}: {_n(report.chunks, 'chunk')} of {report.chunk_size} on {report.provider}; worst "
+                 f"{w.name!r} rel {w.rel:.3e} (tolerance {report.tolerance_of(w):g})")
     return "\n".join(lines)

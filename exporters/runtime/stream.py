@@ -13,7 +13,7 @@ from typing import Iterator, List, Tuple
 
 import numpy as np
 
-from fwconvert.errors import InputError
+from fwconvert.errors import InputError, NumericError
 
 from .session import ChunkSession
 from .state import StateBuffers
@@ -59,6 +59,16 @@ def perplexity(losses: np.ndarray) -> float:
     return float(math.exp(losses.mean())) if losses.size else float("nan")
 
 
+def _greedy(logits: np.ndarray) -> np.ndarray:
+    """The argmax token [B, 1] of the last position of ``logits [B, c, V]``; NumericError when that row is not finite
+    (numpy's argmax would silently pick the first NaN)."""
+    last = logits[:, -1]
+    if not np.isfinite(last).all():
+        raise NumericError("the logits to pick the next greedy token from are not finite (NaN/Inf): the export "
+                           "computes non-finite values")
+    return last.argmax(-1).astype(np.int64)[:, None]
+
+
 def _snapshot(session: ChunkSession, state: StateBuffers) -> StateBuffers:
     copy = session.new_state(state.batch)
     for name, value in state.cur.items():
@@ -83,7 +93,7 @@ def greedy_generate(session: ChunkSession, ids: np.ndarray, n: int) -> np.ndarra
             pass
         out: List[np.ndarray] = []
         for _ in range(n):
-            nxt = logits[:, -1].argmax(-1).astype(np.int64)[:, None]  # [B, 1]
+            nxt = _greedy(logits)  # [B, 1]
             out.append(nxt)
             if len(out) < n:
                 logits = session.step(nxt, state)
@@ -102,6 +112,6 @@ def _generate_aligned(session: ChunkSession, ids: np.ndarray, n: int) -> np.ndar
             session.step(seq[:, pos:pos + c], boundary)
             pos += c
         logits = session.step(seq[:, pos:], _snapshot(session, boundary))  # the open chunk, re-run
-        nxt = logits[:, -1].argmax(-1).astype(np.int64)[:, None]
+        nxt = _greedy(logits)
         seq = np.concatenate((seq, nxt), 1)
     return seq[:, ids.shape[1]:]

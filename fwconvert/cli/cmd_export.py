@@ -7,11 +7,12 @@ FwconvertError and printed by the top-level handler.
 from __future__ import annotations
 
 import json
+import math
 import os
 
 import click
 
-from ..errors import InputError
+from ..errors import InputError, NumericError
 
 
 @click.command("export-onnx")
@@ -70,6 +71,18 @@ def _window_notes(folder: str, default_sinks: bool) -> None:
         click.echo(f"note: each chunk attends over W + C = {span} positions, not a multiple of 8; onnxruntime's "
                    "fused attention wants the mask rows aligned (on the H200 the fp32 memory-efficient kernel refused "
                    "such a span), so prefer W and C that are multiples of 8", err=True)
+
+
+def _json(obj) -> str:
+    """``obj`` as strict JSON: non-finite floats (NaN, Inf) become null, which every JSON parser reads."""
+    def clean(x):
+        if isinstance(x, dict):
+            return {k: clean(v) for k, v in x.items()}
+        if isinstance(x, (list, tuple)):
+            return [clean(v) for v in x]
+        return None if isinstance(x, float) and not math.isfinite(x) else x
+
+    return json.dumps(clean(obj), allow_nan=False)
 
 
 def _read_tokens(path: str) -> list:
@@ -145,22 +158,37 @@ def run_cmd(exported, text, tokens, generate, provider, as_json):
     ids, tok = _document(session.folder, text, tokens, session.manifest.vocab_size)
     arr = np.asarray([ids], dtype=np.int64)
     losses = token_losses(session, arr)[0]
-    gen = greedy_generate(session, arr, generate)[0].tolist() if generate else []
-    result = {"provider": session.provider_note, "tokens": len(ids), "mean_loss": float(losses.mean()) if losses.size else None,
-              "perplexity": perplexity(losses), "generated_ids": gen}
+    bad, err = np.flatnonzero(~np.isfinite(losses)), None
+    if bad.size:  # reported (JSON first, as verify does) and then exit 6; no generation from non-finite logits
+        err = NumericError(f"{bad.size} of {losses.size} token losses are not finite (NaN/Inf), the first predicting "
+                           f"token {int(bad[0]) + 2} of {len(ids)}: the export at {session.folder} computes non-finite "
+                           "logits (`fwconvert verify` compares it with PyTorch)")
+    gen = []
+    if generate and err is None:
+        try:
+            gen = greedy_generate(session, arr, generate)[0].tolist()
+        except NumericError as e:
+            err = NumericError(f"--generate: {e} (the export at {session.folder})")
+    result = {"provider": session.provider_note, "tokens": len(ids),
+              "mean_loss": float(losses.mean()) if losses.size else None,
+              "perplexity": perplexity(losses) if losses.size else None, "generated_ids": gen}
     if tok is not None and gen:
         result["generated_text"] = tok.decode(gen)
     if as_json:
         result["losses"] = [round(float(x), 6) for x in losses]
-        click.echo(json.dumps(result))
-        return
-    click.echo(f"provider:   {result['provider']}")
-    click.echo(f"tokens:     {len(ids)}")
-    if losses.size:
-        click.echo(f"mean loss:  {result['mean_loss']:.4f} nats/token")
-        click.echo(f"perplexity: {result['perplexity']:.4f}")
-    if gen:
-        click.echo(f"generated:  {result.get('generated_text', ' '.join(map(str, gen)))}")
+        click.echo(_json(result))
+    else:
+        click.echo(f"provider:   {result['provider']}")
+        click.echo(f"tokens:     {len(ids)}")
+        if losses.size:
+            click.echo(f"mean loss:  {result['mean_loss']:.4f} nats/token")
+            click.echo(f"perplexity: {result['perplexity']:.4f}")
+        else:
+            click.echo("mean loss:  - (no predicted tokens: the document has one token)")
+        if gen:
+            click.echo(f"generated:  {result.get('generated_text', ' '.join(map(str, gen)))}")
+    if err is not None:
+        raise err
 
 
 @click.command("verify")
@@ -187,7 +215,6 @@ def verify_cmd(exported, against, chunks, provider, batch, text, tokens, static,
     tokens; exit 6 beyond tolerance (fp32 graphs 1e-4; fp16 graphs 1e-2 and perplexity within 1%, FWL's gradient
     sums 5e-2: they cancel, so their relative error is a multiple of the fp16 activations')."""
     from exporters.verify import format_table, verify
-    from ..errors import NumericError
 
     ids = None
     if text is not None or tokens is not None:
@@ -202,9 +229,9 @@ def verify_cmd(exported, against, chunks, provider, batch, text, tokens, static,
     except NumericError as e:
         report = getattr(e, "report", None)
         if report is not None:
-            click.echo(json.dumps(report.to_dict()) if as_json else format_table(report))
+            click.echo(_json(report.to_dict()) if as_json else format_table(report))
         raise
-    click.echo(json.dumps(report.to_dict()) if as_json else format_table(report))
+    click.echo(_json(report.to_dict()) if as_json else format_table(report))
 
 
 COMMANDS = [export_onnx_cmd, run_cmd, verify_cmd]
