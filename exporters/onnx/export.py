@@ -11,6 +11,7 @@ from __future__ import annotations
 import copy
 import errno
 import json
+import logging
 import math
 import os
 import shutil
@@ -20,11 +21,11 @@ from typing import Callable, Optional, Union
 import torch
 
 from fwconvert.config import TOLERANCES, fast_weights_to_dict
-from fwconvert.errors import InputError, ResourceError, UsageError
+from fwconvert.errors import InputError, OutputError, ResourceError, UsageError
 from fwconvert.modeling.decoder import DecoderLM
 
 from .graph import build_manifest, check_graph, export_program, smoke_check
-from .io_spec import GRAPH_NAME, INITIAL_STATE_NAME, MANIFEST_NAME
+from .io_spec import GRAPH_NAME, INITIAL_STATE_NAME, MANIFEST_FORMAT, MANIFEST_NAME, Manifest
 from .precision import check_cast
 
 OPSET = 18
@@ -37,13 +38,58 @@ EXTERNAL_DATA_BYTES = 1_500_000_000
 # in-place model's perplexity on an 8k document, window 2048, 14.73 without sinks, 7.06 with 4, 6.75 with full
 # attention; 4 sinks cost 0.4-0.5 ms per 512-token chunk at batch 1; docs/benchmarks.md)
 DEFAULT_SINKS = 4
+STAGING_TAG, OLD_TAG = ".staging-", ".old-"  # .<name>.staging-XXXX / .<name>.old-XXXX beside the output
+
+logger = logging.getLogger("fwconvert")
 
 
 def _prepare_out(out: str, force: bool, source=None) -> str:
-    """The one output preflight of fwconvert (exists/--force, symlink, overlap with the input, writable, disk)."""
+    """The one output preflight of fwconvert (exists/--force, symlink, overlap with the input, writable, disk);
+    --force replaces only an empty folder or an earlier export (``_not_replaceable``)."""
     from fwconvert.checkpoint.writer import preflight
 
-    return preflight(out, inputs=[source] if source is not None else (), force=force)
+    out = preflight(out, inputs=[source] if source is not None else (), force=force)
+    if force and os.path.isdir(out) and not os.path.islink(out):
+        why = _not_replaceable(out)
+        if why:
+            raise OutputError(f"{out}: --force replaces only an empty folder or an fwconvert export, and this folder "
+                              f"{why}; choose another output folder or remove it yourself")
+    return out
+
+
+def _not_replaceable(out: str) -> Optional[str]:
+    """Why --force must not replace the existing folder ``out``, or None: an empty folder, or one with a
+    regular ``manifest.json`` that is this exporter's (its format, or only a manifest's keys) may go."""
+    try:
+        entries = os.listdir(out)
+    except OSError as e:
+        return f"cannot be listed ({e.strerror})"
+    if not entries:
+        return None
+    path = os.path.join(out, MANIFEST_NAME)
+    if not os.path.isfile(path) or os.path.islink(path):
+        return f"has no {MANIFEST_NAME} (it is not an fwconvert export)"
+    from fwconvert.config import load_json_strict
+
+    try:
+        raw = load_json_strict(path)
+    except InputError:
+        raw = None
+    keys = set(Manifest.__dataclass_fields__) | {"feeds"}
+    if not isinstance(raw, dict) or not (raw.get("format") == MANIFEST_FORMAT or set(raw) <= keys):
+        return f"has a {MANIFEST_NAME} that is not an fwconvert export's"
+    return None
+
+
+def _earlier_staging(out: str) -> list:
+    """Staging (and set-aside old output) folders that earlier exports to ``out`` left beside it."""
+    parent, name = os.path.split(out)
+    try:
+        entries = os.listdir(parent)
+    except OSError:
+        return []
+    tags = (f".{name}{STAGING_TAG}", f".{name}{OLD_TAG}")
+    return sorted(os.path.join(parent, e) for e in entries if e.startswith(tags))
 
 
 def _estimate_bytes(model_or_path, ck, dtype: str) -> int:
@@ -121,12 +167,15 @@ def _chunk_size(model: DecoderLM, chunk_size: Optional[int]) -> tuple:
     from .wrapper import aligned_chunk_size
 
     fixed = aligned_chunk_size(model)
+    longest = getattr(model.config, "max_position_embeddings", None)
+    if chunk_size is not None and longest is not None and chunk_size > longest:
+        raise UsageError(f"--chunk-size {chunk_size} is longer than the model's max_position_embeddings {longest}")
     if fixed is not None:
         if chunk_size is not None and chunk_size != fixed:
             raise UsageError(f"--chunk-size {chunk_size}: this model's in-place TTT chunk size is {fixed}; "
                              f"chunks must hold exactly {fixed} tokens")
         return fixed, True
-    chunk_size = 512 if chunk_size is None else chunk_size
+    chunk_size = (512 if longest is None else min(512, longest)) if chunk_size is None else chunk_size
     if chunk_size < 1:
         raise UsageError(f"--chunk-size must be >= 1, got {chunk_size}")
     return chunk_size, False
@@ -156,7 +205,7 @@ def _copy_tokenizer(ck, staging: str) -> tuple:
 def _install(staging: str, out: str) -> None:
     old = None
     if os.path.lexists(out):
-        old = tempfile.mkdtemp(prefix=f".{os.path.basename(out)}.old-", dir=os.path.dirname(out))
+        old = tempfile.mkdtemp(prefix=f".{os.path.basename(out)}{OLD_TAG}", dir=os.path.dirname(out))
         os.rmdir(old)
         os.rename(out, old)
     os.rename(staging, out)
@@ -180,6 +229,9 @@ def export_onnx(model_or_path: Union[str, os.PathLike, DecoderLM], out: str, *, 
         raise UsageError(f"--sink-tokens must be an integer >= 0, got {sinks!r}")
     source_path = None if isinstance(model_or_path, DecoderLM) else os.path.abspath(str(model_or_path))
     out = _prepare_out(out, force, source_path)
+    for p in _earlier_staging(out):  # not deleted: another export to the same folder may be running
+        (log or logger.warning)(f"Warning: leftover from an earlier export to {out}: {p} (not reused; delete it "
+                                "when no other export to this folder is running)")
     ck = None
     if source_path is not None:  # opened once (a GGUF's vocabulary takes seconds to parse)
         from fwconvert.checkpoint import open_checkpoint
@@ -200,7 +252,7 @@ def export_onnx(model_or_path: Union[str, os.PathLike, DecoderLM], out: str, *, 
     chunk, fixed = _chunk_size(model, chunk_size)
     model.eval()
     check_cast(model, dtype)  # an fp16 overflow is named here, before anything is traced or written
-    staging = tempfile.mkdtemp(prefix=f".{os.path.basename(out)}.staging-", dir=os.path.dirname(out))
+    staging = tempfile.mkdtemp(prefix=f".{os.path.basename(out)}{STAGING_TAG}", dir=os.path.dirname(out))
     umask = os.umask(0)
     os.umask(umask)
     os.chmod(staging, 0o777 & ~umask)
