@@ -81,17 +81,6 @@ def _not_replaceable(out: str) -> Optional[str]:
     return None
 
 
-def _earlier_staging(out: str) -> list:
-    """Staging (and set-aside old output) folders that earlier exports to ``out`` left beside it."""
-    parent, name = os.path.split(out)
-    try:
-        entries = os.listdir(parent)
-    except OSError:
-        return []
-    tags = (f".{name}{STAGING_TAG}", f".{name}{OLD_TAG}")
-    return sorted(os.path.join(parent, e) for e in entries if e.startswith(tags))
-
-
 def _estimate_bytes(model_or_path, ck, dtype: str) -> int:
     """Disk the export needs, from the checkpoint's headers (nothing loaded) or the model's parameters: every
     weight in the graph's dtype (a tied unembedding twice: the graph stores its transpose too, weight_layout.py),
@@ -229,7 +218,9 @@ def export_onnx(model_or_path: Union[str, os.PathLike, DecoderLM], out: str, *, 
         raise UsageError(f"--sink-tokens must be an integer >= 0, got {sinks!r}")
     source_path = None if isinstance(model_or_path, DecoderLM) else os.path.abspath(str(model_or_path))
     out = _prepare_out(out, force, source_path)
-    for p in _earlier_staging(out):  # not deleted: another export to the same folder may be running
+    from fwconvert.checkpoint.writer import leftovers
+
+    for p in leftovers(out, tags=(STAGING_TAG, OLD_TAG)):  # not deleted: another export to this folder may be running
         (log or logger.warning)(f"Warning: leftover from an earlier export to {out}: {p} (not reused; delete it "
                                 "when no other export to this folder is running)")
     ck = None

@@ -50,15 +50,15 @@ def _split_out(out) -> tuple:
     return os.path.join(parent, name), parent, name
 
 
-def leftovers(out) -> list:
-    """Staging / set-aside folders of earlier interrupted runs next to ``out``."""
+def leftovers(out, tags=(PARTIAL_TAG, OLD_TAG)) -> list:
+    """Staging / set-aside folders of earlier interrupted runs next to ``out`` (named ``.<name><tag>...``)."""
     _, parent, name = _split_out(out)
     try:
         entries = os.listdir(parent)
     except OSError:
         return []
-    tags = (f".{name}{PARTIAL_TAG}", f".{name}{OLD_TAG}")
-    return sorted(os.path.join(parent, e) for e in entries if e.startswith(tags))
+    prefixes = tuple(f".{name}{t}" for t in tags)
+    return sorted(os.path.join(parent, e) for e in entries if e.startswith(prefixes))
 
 
 def _inside(child: str, parent: str) -> bool:
