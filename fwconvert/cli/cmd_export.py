@@ -37,7 +37,8 @@ from ..errors import InputError, NumericError
                    "about 10% of a chunk step.")
 @click.option("--dtype", type=click.Choice(["fp32", "fp16"]), default="fp32", show_default=True,
               help="Weight/activation dtype of the graph (fast-weight state stays fp32).")
-@click.option("--force", is_flag=True, help="Replace an existing output folder.")
+@click.option("--force", is_flag=True, help="Replace an existing output folder: an empty one or an earlier export "
+                                           "(a folder without an export's manifest.json is refused).")
 def export_onnx_cmd(model, out, chunk_size, attention, window, sink_tokens, dtype, force):
     """Export MODEL as one stateful chunk-step ONNX graph plus manifest.json."""
     from exporters.onnx.export import export_onnx
