@@ -21,7 +21,7 @@ from typing import Callable, Optional, Union
 import torch
 
 from fwconvert.config import TOLERANCES, fast_weights_to_dict
-from fwconvert.errors import InputError, OutputError, ResourceError, UsageError
+from fwconvert.errors import InputError, ResourceError, UsageError
 from fwconvert.modeling.decoder import DecoderLM
 
 from .graph import build_manifest, check_graph, export_program, smoke_check
@@ -48,27 +48,22 @@ def _prepare_out(out: str, force: bool, source=None) -> str:
     --force replaces only an empty folder or an earlier export (``_not_replaceable``)."""
     from fwconvert.checkpoint.writer import preflight
 
-    out = preflight(out, inputs=[source] if source is not None else (), force=force)
-    if force and os.path.isdir(out) and not os.path.islink(out):
-        why = _not_replaceable(out)
-        if why:
-            raise OutputError(f"{out}: --force replaces only an empty folder or an fwconvert export, and this folder "
-                              f"{why}; choose another output folder or remove it yourself")
-    return out
+    return preflight(out, inputs=[source] if source is not None else (), force=force, replaceable=_not_replaceable)
 
 
 def _not_replaceable(out: str) -> Optional[str]:
-    """Why --force must not replace the existing folder ``out``, or None: an empty folder, or one with a
-    regular ``manifest.json`` that is this exporter's (its format, or only a manifest's keys) may go."""
+    """Why --force must not replace the existing folder ``out`` (preflight's message), or None: an empty folder, or
+    one with a regular ``manifest.json`` that is this exporter's (its format, or only a manifest's keys) may go."""
+    lead = "--force replaces only an empty folder or an fwconvert export, and this folder"
     try:
         entries = os.listdir(out)
     except OSError as e:
-        return f"cannot be listed ({e.strerror})"
+        return f"{lead} cannot be listed ({e.strerror})"
     if not entries:
         return None
     path = os.path.join(out, MANIFEST_NAME)
     if not os.path.isfile(path) or os.path.islink(path):
-        return f"has no {MANIFEST_NAME} (it is not an fwconvert export)"
+        return f"{lead} has no {MANIFEST_NAME} (it is not an fwconvert export)"
     from fwconvert.config import load_json_strict
 
     try:
@@ -77,7 +72,7 @@ def _not_replaceable(out: str) -> Optional[str]:
         raw = None
     keys = set(Manifest.__dataclass_fields__) | {"feeds"}
     if not isinstance(raw, dict) or not (raw.get("format") == MANIFEST_FORMAT or set(raw) <= keys):
-        return f"has a {MANIFEST_NAME} that is not an fwconvert export's"
+        return f"{lead} has a {MANIFEST_NAME} that is not an fwconvert export's"
     return None
 
 

@@ -102,10 +102,11 @@ def check_disk(path: str, need: int, what=None) -> None:
         raise ResourceError(f"{what or path}: not enough disk space: {need} bytes needed, {free} bytes free")
 
 
-def preflight(out, inputs=(), force=False, estimate_bytes=0, report_leftovers=True) -> str:
+def preflight(out, inputs=(), force=False, estimate_bytes=0, report_leftovers=True, replaceable=None) -> str:
     """Refuse an unsafe output before heavy work; returns the absolute output path.
 
-    Refusals: out exists without ``force`` or is not a folder (4), is a symlink (4), overlaps an input (4);
+    Refusals: out exists without ``force`` or is not a folder (4), or ``replaceable(out)`` gives a reason not to
+    replace that folder (4; e.g. it is not an earlier output of the command), is a symlink (4), overlaps an input (4);
     the parent is not writable (5); free disk below ``estimate_bytes`` (5). Leftovers are reported."""
     out, parent, name = _split_out(out)
     if os.path.islink(out):
@@ -117,6 +118,9 @@ def preflight(out, inputs=(), force=False, estimate_bytes=0, report_leftovers=Tr
             raise OutputError(f"{out}: output already exists; use --force to replace it")
         if not stat.S_ISDIR(os.lstat(out).st_mode):
             raise OutputError(f"{out}: output exists and is not a folder; remove it yourself")
+        why = replaceable(out) if replaceable is not None else None
+        if why:
+            raise OutputError(f"{out}: {why}; choose another output folder or remove it yourself")
     existing = _nearest_existing(pdir)
     if not os.path.isdir(existing):
         raise OutputError(f"{parent}: parent of the output is not a folder")
