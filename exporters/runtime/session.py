@@ -15,8 +15,8 @@ import numpy as np
 from fwconvert.config import load_json_strict
 from fwconvert.errors import InputError, ResourceError
 
-from ..onnx.io_spec import BATCH, CHUNK, KV_PREFIX, MANIFEST_FORMAT, MANIFEST_NAME, PAST, Manifest
-from .feeds import ORT_TYPES, check_feeds, check_manifest_against_graph, expected_of
+from ..onnx.io_spec import BATCH, CHUNK, MANIFEST_FORMAT, MANIFEST_NAME, PAST, Manifest
+from .feeds import ORT_TYPES, check_feeds, check_manifest_against_graph, is_int
 from .precheck import check_graph_file
 from .state import StateBuffers
 from .static import StaticSteps, check_static
@@ -41,65 +41,25 @@ def load_manifest(folder: str) -> Manifest:
     return m
 
 
-def _is_int(x, lo: int = 0) -> bool:
-    return isinstance(x, int) and not isinstance(x, bool) and x >= lo
-
-
 def _manifest_problem(m: Manifest) -> Optional[str]:
     """What is wrong with a parsed manifest, or None."""
     if m.format != MANIFEST_FORMAT:
         return f"format {m.format!r} is not {MANIFEST_FORMAT!r}"
     if not isinstance(m.graph, str) or os.path.basename(m.graph) != m.graph or m.graph in ("", ".", ".."):
         return f"graph {m.graph!r} must be a plain file name inside the folder"
-    if not _is_int(m.vocab_size, 1) or not _is_int(m.chunking.get("chunk_size"), 1):
+    if not is_int(m.vocab_size, 1) or not is_int(m.chunking.get("chunk_size"), 1):
         return "vocab_size and chunking.chunk_size must be positive integers"
     if m.attention not in ("full", "window") or m.dtype not in ("fp32", "fp16"):
         return f"attention {m.attention!r} / dtype {m.dtype!r} not understood"
     for s in m.state:
         if not all(isinstance(n, str) for n in (s.key, s.input, s.output)) or not isinstance(s.shape, list):
             return f"state entry {s.key!r} is malformed"
-        if BATCH not in s.shape or not all(_is_int(d) or d in (BATCH, PAST) for d in s.shape):
+        if BATCH not in s.shape or not all(is_int(d) or d in (BATCH, PAST) for d in s.shape):
             return f"state {s.input!r}: shape {s.shape} needs a 'batch' axis and integer or 'past' dims"
         if s.dtype not in ("float32", "float16", "float64", "int64", "int32") or not isinstance(s.init, dict):
             return f"state {s.input!r}: dtype {s.dtype!r} or init {s.init!r} not understood"
     if not any(s.key == "position" for s in m.state):
         return "no 'position' state"
-    return None
-
-
-def _manifest_graph_problem(m: Manifest, inputs: dict, outputs: dict, past_pin: Optional[int]) -> Optional[str]:
-    """What the manifest's top-level fields (vocab_size, dtype, attention, window, sink_tokens) say that the graph's
-    declared logits and KV inputs contradict, or None. ``past_pin``: the size a session pinned the ``past`` axis
-    to (onnxruntime then declares it as that number)."""
-    logits = outputs.get("logits")
-    dims = list(logits.shape) if logits is not None and logits.shape is not None else []
-    if dims and _is_int(dims[-1]) and dims[-1] != m.vocab_size:
-        return f"vocab_size is {m.vocab_size}, but the graph's logits have {dims[-1]} entries per token"
-    want_dt = "float16" if m.dtype == "fp16" else "float32"
-    sinks = 0
-    for s in m.state:
-        if not s.key.startswith(KV_PREFIX) or s.input not in inputs:
-            continue
-        dt, shape = expected_of(inputs[s.input])
-        if dt != want_dt:
-            return f"dtype is {m.dtype!r}, but the graph's KV input {s.input!r} is {dt}"
-        if len(shape) != 4:
-            continue
-        n = shape[2]  # [batch, heads, positions, head_dim]
-        growing = isinstance(n, str) or (past_pin is not None and n == past_pin)
-        if s.key.endswith((".sink_key", ".sink_value")):
-            sinks = n
-            if n != m.sink_tokens:
-                return f"sink_tokens is {m.sink_tokens}, but the graph's input {s.input!r} holds {n} sink positions"
-        elif m.attention == "full" and not growing:
-            return (f"attention is 'full', but the graph's KV input {s.input!r} has a fixed past axis of {n} "
-                    f"(a window export)")
-        elif m.attention == "window" and (growing or not _is_int(m.window) or n not in (m.window, m.window - 1)):
-            # W slots, W - 1 in exports made before 2026-12-02 (still run; verify names the older layout)
-            what = "a growing past axis (a full-attention export)" if growing else f"a past axis of {n}"
-            return f"attention is 'window' with window {m.window}, but the graph's KV input {s.input!r} has {what}"
-    if m.sink_tokens and not sinks:
-        return f"sink_tokens is {m.sink_tokens}, but the graph has no sink inputs"
     return None
 
 
@@ -214,12 +174,12 @@ class ChunkSession:
         self.inputs = {i.name: i for i in self.sess.get_inputs()}
         outputs = {o.name: o for o in self.sess.get_outputs()}
         self.output_names = list(outputs)
-        check_manifest_against_graph(self.manifest, self.inputs, self.output_names)
         # a static full session checks its first pinned session, opened at past 0 (StaticSteps._open_first)
-        problem = _manifest_graph_problem(self.manifest, self.inputs, outputs, 0 if self._pinned_full else None)
-        if problem:
+        try:
+            check_manifest_against_graph(self.manifest, self.inputs, outputs, 0 if self._pinned_full else None)
+        except InputError as e:
             raise InputError(f"{os.path.join(self.folder, MANIFEST_NAME)}: the manifest disagrees with the graph "
-                             f"{self.path}: {problem}")
+                             f"{self.path}: {e}") from None
 
     def open_pinned(self, past: Optional[int] = None, initializers=None):
         """An onnxruntime session of this graph with this session's options; with ``static_batch``, the batch and
