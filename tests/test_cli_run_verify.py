@@ -179,3 +179,12 @@ def test_verify_short_document_says_how_many_chunks(base_export, tmp_path, capsy
 def test_verify_zero_batch_or_chunks_is_a_usage_error(base_export, opt, capsys):
     code, _, err = _cli(["verify", base_export[1], opt, "0"], capsys)
     assert code == 2 and opt in err and "Traceback" not in err, err
+
+
+def test_strict_json_writes_non_finite_numbers_as_null():
+    """Every command's --json (run, verify, eval, inspect) goes through one writer: NaN/Inf become null, and what it
+    writes parses strictly (eval's by-position means hold NaN where no document reached a position)."""
+    from fwconvert.cli.json_out import strict_json
+
+    text = strict_json({"a": float("nan"), "b": [float("inf"), -float("inf"), 1.5], "c": {"d": (2, float("nan"))}})
+    assert _strict_json(text) == {"a": None, "b": [None, None, 1.5], "c": {"d": [2, None]}}

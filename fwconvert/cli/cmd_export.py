@@ -6,13 +6,12 @@ FwconvertError and printed by the top-level handler.
 """
 from __future__ import annotations
 
-import json
-import math
 import os
 
 import click
 
 from ..errors import InputError, NumericError
+from .json_out import strict_json
 
 
 @click.command("export-onnx")
@@ -72,18 +71,6 @@ def _window_notes(folder: str, default_sinks: bool) -> None:
         click.echo(f"note: each chunk attends over W + C = {span} positions, not a multiple of 8; onnxruntime's "
                    "fused attention wants the mask rows aligned (on the H200 the fp32 memory-efficient kernel refused "
                    "such a span), so prefer W and C that are multiples of 8", err=True)
-
-
-def _json(obj) -> str:
-    """``obj`` as strict JSON: non-finite floats (NaN, Inf) become null, which every JSON parser reads."""
-    def clean(x):
-        if isinstance(x, dict):
-            return {k: clean(v) for k, v in x.items()}
-        if isinstance(x, (list, tuple)):
-            return [clean(v) for v in x]
-        return None if isinstance(x, float) and not math.isfinite(x) else x
-
-    return json.dumps(clean(obj), allow_nan=False)
 
 
 def _read_tokens(path: str) -> list:
@@ -177,7 +164,7 @@ def run_cmd(exported, text, tokens, generate, provider, as_json):
         result["generated_text"] = tok.decode(gen)
     if as_json:
         result["losses"] = [round(float(x), 6) for x in losses]
-        click.echo(_json(result))
+        click.echo(strict_json(result))
     else:
         click.echo(f"provider:   {result['provider']}")
         click.echo(f"tokens:     {len(ids)}")
@@ -230,9 +217,9 @@ def verify_cmd(exported, against, chunks, provider, batch, text, tokens, static,
     except NumericError as e:
         report = getattr(e, "report", None)
         if report is not None:
-            click.echo(_json(report.to_dict()) if as_json else format_table(report))
+            click.echo(strict_json(report.to_dict()) if as_json else format_table(report))
         raise
-    click.echo(_json(report.to_dict()) if as_json else format_table(report))
+    click.echo(strict_json(report.to_dict()) if as_json else format_table(report))
 
 
 COMMANDS = [export_onnx_cmd, run_cmd, verify_cmd]

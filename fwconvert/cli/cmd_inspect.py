@@ -5,6 +5,8 @@ import json
 
 import click
 
+from .json_out import strict_json
+
 
 def _human_bytes(n: int) -> str:
     for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
@@ -61,7 +63,7 @@ def inspect_cmd(path, config_path, as_json, allow_unexpected):
     from ..describe import describe
 
     info = describe(path, config_path=config_path, allow_unexpected=allow_unexpected)
-    click.echo(json.dumps(info, indent=2) if as_json else format_description(info))
+    click.echo(strict_json(info, indent=2) if as_json else format_description(info))
 
 
 COMMANDS = [inspect_cmd]

@@ -4,13 +4,13 @@
 """
 from __future__ import annotations
 
-import json
 import math
 import os
 
 import click
 
 from ..errors import InputError, UsageError
+from .json_out import strict_json
 
 DATA_HELP = ("Text files, folders (recursive, filtered by --ext) or pre-tokenized documents (*.tokens.npy: a 1-D "
              "integer array; *.tokens.bin: raw int32). Repeat for several.")
@@ -276,7 +276,7 @@ def _tokenizer(path):
 
 def _print_eval(result: dict, as_json: bool) -> None:
     if as_json:
-        click.echo(json.dumps(result, indent=None, sort_keys=True))
+        click.echo(strict_json(result, sort_keys=True))
         return
     models = result.get("models") or {result.get("model", "model"): result}
     labels = result["buckets"]
