@@ -172,14 +172,18 @@ def _ort_vocab(folder: str) -> int:
               help="With --runtime ort: run static sessions (batch and chunk pinned, and the past length for a "
                    "full-attention export; buffers bound once, CUDA graphs on the CUDA provider); short last chunks "
                    "are padded.")
-@click.option("--base", "base", default=None, type=click.Path(), help="Also evaluate this base model.")
-@click.option("--baseline", "baseline", default=None, type=click.Path(), help="Also evaluate this calibrated baseline.")
+@click.option("--base", "base", default=None, type=click.Path(),
+              help="Also evaluate this base model (the one the fast weights were added to: same vocabulary and "
+                   "tokenizer, no fast weights).")
+@click.option("--baseline", "baseline", default=None, type=click.Path(),
+              help="Also evaluate this calibrated baseline (same vocabulary and tokenizer).")
 @click.option("--dynamic-eval", is_flag=True, help="Also run dynamic evaluation of the base model (--base, else "
               "MODEL's base weights).")
 @click.option("--dynamic-eval-params", default="all", show_default=True, type=click.Choice(["all", "down_proj"]))
 @click.option("--dynamic-eval-lr", default=None, type=float, help="Adam lr (default: 1e-4 all, 3e-4 down_proj).")
 @click.option("--split", default="auto", show_default=True, type=click.Choice(["auto", "heldout", "all"]),
-              help="auto: the held-out documents when MODEL's manifest records a calibration split.")
+              help="auto: the held-out documents when MODEL's manifest records a calibration split that held out any "
+                   "(else every document).")
 @click.option("--split-from", default=None, type=click.Path(),
               help="Read the calibration split from this model folder instead of MODEL (e.g. for an ONNX export).")
 @click.option("--max-docs", default=None, type=int, help="Evaluate at most N documents.")
