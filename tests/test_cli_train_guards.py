@@ -187,3 +187,21 @@ def test_mark_fast_every_zero_says_the_step_must_be_positive(models, tmp_path, c
         code, _, err = _cli(capsys, "mark-fast", models["base"], "-o", tmp_path / "t", "--layers", spec)
         assert code == 2 and f"layer spec '{spec}': {what} must be at least 1" in err and "out of range" not in err, err
     assert not os.path.exists(tmp_path / "t")
+
+
+# 7. --force over a folder that is not an earlier output (a mistyped -o must not delete the user's data) -------------
+def test_force_replaces_only_an_earlier_output(models, tmp_path, capsys):
+    mine = tmp_path / "thesis"
+    (mine / "sub").mkdir(parents=True)
+    (mine / "sub" / "chapter1.txt").write_text("years of work")
+    args = ["--data", models["data"], "--seq-len", "64", "--batch-size", "2", "--steps", "1", "--no-progress", "--force"]
+    code, _, err = _cli(capsys, "calibrate", models["fwl"], "-o", mine, *args)
+    assert code == 4 and "not an fwconvert output" in err, err
+    assert (mine / "sub" / "chapter1.txt").read_text() == "years of work"
+    code, _, err = _cli(capsys, "mark-fast", models["base"], "-o", mine, "--layers", "0", "--chunk-size", "16", "--force")
+    assert code == 4 and "not an fwconvert output" in err, err
+    assert (mine / "sub" / "chapter1.txt").read_text() == "years of work"
+    out = tmp_path / "cal"  # an earlier calibration output is replaced
+    assert _cli(capsys, "calibrate", models["fwl"], "-o", out, *args[:-1])[0] == 0
+    code, _, err = _cli(capsys, "calibrate", models["fwl"], "-o", out, *args)
+    assert code == 0, err

@@ -20,6 +20,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 def src(tmp_path):
     return save_checkpoint(make_hf_model("llama"), str(tmp_path / "src"))
 
+PREVIOUS_MANIFEST = '{"format": "fwconvert-manifest/1"}'  # what marks an earlier output (--force replaces it)
+
 
 def no_traceback(err):
     return "Traceback" not in err and err.strip().startswith("Error:")
@@ -43,6 +45,10 @@ def test_force_over_larger_previous_output_leaves_no_stale_file(tmp_path, capsys
         (out / f"model-0000{i + 1}-of-00007.safetensors").write_bytes(b"stale")
     (out / "model.safetensors.index.json").write_text("{}")
     (out / "model.onnx.data").write_bytes(b"stale")
+    code, _, err = run_cli(capsys, "mark-fast", src, "-o", out, "--layers", "0", "--chunk-size", "8", "--force")
+    assert code == 4 and "not an fwconvert output" in err and no_traceback(err)  # maybe the user's own folder
+    assert len(os.listdir(out)) == 9  # untouched
+    (out / "MANIFEST.json").write_text(PREVIOUS_MANIFEST)  # an earlier output of ours: replaced
     code, _, err = run_cli(capsys, "mark-fast", src, "-o", out, "--layers", "0", "--chunk-size", "8", "--force")
     assert code == 0, err
     assert sorted(os.listdir(out)) == sorted(os.listdir(fresh))
@@ -207,6 +213,7 @@ def test_enospc_at_shard_exit_5_old_output_kept(tmp_path, capsys, src, monkeypat
     out = tmp_path / "out"
     out.mkdir()
     (out / "model.safetensors").write_bytes(b"previous version")
+    (out / "MANIFEST.json").write_text(PREVIOUS_MANIFEST)  # an earlier output of ours: --force may replace it
     before = tree(out)
     monkeypatch.setenv("FWCONVERT_TESTING", "1")
     monkeypatch.setenv("FWCONVERT_FAULT", "enospc_at:model.safetensors")
@@ -221,6 +228,7 @@ def test_planted_symlink_in_old_output_is_never_followed(tmp_path, capsys, src):
     out = tmp_path / "out"
     out.mkdir()
     (out / "model.safetensors").symlink_to(victim)
+    (out / "MANIFEST.json").write_text(PREVIOUS_MANIFEST)
     code, _, err = run_cli(capsys, "add-fwl", src, "-o", out, "--force")
     assert code == 0, err
     assert victim.read_bytes() == b"victim"

@@ -284,6 +284,7 @@ def test_resume_keeps_force_semantics(tmp_path, capsys, monkeypatch, src):
     fresh = fresh_run(capsys, tmp_path, args, src)
     out.mkdir()
     (out / "model-00001-of-00009.safetensors").write_bytes(b"stale")
+    (out / "MANIFEST.json").write_text('{"format": "fwconvert-manifest/1"}')  # an earlier output: replaceable
     old = tree(out)
     staging = kill_after([*args, src, "-o", out, "--force"], 2, monkeypatch)
     before = tree(staging)

@@ -18,6 +18,7 @@ import secrets
 import shutil
 import stat
 import sys
+from typing import Optional
 
 from ..errors import OutputError, ResourceError
 
@@ -100,6 +101,30 @@ def check_disk(path: str, need: int, what=None) -> None:
     free = shutil.disk_usage(_nearest_existing(path)).free
     if need > free:
         raise ResourceError(f"{what or path}: not enough disk space: {need} bytes needed, {free} bytes free")
+
+
+def not_a_model_output(out: str) -> Optional[str]:
+    """Why ``--force`` must not replace the existing folder ``out`` with a model folder, or None: an empty folder,
+    or one whose regular MANIFEST.json is this writer's (an earlier add-fwl / mark-fast / calibrate output), may go.
+    Anything else may be the user's own data (a mistyped ``-o``)."""
+    lead = "--force replaces only an empty folder or an earlier fwconvert output, and this folder"
+    try:
+        entries = os.listdir(out)
+    except OSError as e:
+        return f"{lead} cannot be listed ({e.strerror})"
+    if not entries:
+        return None
+    path = os.path.join(out, MANIFEST_NAME)
+    if not os.path.isfile(path) or os.path.islink(path):
+        return f"{lead} has no {MANIFEST_NAME} (it is not an fwconvert output)"
+    try:
+        with open(path, encoding="utf-8") as f:
+            body = json.load(f)
+    except (OSError, ValueError):
+        body = None
+    if not isinstance(body, dict) or body.get("format") != MANIFEST_FORMAT:
+        return f"{lead} has a {MANIFEST_NAME} that is not an fwconvert output's"
+    return None
 
 
 def preflight(out, inputs=(), force=False, estimate_bytes=0, report_leftovers=True, replaceable=None) -> str:

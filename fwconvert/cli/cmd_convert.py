@@ -17,7 +17,8 @@ _COMMON = [
                  help="config.json to use for a bare .safetensors SRC without a sibling config.json."),
     click.option("--seed", type=int, default=0, show_default=True,
                  help="Seed for the random initial values of the new (inactive at conversion) weights."),
-    click.option("--force", is_flag=True, help="Replace an existing output folder (only after the new one is complete)."),
+    click.option("--force", is_flag=True, help="Replace an existing output folder, only after the new one is complete: an "
+                                               "empty one or an earlier fwconvert output (other folders are refused)."),
     click.option("--resume", is_flag=True,
                  help="Continue a killed run of this command into the same output: reuse its leftover staging folder "
                       "(.<OUT>.fwconvert-partial-*), keep the shards whose sha256 matches its journal, write the rest; "

@@ -61,7 +61,8 @@ def _exts(ext: str):
                    "parameter count) with the same recipe: the fair comparison.")
 @click.option("--skip-nonfinite", default=0, show_default=True, type=int,
               help="Skip up to N updates with a non-finite loss or gradient before stopping (exit 6).")
-@click.option("--force", is_flag=True, help="Replace an existing output folder.")
+@click.option("--force", is_flag=True, help="Replace an existing output folder: an empty one or an earlier fwconvert "
+                                           "output (other folders are refused).")
 @click.option("--no-progress", is_flag=True, help="No progress bar.")
 @click.option("--tf32/--no-tf32", default=True, show_default=True,
               help="On CUDA, let fp32 matmuls use TF32: the fp32 fast-weight products (in-place TTT's updates, FWL's "
