@@ -25,7 +25,7 @@ from .families import FWCONVERT_MODEL_TYPE, FAMILIES, IGNORED_TENSOR_SUFFIXES, e
 from .checkpoint import shards
 from .checkpoint.resume import ResumableOutput, run_identity
 from .checkpoint.shards import ST_DTYPES, ShardedSafetensorsWriter
-from .checkpoint.writer import AtomicOutput, faults, not_a_model_output, preflight
+from .checkpoint.writer import AtomicOutput, faults, not_an_earlier_output, preflight
 
 log = logging.getLogger("fwconvert")
 
@@ -184,7 +184,7 @@ def _convert(ck, out: Optional[str], fw, suffix: str, *, seed: int, force: bool,
     out = os.path.abspath(os.fspath(out)) if out is not None else default_output(ck.path, suffix)
     estimate = sum(nb for _, nb in plan.values()) + sum(os.path.getsize(p) for p in ck.tokenizer_files) + (1 << 20)
     # before anything heavy is built or read; leftovers are reported (or resumed) by ResumableOutput
-    out = preflight(out, _inputs(ck), force, estimate, report_leftovers=False, replaceable=not_a_model_output)
+    out = preflight(out, _inputs(ck), force, estimate, report_leftovers=False, replaceable=not_an_earlier_output)
     new = new_tensors(ck.config, fw, seed)
     if {k: tuple(v.shape) for k, v in new.items()} != new_shapes:
         raise RuntimeError(f"internal: new tensors {sorted(new)} differ from the layout's {sorted(new_shapes)}")
@@ -307,7 +307,7 @@ def save_model(model, out, *, source=None, force: bool = False, extra_manifest: 
     plan = {k: (tuple(v.shape), v.numel() * v.element_size()) for k, v in state.items()}
     inputs = _inputs(source) if source is not None else []
     estimate = sum(nb for _, nb in plan.values()) + (1 << 20)
-    out = preflight(out, inputs, force, estimate, replaceable=not_a_model_output)
+    out = preflight(out, inputs, force, estimate, replaceable=not_an_earlier_output)
     with AtomicOutput(out, force=force, inputs=inputs, estimate_bytes=estimate, preflighted=True) as ao:
         writer = ShardedSafetensorsWriter(ao, plan)
         for name, t in state.items():

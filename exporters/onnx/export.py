@@ -54,26 +54,11 @@ def _prepare_out(out: str, force: bool, source=None) -> str:
 def _not_replaceable(out: str) -> Optional[str]:
     """Why --force must not replace the existing folder ``out`` (preflight's message), or None: an empty folder, or
     one with a regular ``manifest.json`` that is this exporter's (its format, or only a manifest's keys) may go."""
-    lead = "--force replaces only an empty folder or an fwconvert export, and this folder"
-    try:
-        entries = os.listdir(out)
-    except OSError as e:
-        return f"{lead} cannot be listed ({e.strerror})"
-    if not entries:
-        return None
-    path = os.path.join(out, MANIFEST_NAME)
-    if not os.path.isfile(path) or os.path.islink(path):
-        return f"{lead} has no {MANIFEST_NAME} (it is not an fwconvert export)"
-    from fwconvert.config import load_json_strict
+    from fwconvert.checkpoint.writer import not_an_earlier_output
 
-    try:
-        raw = load_json_strict(path)
-    except InputError:
-        raw = None
     keys = set(Manifest.__dataclass_fields__) | {"feeds"}
-    if not isinstance(raw, dict) or not (raw.get("format") == MANIFEST_FORMAT or set(raw) <= keys):
-        return f"{lead} has a {MANIFEST_NAME} that is not an fwconvert export's"
-    return None
+    return not_an_earlier_output(out, MANIFEST_NAME, lambda m: m.get("format") == MANIFEST_FORMAT or set(m) <= keys,
+                                 kind="fwconvert export")
 
 
 def _estimate_bytes(model_or_path, ck, dtype: str) -> int:

@@ -33,9 +33,9 @@ def check_output_path(out: str, model_path: str, force: bool) -> None:
     if os.path.lexists(out) and not force:
         raise OutputError(f"{out}: already exists (use --force to replace it)")
     if force and os.path.isdir(out) and not os.path.islink(out):
-        from ..checkpoint.writer import not_a_model_output
+        from ..checkpoint.writer import not_an_earlier_output
 
-        why = not_a_model_output(out)
+        why = not_an_earlier_output(out)
         if why:
             raise OutputError(f"{out}: {why}; choose another output folder or remove it yourself")
 

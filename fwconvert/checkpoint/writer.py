@@ -103,27 +103,30 @@ def check_disk(path: str, need: int, what=None) -> None:
         raise ResourceError(f"{what or path}: not enough disk space: {need} bytes needed, {free} bytes free")
 
 
-def not_a_model_output(out: str) -> Optional[str]:
-    """Why ``--force`` must not replace the existing folder ``out`` with a model folder, or None: an empty folder,
-    or one whose regular MANIFEST.json is this writer's (an earlier add-fwl / mark-fast / calibrate output), may go.
-    Anything else may be the user's own data (a mistyped ``-o``)."""
-    lead = "--force replaces only an empty folder or an earlier fwconvert output, and this folder"
+def not_an_earlier_output(out: str, manifest: str = MANIFEST_NAME, is_ours=None,
+                          kind: str = "fwconvert output") -> Optional[str]:
+    """Why ``--force`` must not replace the existing folder ``out``, or None: an empty folder, or one whose regular
+    ``manifest`` file is a JSON object that ``is_ours`` accepts (default: this writer's MANIFEST.json format, an
+    earlier add-fwl / mark-fast / calibrate output), may go. Anything else may be the user's own data (a mistyped
+    ``-o``). ``kind`` names such an output in the message."""
+    lead = f"--force replaces only an empty folder or an earlier {kind}, and this folder"
     try:
         entries = os.listdir(out)
     except OSError as e:
         return f"{lead} cannot be listed ({e.strerror})"
     if not entries:
         return None
-    path = os.path.join(out, MANIFEST_NAME)
+    path = os.path.join(out, manifest)
     if not os.path.isfile(path) or os.path.islink(path):
-        return f"{lead} has no {MANIFEST_NAME} (it is not an fwconvert output)"
+        return f"{lead} has no {manifest} (it is not an {kind})"
     try:
         with open(path, encoding="utf-8") as f:
             body = json.load(f)
     except (OSError, ValueError):
         body = None
-    if not isinstance(body, dict) or body.get("format") != MANIFEST_FORMAT:
-        return f"{lead} has a {MANIFEST_NAME} that is not an fwconvert output's"
+    ours = is_ours or (lambda b: b.get("format") == MANIFEST_FORMAT)
+    if not isinstance(body, dict) or not ours(body):
+        return f"{lead} has a {manifest} that is not an {kind}'s"
     return None
 
 
