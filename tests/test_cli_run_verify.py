@@ -12,19 +12,11 @@ from onnx import numpy_helper
 
 from exporters.onnx.export import export_onnx
 from exporters.verify import Report, Row, _check_state_names, format_table
-from fwconvert.cli.main import main
 from fwconvert.errors import InputError
-from test_onnx_common import tiny_model
+from test_onnx_common import cli as _cli, tiny_model
 from tiny import make_hf_model, save_checkpoint
 
 C = 8
-
-
-def _cli(args, capsys):
-    with pytest.raises(SystemExit) as e:
-        main(args)
-    out = capsys.readouterr()
-    return e.value.code, out.out, out.err
 
 
 def _strict_json(text):

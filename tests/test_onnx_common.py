@@ -48,3 +48,15 @@ def step_in_pieces(session, ids, pieces):
         outs.append(session.step(ids[:, a:a + n].numpy(), st))
         a += n
     return np.concatenate(outs, 1), st
+
+
+def cli(args, capsys):
+    """``fwconvert ARGS`` in-process: (exit code, stdout, stderr)."""
+    import pytest
+
+    from fwconvert.cli.main import main
+
+    with pytest.raises(SystemExit) as e:
+        main([str(a) for a in args])
+    out = capsys.readouterr()
+    return e.value.code, out.out, out.err

@@ -11,19 +11,11 @@ import torch
 from exporters.onnx.export import export_onnx
 from exporters.runtime.session import ChunkSession
 from exporters.verify import verify
-from fwconvert.cli.main import main
 from fwconvert.config import TOLERANCES
-from test_onnx_common import step_in_pieces, tiny_model
+from test_onnx_common import cli as _cli, step_in_pieces, tiny_model
 from tiny import make_hf_model, rel_err, save_checkpoint
 
 TOL = TOLERANCES["ort_fp32_vs_torch_fp32"].rel
-
-
-def _cli(args, capsys):
-    with pytest.raises(SystemExit) as e:
-        main(args)
-    out = capsys.readouterr()
-    return e.value.code, out.out, out.err
 
 
 def _write_char_tokenizer(path):
