@@ -2,9 +2,8 @@
 # On the GPU machine, after gpu_calibrate.sh: export the base model and the calibrated FWL / in-place models
 # (fp16, C = 512; full attention, and window 2048 for static sessions with CUDA graphs), verify them on the CUDA
 # provider, then the chunk-step benchmark (benchmarks/chunk_step.py) with every graph side by side.
-#   PART=export|verify|bench|all   EXPORTS='name:source:dtype[:window[:sinks[:form]]] ...'   (results under $OUT; a
-#   window without sinks is the plain window model, --sink-tokens 0; form "onnx" exports a full-attention graph with
-#   exporters/onnx/causal_attention.py's experimental ONNX Attention, e.g. base-a:$G:fp16:::onnx)
+#   PART=export|verify|bench|all   EXPORTS='name:source:dtype[:window[:sinks]] ...'   (results under $OUT; a
+#   window without sinks is the plain window model, --sink-tokens 0)
 set -uo pipefail
 export PYTHONPATH=/tmp/fw-site:$PWD PYTHONUNBUFFERED=1
 G=${G:-/tmp/fw-assets/SmolLM2-135M-Instruct.Q4_1.gguf}; W=${W:-/tmp/w}; OUT=${OUT:-/tmp/out}; PART=${PART:-all}
@@ -15,11 +14,10 @@ DOC=$(python3 -c "import sysconfig, os; print(os.path.join(sysconfig.get_paths()
 mkdir -p "$X" "$OUT"
 if [ "$PART" = all ] || [ "$PART" = export ]; then  # on the CPUs, in parallel
   for e in $EXPORTS; do
-    IFS=: read -r name src dtype win sinks form <<< "$e"
+    IFS=: read -r name src dtype win sinks <<< "$e"
     args=(--chunk-size 512 --dtype "$dtype" --force); [ -n "${win:-}" ] && args+=(--attention window --window "$win")
     [ -n "${win:-}" ] && args+=(--sink-tokens "${sinks:-0}")  # no sinks given: the plain window model
-    [ -d "$X/$name" ] || FWCONVERT_EXPERIMENT_ONNX_ATTENTION=$([ "${form:-}" = onnx ] && echo 1 || echo 0) \
-      OMP_NUM_THREADS=2 timeout 540 python3 -m fwconvert export-onnx "$src" -o "$X/$name" "${args[@]}" \
+    [ -d "$X/$name" ] || OMP_NUM_THREADS=2 timeout 540 python3 -m fwconvert export-onnx "$src" -o "$X/$name" "${args[@]}" \
       > "$X/export-$name.log" 2>&1 &
   done
   wait

@@ -9,7 +9,7 @@
 # Settings (environment): RUNS, STEPS, CONVERT, CONVERT2, RUNS2 (gpu_calibrate.sh), EVALS, ABLATE (gpu_eval.sh), OLD: a folder holding
 # an older checkout whose window graphs are exported and timed beside the new ones (names with suffix 3: base-w3, ...),
 # NEW: the SmolLM2 graphs exported for the bench (gpu_export.sh's EXPORTS form; default: base, FWL and in-place, full,
-# window 2048, window + 4 sinks; base-a, fwl-a, ttt-a: full, in causal_attention.py's ONNX Attention form),
+# window 2048, window + 4 sinks),
 # LINATT=0: skip the LinearAttention check of the profile stage,
 # PROFILE: the graphs whose kernels are profiled (default: every SmolLM2 graph; 20-30 s each), PROFILE_1B=0 to
 # skip the 1B kernel profile, PROFILE_PAST: the past length at which the full graphs' step is profiled too (B = 1,
@@ -58,7 +58,7 @@ PREP_ONLY=1 bash benchmarks/gpu_calibrate.sh
 stage "calibrate ($RUNS) on the GPU while the graphs export on the CPUs ($STAGES)"
 on calibrate && RUNS="$RUNS" STEPS=${STEPS:-600} LIMIT=1500 bash benchmarks/gpu_calibrate.sh > $RES/calibrate.log 2>&1 &
 if on export; then
-  EXPORTS="${NEW:-base:$G:fp16 fwl:$W/fwl:fp16 ttt:$W/ttt:fp16 base-a:$G:fp16:::onnx fwl-a:$W/fwl:fp16:::onnx ttt-a:$W/ttt:fp16:::onnx base-w:$G:fp16:2048 fwl-w:$W/fwl:fp16:2048 ttt-w:$W/ttt:fp16:2048 base-ws:$G:fp16:2048:4 ttt-ws:$W/ttt:fp16:2048:4}" \
+  EXPORTS="${NEW:-base:$G:fp16 fwl:$W/fwl:fp16 ttt:$W/ttt:fp16 base-w:$G:fp16:2048 fwl-w:$W/fwl:fp16:2048 ttt-w:$W/ttt:fp16:2048 base-ws:$G:fp16:2048:4 ttt-ws:$W/ttt:fp16:2048:4}" \
     PART=export bash benchmarks/gpu_export.sh > $RES/export-new.log 2>&1 &
   if [ -n "${OLD:-}" ] && [ -d "$OLD" ]; then
     (cd "$OLD" && PYTHONPATH=/tmp/fw-site:$OLD EXPORTS="base-w3:$G:fp16:2048 fwl-w3:$W/fwl:fp16:2048 ttt-w3:$W/ttt:fp16:2048" \
@@ -72,7 +72,7 @@ cat $RES/shapes-export/shapes.md 2>/dev/null; echo "   ($((SECONDS - T0)) s so f
 
 if on bench; then
   stage "chunk-step benchmark (SmolLM2), alone on the machine"
-  g=(); for n in base fwl ttt base-a fwl-a ttt-a base-w fwl-w ttt-w base-ws ttt-ws base-w3 fwl-w3 ttt-w3; do [ -d $X/$n ] && g+=(--graph "$n=$X/$n"); done
+  g=(); for n in base fwl ttt base-w fwl-w ttt-w base-ws ttt-ws base-w3 fwl-w3 ttt-w3; do [ -d $X/$n ] && g+=(--graph "$n=$X/$n"); done
   (cd benchmarks && timeout 600 python3 chunk_step.py --gguf "$G" "${g[@]}" --doc "$DOC" \
      --out-md $RES/chunk-step.md --out-json $RES/chunk-step.json > $RES/chunk-step.log 2>&1)
   tail -n 40 $RES/chunk-step.md; echo "   ($((SECONDS - T0)) s so far)"
@@ -80,12 +80,11 @@ fi
 
 stage "calibrated graphs of $VERIFY export (CPUs) while the kernel profiles run (GPU)"
 if on verify; then
-  e=""; for m in $VERIFY; do e+=" $m-w:$W/$m:fp16:2048 $m-ws:$W/$m:fp16:2048:4 $m-f:$W/$m:fp16 $m-f32:$W/$m:fp32"
-    e+=" $m-a:$W/$m:fp16:::onnx $m-a32:$W/$m:fp32:::onnx"; done
+  e=""; for m in $VERIFY; do e+=" $m-w:$W/$m:fp16:2048 $m-ws:$W/$m:fp16:2048:4 $m-f:$W/$m:fp16 $m-f32:$W/$m:fp32"; done
   EXPORTS="$e" PART=export bash benchmarks/gpu_export.sh > $RES/export-cal.log 2>&1 &
 fi
 if on profile; then
-  g=(); for n in ${PROFILE:-base fwl ttt base-a fwl-a ttt-a base-w fwl-w ttt-w base-w3 fwl-w3 ttt-w3}; do [ -d $X/$n ] && g+=("$n=$X/$n"); done
+  g=(); for n in ${PROFILE:-base fwl ttt base-w fwl-w ttt-w base-w3 fwl-w3 ttt-w3}; do [ -d $X/$n ] && g+=("$n=$X/$n"); done
   (cd benchmarks && timeout 400 python3 kernel_profile.py "${g[@]}" --batch 1 8 --md $RES/kernels.md --json $RES/kernels.json \
      > $RES/kernels.log 2>&1)
   n=base-w; [ -d $X/$n ] || n=base
@@ -94,7 +93,7 @@ if on profile; then
        --md $RES/kernels-sdpa$k.md --json $RES/kernels-sdpa$k.json > $RES/kernels-sdpa$k.log 2>&1)
   done
   if [ "${PROFILE_PAST:-7680}" != 0 ]; then  # the streaming document's last chunk: full graphs, KV cache grown
-    g=(); for n in ${PAST_GRAPHS:-base fwl ttt base-a fwl-a ttt-a}; do [ -d $X/$n ] && g+=("$n=$X/$n"); done
+    g=(); for n in ${PAST_GRAPHS:-base fwl ttt}; do [ -d $X/$n ] && g+=("$n=$X/$n"); done
     (cd benchmarks && timeout 300 python3 kernel_profile.py "${g[@]}" --batch 1 --past "${PROFILE_PAST:-7680}" \
        --md $RES/kernels-past.md --json $RES/kernels-past.json > $RES/kernels-past.log 2>&1)
     for k in ${SDPA:-}; do
@@ -128,8 +127,6 @@ for m in $VERIFY; do
   vf $m-ws-fp16-text $m-ws --static --chunks 16 --text "$DOC"  # the window with 4 attention sinks
   vf $m-f32-static-b8 $m-f32 --static --batch 8 --chunks 8  # full attention: one pinned session and graph per past
   vf $m-f-fp16-text $m-f --static --chunks 16 --text "$DOC"
-  vf $m-a-fp16-text $m-a --static --chunks 16 --text "$DOC"  # causal_attention.py's experiment: ONNX Attention
-  vf $m-a32-static-b8 $m-a32 --static --batch 8 --chunks 8
 done
 python3 - $V/*.json <<'PY'
 import json, sys

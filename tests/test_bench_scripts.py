@@ -249,6 +249,31 @@ def test_linear_attention_check_forms_agree_on_cpu(tmp_path):
     assert lac.rel(excl, out_incl) > 1e-2
 
 
+def test_stream_by_chunk_times_every_chunk_of_every_pass(tmp_path, capsys):
+    """stream_by_chunk.py on the CPU provider: one rate per pass and one time per chunk of each pass, for the
+    ordinary and the static session of each graph; a length that is not whole chunks is refused."""
+    import stream_by_chunk
+
+    from exporters.onnx.export import export_onnx
+    from test_onnx_common import tiny_model
+
+    out = export_onnx(tiny_model(kind="fwl"), str(tmp_path / "onnx"), chunk_size=8)
+    md, js = tmp_path / "s.md", tmp_path / "s.json"
+    assert stream_by_chunk.main(["--graph", f"a={out}", "--graph", f"b={out}", "--tokens", "32", "--chunk", "8",
+                                 "--passes", "2", "--provider", "cpu", "--static", "--out-md", str(md),
+                                 "--out-json", str(js)]) == 0
+    r = json.loads(js.read_text())
+    labels = {f"{g} ({m})" for g in "ab" for m in ("ordinary", "static")}
+    assert set(r["tokens_per_s"]) == set(r["ms_per_chunk"]) == labels and r["starts"] == [0, 8, 16, 24]
+    for k in labels:
+        assert len(r["tokens_per_s"][k]) == 2 and min(r["tokens_per_s"][k]) > 0
+        assert [len(p) for p in r["ms_per_chunk"][k]] == [4, 4] and min(map(min, r["ms_per_chunk"][k])) > 0
+    assert "| a (static) |" in md.read_text() and "past 24" in md.read_text()
+    with pytest.raises(SystemExit):
+        stream_by_chunk.main(["--graph", f"a={out}", "--tokens", "30", "--chunk", "8", "--out-md", str(md)])
+    assert "multiple of --chunk" in capsys.readouterr().err
+
+
 def test_chunk_step_keeps_going_when_a_graph_fails():
     """chunk_step.py measures each graph through ``attempt``: a graph that raises is NaN with its error kept, the
     others' numbers stand (one failing experimental graph must not lose a GPU run's whole table)."""

@@ -1,7 +1,6 @@
-"""The ONNX-Attention experiment (exporters/onnx/causal_attention.py, FWCONVERT_EXPERIMENT_ONNX_ATTENTION=1): a
-full-attention export attends with ONNX's own ``Attention`` (opset 23) and still equals the model over chained
-chunks: grouped and plain multi-head attention, q/k norms, FWL and in-place models, chunks of one token and an
-empty past, batch > 1; window exports keep MultiHeadAttention."""
+"""Full-attention exports attend with ONNX's own ``Attention`` (opset 23; exporters/onnx/causal_attention.py) and
+still equal the model over chained chunks: grouped and plain multi-head attention, q/k norms, FWL and in-place
+models, chunks of one token and an empty past, batch > 1; window exports keep MultiHeadAttention."""
 import os
 
 import numpy as np
@@ -20,11 +19,6 @@ from tiny import make_hf_model, rel_err
 TOL = TOLERANCES["ort_fp32_vs_torch_fp32"].rel
 
 
-@pytest.fixture(autouse=True)
-def experiment_on(monkeypatch):
-    monkeypatch.setenv(causal_attention.EXPERIMENT_ENV, "1")
-
-
 def _base_model(heads, kv, **kw):
     from fwconvert.families import parse_config
     from fwconvert.modeling import build_model, load_tensors
@@ -35,13 +29,6 @@ def _base_model(heads, kv, **kw):
 
 def _load(out):
     return onnx.load(os.path.join(out, "model.onnx"), load_external_data=False)
-
-
-def test_switch_is_off_by_default(monkeypatch):
-    monkeypatch.delenv(causal_attention.EXPERIMENT_ENV)
-    assert not causal_attention.wanted()
-    monkeypatch.setenv(causal_attention.EXPERIMENT_ENV, "0")
-    assert not causal_attention.wanted()
 
 
 def test_graph_form(tmp_path):

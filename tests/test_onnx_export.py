@@ -101,26 +101,35 @@ def test_graph_form_and_manifest(llama_export):
     assert os.path.isfile(os.path.join(out, "tokenizer.json"))
 
 
-def test_graph_uses_fused_ort_attention_and_norms(llama_export, qwen3_export):
-    """The export rewrites attention to com.microsoft.MultiHeadAttention (fp32 softmax in fp16 graphs, fewer
-    kernels) and residual+RMSNorm to SkipSimplifiedLayerNormalization; no ONNX-domain contrib op is left (the
-    onnx checker would reject it). qwen3's per-head q/k norms stay standard ops."""
-    for out, layers in ((llama_export[1], 2), (qwen3_export[1], 2)):
+def test_graph_uses_fused_ort_attention_and_norms(llama_export, qwen3_export, tmp_path):
+    """Full-attention exports attend with ONNX's own Attention (one per layer; tests/test_causal_attention.py checks
+    its form), window exports with com.microsoft.MultiHeadAttention (fp32 softmax in fp16 graphs, fewer kernels);
+    residual+RMSNorm becomes SkipSimplifiedLayerNormalization; no ONNX-domain contrib op is left (the onnx checker
+    would reject it). qwen3's per-head q/k norms stay standard ops."""
+    windowed = {f: export_onnx(tiny_model(f, window=6), str(tmp_path / f), chunk_size=4, attention="window", window=6)
+                for f in ("llama", "qwen3")}
+    for out, attention, layers in ((llama_export[1], "Attention", 2), (qwen3_export[1], "Attention", 2),
+                                   (windowed["llama"], "MultiHeadAttention", 2),
+                                   (windowed["qwen3"], "MultiHeadAttention", 2)):
         m = onnx.load(os.path.join(out, "model.onnx"), load_external_data=False)
         ops = [(n.domain or "ai.onnx", n.op_type) for n in m.graph.node]
-        assert ops.count(("com.microsoft", "MultiHeadAttention")) == layers
+        assert [op for _, op in ops if op in ("Attention", "MultiHeadAttention")] == [attention] * layers
         assert ops.count(("com.microsoft", "SkipSimplifiedLayerNormalization")) == 2 * layers
         assert not {"Softmax", "SimplifiedLayerNormalization"} & {op for _, op in ops}
-        # key and value reach the attention as the KV cache itself, [B, H_kv, L, hd]: no transpose to [B, L, N*hd]
-        # and no repeat-KV copy to H heads in between (the query heads of a group are stacked instead)
+        onnx.checker.check_model(os.path.join(out, "model.onnx"), full_check=True)
+        if attention != "MultiHeadAttention":
+            continue
+        # key and value reach the attention as the cache concatenation itself, [B, H_kv, W + C, hd]: no transpose
+        # to [B, L, N*hd] and no repeat-KV copy to H heads in between (the query heads of a group are stacked instead)
+        made = {o: n for n in m.graph.node for o in n.output}
         heads = [(n.input[1], n.input[2], onnx.helper.get_attribute_value(n.attribute[0]))
                  for n in m.graph.node if n.op_type == "MultiHeadAttention"]
-        assert [(k, v) for k, v, _ in heads] == [(f"present.{i}.key", f"present.{i}.value") for i in range(layers)]
         assert {h for _, _, h in heads} == {2}  # the tiny models' key/value heads (4 query heads)
-        for i in range(layers):  # nothing else reads the cache (before: Unsqueeze-Expand-Reshape to 4 heads)
-            readers = {n.op_type for n in m.graph.node if {f"present.{i}.key", f"present.{i}.value"} & set(n.input)}
-            assert readers == {"MultiHeadAttention"}, readers
-        onnx.checker.check_model(os.path.join(out, "model.onnx"), full_check=True)
+        for i, (k, v, _) in enumerate(heads):
+            assert [(made[x].op_type, made[x].input[0]) for x in (k, v)] == \
+                [("Concat", f"past_key_values.{i}.key"), ("Concat", f"past_key_values.{i}.value")]
+            readers = {n.op_type for n in m.graph.node if {k, v} & set(n.input)}
+            assert readers == {"MultiHeadAttention", "Slice"}, readers  # Slice: the window kept as the next state
 
 
 def test_export_form_rotates_with_one_matmul_and_the_model_is_left_as_it_was(llama_export, qwen3_export):
@@ -240,19 +249,18 @@ def test_verify_cli_on_a_real_document(llama_export, tmp_path, capsys):
     assert code == 2 and "exactly one" in err
 
 
-@pytest.mark.parametrize("heads,kv,window", [(6, 2, None), (6, 2, 12), (4, 4, None)])
-def test_grouped_queries_attend_the_cached_heads_exactly(tmp_path, heads, kv, window):
-    """3 query heads per key/value head (SmolLM2's 9/3 grouping), with and without a window, and plain multi-head
-    attention (nothing to group): the exported attention reads the H_kv cached heads (num_heads H_kv) and the
-    graph still equals the model over chained chunks."""
+@pytest.mark.parametrize("heads,kv", [(6, 2), (4, 4)])
+def test_grouped_queries_attend_the_cached_heads_exactly(tmp_path, heads, kv):
+    """Window exports (MultiHeadAttention; full exports: tests/test_causal_attention.py): 3 query heads per
+    key/value head (SmolLM2's 9/3 grouping) and plain multi-head attention (nothing to group): the exported attention
+    reads the H_kv cached heads (num_heads H_kv) and the graph still equals the model over chained chunks."""
     from fwconvert.families import parse_config
     from fwconvert.modeling import build_model, load_tensors
 
     hf = make_hf_model("llama", hidden_size=48, num_attention_heads=heads, num_key_value_heads=kv)
-    model = load_tensors(build_model(parse_config(hf.config.to_dict(), "config"), window=window),
+    model = load_tensors(build_model(parse_config(hf.config.to_dict(), "config"), window=12),
                          hf.state_dict().items()).eval()
-    out = export_onnx(model, str(tmp_path / "onnx"), chunk_size=5,
-                      **({"attention": "window", "window": window} if window else {}))
+    out = export_onnx(model, str(tmp_path / "onnx"), chunk_size=5, attention="window", window=12)
     m = onnx.load(os.path.join(out, "model.onnx"), load_external_data=False)
     mha = [n for n in m.graph.node if n.op_type == "MultiHeadAttention"]
     assert len(mha) == 2
@@ -279,14 +287,16 @@ def _stacking_transposes(m) -> int:
 def test_query_heads_reordered_in_the_weights_exactly(tmp_path, family, kind, dtype, stacked_by_view):
     """With the query projection's heads reordered (slot r·H_kv + g holds head g·rep + r) and the output
     projection's rows to match, the stacked query is a view of the projection and the graph still equals the
-    model: every family's attention path, base / FWL / in-place, fp32 and fp16."""
+    model: every family's attention path, base / FWL / in-place, fp32 and fp16 (window exports: the full ones
+    attend with ONNX's Attention, which groups the heads itself)."""
     from exporters.onnx.query_order import _slot_order
 
     assert _slot_order(6, 3).tolist() == [0, 3, 1, 4, 2, 5]  # H = 6, H_kv = 2: slots (r, g) hold heads g·3 + r
-    model = tiny_model(family, kind, seed=7)
+    model = tiny_model(family, kind, seed=7, window=16)  # window exports attend with MultiHeadAttention
     assert model.config.num_attention_heads > model.config.num_key_value_heads
-    out = export_onnx(model, str(tmp_path / "onnx"), chunk_size=8, dtype=dtype)
+    out = export_onnx(model, str(tmp_path / "onnx"), chunk_size=8, dtype=dtype, attention="window", window=16)
     m = onnx.load(os.path.join(out, "model.onnx"), load_external_data=False)
+    assert sum(n.op_type == "MultiHeadAttention" for n in m.graph.node) == model.config.num_hidden_layers
     assert _stacking_transposes(m) == (0 if stacked_by_view else 2 * model.config.num_hidden_layers)
     rep = verify(out, against=model, chunks=4, batch=2)
     assert rep.passed, rep.worst()

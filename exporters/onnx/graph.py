@@ -115,9 +115,9 @@ def _trace(wrapper, ids, state, keys, shapes, opset):
 def fuse_for_ort(model, full_attention: bool) -> Dict[str, int]:
     """Rewrite ``model`` (onnx_ir, in place) with onnxruntime's fused contrib ops: RMSNorm and residual+RMSNorm
     to (Skip)SimplifiedLayerNormalization, QK^T-mask-softmax-V to MultiHeadAttention with its grouped query heads
-    stacked by a head order in the weights (query_order.py), RoPE to RotaryEmbedding. As an experiment
-    (causal_attention.py, on with FWCONVERT_EXPERIMENT_ONNX_ATTENTION=1) a ``full_attention`` graph (no window) attends
-    with ONNX's own ``Attention`` instead (opset 23: grouped heads, the KV cache append and the causal mask in one op).
+    stacked by a head order in the weights (query_order.py), RoPE to RotaryEmbedding. A ``full_attention`` graph (no
+    window) then attends with ONNX's own ``Attention`` instead (causal_attention.py; opset 23: grouped heads, the KV
+    cache append and the causal mask in one op); window graphs keep MultiHeadAttention.
     Besides fewer kernels, this fixes fp16 accuracy: the decomposed attention rounds its scores to fp16 before the
     softmax (logits off by 5e-2 on the GPU), the fused kernel keeps them in fp32 as torch's SDPA does. Returns the
     count of each fused op in the result, e.g. ``{"com.microsoft.MultiHeadAttention": 30, ...}``."""
@@ -130,9 +130,9 @@ def fuse_for_ort(model, full_attention: bool) -> Dict[str, int]:
     if fused is not model:  # the API returns the model it rewrote; keep the caller's object current
         raise AssertionError("optimize_for_ort returned a new model object")
     _decompose_plain_rms(model.graph)
-    if full_attention and onnx_attention.wanted():
+    if full_attention:
         onnx_attention.causal_attention(model)
-    attention_without_transposes(model.graph)  # the MultiHeadAttention left (all of them unless the experiment is on)
+    attention_without_transposes(model.graph)  # the MultiHeadAttention left: those of window graphs
     grouped_queries(model.graph)
     rotary_embedding(model.graph)
     ir_passes.RemoveUnusedNodesPass()(model)  # the shape arithmetic of the removed broadcasts, the RoPE tables
