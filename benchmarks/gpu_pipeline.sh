@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # The GPU session in one go, in the background: calibrate (GPU) while every graph exports (CPUs), then the chunk-step
-# benchmark (alone on the machine), the kernel profiles (and linear_attention_check.py), the evaluation (alone: its
-# tokens/s are compared), verify, the 1B-shape chunk step, the 1B calibration throughput (TF32 off/on) and the GPU-only
-# tests. Each stage uses the scripts beside this one; a failing stage does not stop the next.
+# benchmark and stream_by_chunk.py (alone on the machine), the kernel profiles (and linear_attention_check.py), the
+# evaluation (alone: its tokens/s are compared), verify, the 1B-shape chunk step, the 1B calibration throughput (TF32
+# off/on) and the GPU-only tests. Each stage uses the scripts beside this one; a failing stage does not stop the next.
 #   bash benchmarks/gpu_pipeline.sh start     copies the repo to /tmp/repo and starts (setsid: survives the call)
 #   bash benchmarks/gpu_pipeline.sh status    stage log so far; /tmp/out as $OUT/results.tgz (the device's return folder)
 # Each `run` call must follow the last within the machine's idle release (30 s): poll with `sleep 240; ... status`.
@@ -76,6 +76,11 @@ if on bench; then
   (cd benchmarks && timeout 600 python3 chunk_step.py --gguf "$G" "${g[@]}" --doc "$DOC" \
      --out-md $RES/chunk-step.md --out-json $RES/chunk-step.json > $RES/chunk-step.log 2>&1)
   tail -n 40 $RES/chunk-step.md; echo "   ($((SECONDS - T0)) s so far)"
+  # the full graphs' streaming, ordinary and static sessions: interleaved passes and each chunk's step (about 1 min)
+  g=(); for n in base fwl ttt; do [ -d $X/$n ] && g+=(--graph "$n=$X/$n"); done
+  [ ${#g[@]} -gt 0 ] && (cd benchmarks && timeout 300 python3 stream_by_chunk.py "${g[@]}" --static --passes 3 \
+     --out-md $RES/stream-by-chunk.md --out-json $RES/stream-by-chunk.json > $RES/stream-by-chunk.log 2>&1)
+  tail -n 16 $RES/stream-by-chunk.md 2>/dev/null; echo "   ($((SECONDS - T0)) s so far)"
 fi
 
 stage "calibrated graphs of $VERIFY export (CPUs) while the kernel profiles run (GPU)"

@@ -274,6 +274,34 @@ def test_stream_by_chunk_times_every_chunk_of_every_pass(tmp_path, capsys):
     assert "multiple of --chunk" in capsys.readouterr().err
 
 
+def test_gqa_probe_reference_and_batch_one(capsys):
+    """gqa_probe.py's float64 reference equals our own model's attention math (fwconvert's RoPE and torch's SDPA with
+    a bottom-right causal mask over past + chunk), and onnxruntime's GroupQueryAttention matches it at batch 1."""
+    import gqa_probe
+
+    from fwconvert.modeling.rope import _rotate_half
+
+    rng = np.random.default_rng(3)
+    b, c, p, heads, kv, hd = 2, 4, 3, 6, 2, 8
+    qkv, pk, pv = rng.standard_normal((b, c, (heads + 2 * kv) * hd)), rng.standard_normal((b, kv, p, hd)), \
+        rng.standard_normal((b, kv, p, hd))
+    want, f = gqa_probe.reference(qkv, pk, pv, heads, kv, hd)
+    t = torch.from_numpy(qkv)
+    cos, sin = (torch.from_numpy(np.concatenate([fn(f), fn(f)], -1))[:, None] for fn in (np.cos, np.sin))
+    q = t[..., :heads * hd].reshape(b, c, heads, hd).transpose(1, 2)
+    k = t[..., heads * hd:(heads + kv) * hd].reshape(b, c, kv, hd).transpose(1, 2)
+    v = t[..., (heads + kv) * hd:].reshape(b, c, kv, hd).transpose(1, 2)
+    q, k = (x * cos + _rotate_half(x) * sin for x in (q, k))
+    keys = torch.cat([torch.from_numpy(pk), k], 2).repeat_interleave(heads // kv, 1)
+    vals = torch.cat([torch.from_numpy(pv), v], 2).repeat_interleave(heads // kv, 1)
+    allowed = torch.arange(p + c)[None, :] <= (p + torch.arange(c))[:, None]
+    out = torch.nn.functional.scaled_dot_product_attention(q, keys, vals, attn_mask=allowed)
+    assert np.abs(out.transpose(1, 2).reshape(b, c, -1).numpy() - want).max() < 1e-12
+    assert gqa_probe.main(["--batch", "1"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert len(lines) == 2 and all("max abs error" in x and float(x.split()[-1]) < 1e-5 for x in lines), lines
+
+
 def test_chunk_step_keeps_going_when_a_graph_fails():
     """chunk_step.py measures each graph through ``attempt``: a graph that raises is NaN with its error kept, the
     others' numbers stand (one failing experimental graph must not lose a GPU run's whole table)."""

@@ -106,33 +106,3 @@ def test_window_exports_keep_multihead_attention(tmp_path):
     ops = [n.op_type for n in m.graph.node]
     assert "Attention" not in ops and ops.count("MultiHeadAttention") == model.config.num_hidden_layers
     assert {(o.domain or "ai.onnx"): o.version for o in m.opset_import}["ai.onnx"] == 18
-
-
-@pytest.mark.parametrize("kind", ["base", "fwl", "inplace"])
-def test_static_sessions_equal_the_ordinary_session(tmp_path, kind):
-    """One pinned session per past length (exporters/runtime/static.py), across a reset: exactly the ordinary
-    session's logits and state; and with batch, chunk and past pinned no shape arithmetic is left for the host (what
-    CUDA-graph capture needs; tests/test_static_session.py checks the same of the MultiHeadAttention form)."""
-    import onnxruntime as ort
-
-    c = 8
-    out = export_onnx(tiny_model(kind=kind), str(tmp_path / "onnx"), chunk_size=c)
-    dyn = ChunkSession(out, provider="cpu")
-    sta = ChunkSession(out, provider="cpu", static_batch=2, static_context=4 * c)
-    assert sta.static is not None
-    ids = np.random.default_rng(1).integers(0, dyn.manifest.vocab_size, (2, 4 * c))
-    for steps in (4, 3):
-        sd, ss = dyn.new_state(2), sta.new_state(2)
-        for a in range(0, steps * c, c):
-            np.testing.assert_array_equal(dyn.step(ids[:, a:a + c], sd), sta.step(ids[:, a:a + c], ss))
-        for key, v in sd.to_numpy().items():
-            np.testing.assert_array_equal(v, ss.to_numpy()[key])
-    opts = ort.SessionOptions()
-    opts.optimized_model_filepath = str(tmp_path / "opt.onnx")
-    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
-    for name, size in (("batch", 2), ("chunk", c), ("past", 3 * c)):
-        opts.add_free_dimension_override_by_name(name, size)
-    ort.InferenceSession(f"{out}/model.onnx", opts, providers=["CPUExecutionProvider"])
-    ops = [n.op_type for n in onnx.load(str(tmp_path / "opt.onnx")).graph.node]
-    assert not {"Shape", "Size", "Range", "ConstantOfShape"} & set(ops), sorted(set(ops))
-    assert ops.count("Attention") == 2

@@ -90,6 +90,21 @@ def test_run_one_token_document(base_export, tmp_path, capsys):
     assert code == 0 and "no predicted tokens" in out and "perplexity" not in out, (out, err)
 
 
+def test_run_warns_past_the_trained_positions(base_export, tmp_path, capsys):
+    """The manifest records the model's max_position_embeddings (512 for the tiny llama); `run` warns on stderr when
+    the document (with what it generates) goes past it, and only then."""
+    from exporters.runtime.session import load_manifest
+
+    assert load_manifest(base_export[1]).max_position_embeddings == 512
+    code, out, err = _cli(["run", base_export[1], "--tokens", _tokens_file(tmp_path, 510), "--generate", "2",
+                           "--provider", "cpu", "--json"], capsys)
+    assert code == 0 and "warning" not in err, err
+    code, out, err = _cli(["run", base_export[1], "--tokens", _tokens_file(tmp_path, 510), "--generate", "3",
+                           "--provider", "cpu", "--json"], capsys)
+    assert code == 0 and "510 tokens + 3 generated run past the 512 positions" in err, err
+    assert _strict_json(out)["tokens"] == 510
+
+
 def test_verify_nan_export_strict_json_and_message(nan_export, capsys):
     code, out, err = _cli(["verify", nan_export, "--chunks", "2", "--json"], capsys)
     assert code == 6

@@ -209,6 +209,8 @@ def test_pinned_graph_has_no_shape_arithmetic(exports, kind, tmp_path):
     ort.InferenceSession(f"{exports[kind]}/model.onnx", opts, providers=["CPUExecutionProvider"])
     ops = [n.op_type for n in onnx.load(str(tmp_path / "opt.onnx")).graph.node]
     assert not {"Shape", "Size", "Range", "ConstantOfShape"} & set(ops), sorted(set(ops))
+    # both attention forms (exporters/onnx/causal_attention.py): ONNX's Attention in full graphs, else MultiHeadAttention
+    assert ops.count("Attention" if kind.endswith("-full") else "MultiHeadAttention") == 2
 
 
 def test_cuda_provider_options():

@@ -222,6 +222,7 @@ def build_manifest(model: DecoderLM, layout, staging: str, *, dtype: str, attent
                 "onnxscript": onnxscript.__version__, "opset": opset, "ir_version": ir_version, "exporter": "dynamo"}
     return Manifest(graph=GRAPH_NAME, vocab_size=model.config.vocab_size, dtype=dtype, attention=attention,
                     window=window, sink_tokens=int(model.sinks), chunking=chunk_rule(chunk, fixed), state=specs,
+                    max_position_embeddings=getattr(model.config, "max_position_embeddings", None),
                     inputs=["input_ids"] + [s.input for s in specs], outputs=["logits"] + [s.output for s in specs],
                     versions=versions)
 

@@ -81,6 +81,7 @@ class Manifest:
     versions: Dict = field(default_factory=dict)
     external_data: Optional[str] = None
     sink_tokens: int = 0  # window exports: the first tokens kept attendable beyond the window (0 before 2026-12-02)
+    max_position_embeddings: Optional[int] = None  # the positions the model was trained for (None before session 14)
     format: str = MANIFEST_FORMAT
 
     def to_dict(self) -> dict:

@@ -144,6 +144,11 @@ def run_cmd(exported, text, tokens, generate, provider, as_json):
     _document_path(text, tokens)  # a missing file is named before the graph is loaded
     session = ChunkSession(exported, provider=provider)
     ids, tok = _document(session.folder, text, tokens, session.manifest.vocab_size)
+    trained = session.manifest.max_position_embeddings
+    if trained and len(ids) + generate > trained:
+        click.echo(f"warning: {len(ids)} tokens{f' + {generate} generated' if generate else ''} run past the "
+                   f"{trained} positions the model was trained for (max_position_embeddings); losses and text beyond "
+                   f"position {trained} come from positions it never saw", err=True)
     arr = np.asarray([ids], dtype=np.int64)
     losses = token_losses(session, arr)[0]
     bad, err = np.flatnonzero(~np.isfinite(losses)), None
