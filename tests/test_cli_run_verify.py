@@ -105,6 +105,18 @@ def test_run_warns_past_the_trained_positions(base_export, tmp_path, capsys):
     assert _strict_json(out)["tokens"] == 510
 
 
+def test_verify_notes_an_fp16_export_on_the_cpu(base_export, tmp_path, capsys):
+    """verify of an fp16 export on the CPU provider says on stderr that CPU kernels round fp16 differently from the
+    CUDA ones it is made for; an fp32 export gets no such note."""
+    code, out, err = _cli(["verify", base_export[1], "--chunks", "2"], capsys)
+    assert code == 0 and "note: an fp16 export" not in err, err
+    fp16 = export_onnx(base_export[0], str(tmp_path / "fp16"), chunk_size=C, dtype="fp16")
+    code, out, err = _cli(["verify", fp16, "--chunks", "2", "--tokens", _tokens_file(tmp_path, 20, "doc.txt")],
+                          capsys)
+    assert code == 0, err
+    assert "note: an fp16 export on the CPU provider runs onnxruntime's CPU kernels" in err and "--provider cuda" in err
+
+
 def test_verify_nan_export_strict_json_and_message(nan_export, capsys):
     code, out, err = _cli(["verify", nan_export, "--chunks", "2", "--json"], capsys)
     assert code == 6

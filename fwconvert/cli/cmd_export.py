@@ -184,6 +184,23 @@ def run_cmd(exported, text, tokens, generate, provider, as_json):
         raise err
 
 
+def _note_fp16_on_cpu(folder: str, provider: str) -> None:
+    """An fp16 export verified on the CPU provider runs onnxruntime's CPU kernels, not the CUDA ones it is made for:
+    the CPU Attention kernel of full-attention graphs rounds inside the op in fp16 (docs/results.md, session 14)."""
+    if provider != "cpu":
+        return
+    try:
+        from exporters.runtime.session import load_manifest
+
+        fp16 = load_manifest(folder).dtype == "fp16"
+    except Exception:  # noqa: BLE001 - verify itself reports an unreadable export with its reason
+        return
+    if fp16:
+        click.echo("note: an fp16 export on the CPU provider runs onnxruntime's CPU kernels, whose fp16 rounding "
+                   "differs from the CUDA kernels it is made for; --provider cuda checks the deployment's numerics",
+                   err=True)
+
+
 @click.command("verify")
 @click.argument("exported", type=click.Path())
 @click.option("--against", type=click.Path(), default=None, help="Reference model (default: the source in the manifest).")
@@ -209,6 +226,7 @@ def verify_cmd(exported, against, chunks, provider, batch, text, tokens, static,
     sums 5e-2: they cancel, so their relative error is a multiple of the fp16 activations')."""
     from exporters.verify import format_table, verify
 
+    _note_fp16_on_cpu(exported, provider)
     ids = None
     if text is not None or tokens is not None:
         if batch != 1:
