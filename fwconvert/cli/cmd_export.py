@@ -184,18 +184,20 @@ def run_cmd(exported, text, tokens, generate, provider, as_json):
         raise err
 
 
-def _note_fp16_on_cpu(folder: str, provider: str) -> None:
+def _manifest_or_none(folder: str):
+    """The export's manifest, or None when it cannot be read (verify itself then reports why, with its reason)."""
+    from exporters.runtime.session import load_manifest
+
+    try:
+        return load_manifest(folder)
+    except Exception:  # noqa: BLE001 - reported by verify
+        return None
+
+
+def _note_fp16_on_cpu(manifest, provider: str) -> None:
     """An fp16 export verified on the CPU provider runs onnxruntime's CPU kernels, not the CUDA ones it is made for:
     the CPU Attention kernel of full-attention graphs rounds inside the op in fp16 (docs/results.md, session 14)."""
-    if provider != "cpu":
-        return
-    try:
-        from exporters.runtime.session import load_manifest
-
-        fp16 = load_manifest(folder).dtype == "fp16"
-    except Exception:  # noqa: BLE001 - verify itself reports an unreadable export with its reason
-        return
-    if fp16:
+    if provider == "cpu" and manifest is not None and manifest.dtype == "fp16":
         click.echo("note: an fp16 export on the CPU provider runs onnxruntime's CPU kernels, whose fp16 rounding "
                    "differs from the CUDA kernels it is made for; --provider cuda checks the deployment's numerics",
                    err=True)
@@ -207,7 +209,8 @@ def _note_fp16_on_cpu(folder: str, provider: str) -> None:
 @click.option("--chunks", type=int, default=16, show_default=True, help="Number of chained chunks to compare.")
 @click.option("--provider", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True,
               help="onnxruntime execution provider (CUDA: TF32 off for fp32 graphs, on for the fp32 parts "
-                   "of fp16 graphs, as every session runs them).")
+                   "of fp16 graphs, as every session runs them). fp16 exports are made for CUDA: on the CPU their "
+                   "fp16 rounds differently (a note says so).")
 @click.option("--batch", type=int, default=1, show_default=True, help="Documents per chunk (random tokens only).")
 @click.option("--text", type=click.Path(), default=None,
               help="Compare on this UTF-8 document (its first CHUNKS chunks, tokenized with the copied tokenizer) "
@@ -226,14 +229,16 @@ def verify_cmd(exported, against, chunks, provider, batch, text, tokens, static,
     sums 5e-2: they cancel, so their relative error is a multiple of the fp16 activations')."""
     from exporters.verify import format_table, verify
 
-    _note_fp16_on_cpu(exported, provider)
+    manifest = _manifest_or_none(exported)
+    _note_fp16_on_cpu(manifest, provider)
     ids = None
     if text is not None or tokens is not None:
         if batch != 1:
             raise click.UsageError("--batch applies to random tokens only; --text/--tokens verify one document")
         from exporters.runtime.session import load_manifest
 
-        ids = [_document(exported, text, tokens, load_manifest(exported).vocab_size)[0]]
+        vocab = (manifest or load_manifest(exported)).vocab_size  # an unreadable manifest: its error, here
+        ids = [_document(exported, text, tokens, vocab)[0]]
     try:
         report = verify(exported, against=against, chunks=chunks, provider=provider, batch=batch, tokens=ids,
                         static=static, log=_progress_line)
