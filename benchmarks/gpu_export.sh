@@ -2,8 +2,9 @@
 # On the GPU machine, after gpu_calibrate.sh: export the base model and the calibrated FWL / in-place models
 # (fp16, C = 512; full attention, and window 2048 for static sessions with CUDA graphs), verify them on the CUDA
 # provider, then the chunk-step benchmark (benchmarks/chunk_step.py) with every graph side by side.
-#   PART=export|verify|bench|all   EXPORTS='name:source:dtype[:window[:sinks]] ...'   (results under $OUT; a
-#   window without sinks is the plain window model, --sink-tokens 0)
+#   PART=export|verify|bench|all   EXPORTS='name:source:dtype[:window[:sinks[:form]]] ...'   (results under $OUT; a
+#   window without sinks is the plain window model, --sink-tokens 0; form "wide" exports with the experiment
+#   FWCONVERT_EXPERIMENT_WIDE_ROPE=1 (exporters/onnx/rotary_form.py), e.g. base-i:$G:fp16:::wide)
 set -uo pipefail
 export PYTHONPATH=/tmp/fw-site:$PWD PYTHONUNBUFFERED=1
 G=${G:-/tmp/fw-assets/SmolLM2-135M-Instruct.Q4_1.gguf}; W=${W:-/tmp/w}; OUT=${OUT:-/tmp/out}; PART=${PART:-all}
@@ -14,10 +15,11 @@ DOC=$(python3 -c "import sysconfig, os; print(os.path.join(sysconfig.get_paths()
 mkdir -p "$X" "$OUT"
 if [ "$PART" = all ] || [ "$PART" = export ]; then  # on the CPUs, in parallel
   for e in $EXPORTS; do
-    IFS=: read -r name src dtype win sinks <<< "$e"
+    IFS=: read -r name src dtype win sinks form <<< "$e"
     args=(--chunk-size 512 --dtype "$dtype" --force); [ -n "${win:-}" ] && args+=(--attention window --window "$win")
     [ -n "${win:-}" ] && args+=(--sink-tokens "${sinks:-0}")  # no sinks given: the plain window model
-    [ -d "$X/$name" ] || OMP_NUM_THREADS=2 timeout 540 python3 -m fwconvert export-onnx "$src" -o "$X/$name" "${args[@]}" \
+    [ -d "$X/$name" ] || FWCONVERT_EXPERIMENT_WIDE_ROPE=$([ "${form:-}" = wide ] && echo 1 || echo 0) \
+      OMP_NUM_THREADS=2 timeout 540 python3 -m fwconvert export-onnx "$src" -o "$X/$name" "${args[@]}" \
       > "$X/export-$name.log" 2>&1 &
   done
   wait

@@ -8,8 +8,9 @@
 # Each `run` call must follow the last within the machine's idle release (30 s): poll with `sleep 240; ... status`.
 # Settings (environment): RUNS, STEPS, CONVERT, CONVERT2, RUNS2 (gpu_calibrate.sh), EVALS, ABLATE (gpu_eval.sh), OLD: a folder holding
 # an older checkout whose window graphs are exported and timed beside the new ones (names with suffix 3: base-w3, ...),
-# NEW: the SmolLM2 graphs exported for the bench (gpu_export.sh's EXPORTS form; default: base, FWL and in-place, full,
-# window 2048, window + 4 sinks),
+# NEW: the SmolLM2 graphs exported for the bench, timed in this order (gpu_export.sh's EXPORTS form; default: base, FWL
+# and in-place, full, window 2048, window + 4 sinks), STREAM_GRAPHS: the full graphs stream_by_chunk.py streams (default
+# base fwl ttt), FWCONVERT_EXPERIMENT_WIDE_ROPE=1: the 1B shape's graphs in that experiment's form (SmolLM2's: NEW's form field),
 # LINATT=0: skip the LinearAttention check of the profile stage,
 # PROFILE: the graphs whose kernels are profiled (default: every SmolLM2 graph; 20-30 s each), PROFILE_1B=0 to
 # skip the 1B kernel profile, PROFILE_PAST: the past length at which the full graphs' step is profiled too (B = 1,
@@ -29,7 +30,7 @@ G=/tmp/fw-assets/SmolLM2-135M-Instruct.Q4_1.gguf; W=/tmp/w; X=$W/x
 case ${1:-} in
 start)
   rm -rf $R && mkdir -p $R $S $RES && tar -C "$(dirname "$0")/.." --exclude=./.device -cf - . | tar -C $R -xf -
-  for v in RUNS STEPS EVALS ABLATE OLD NEW CONVERT CONVERT2 RUNS2 STAGES VERIFY SDPA PROFILE PROFILE_1B PROFILE_PAST PAST_GRAPHS LINATT; do [ -n "${!v:-}" ] && printf '%s=%q\n' "$v" "${!v}"; done > $S/settings
+  for v in RUNS STEPS EVALS ABLATE OLD NEW CONVERT CONVERT2 RUNS2 STAGES VERIFY SDPA PROFILE PROFILE_1B PROFILE_PAST PAST_GRAPHS LINATT STREAM_GRAPHS FWCONVERT_EXPERIMENT_WIDE_ROPE; do [ -n "${!v:-}" ] && printf '%s=%q\n' "$v" "${!v}"; done > $S/settings
   setsid nohup bash $R/benchmarks/gpu_pipeline.sh run > $S/pipeline.log 2>&1 < /dev/null &
   echo "started (pid $!); follow with: bash benchmarks/gpu_pipeline.sh status"
   exit 0;;
@@ -72,12 +73,13 @@ cat $RES/shapes-export/shapes.md 2>/dev/null; echo "   ($((SECONDS - T0)) s so f
 
 if on bench; then
   stage "chunk-step benchmark (SmolLM2), alone on the machine"
-  g=(); for n in base fwl ttt base-w fwl-w ttt-w base-ws ttt-ws base-w3 fwl-w3 ttt-w3; do [ -d $X/$n ] && g+=(--graph "$n=$X/$n"); done
+  names="base fwl ttt base-w fwl-w ttt-w base-ws ttt-ws"; [ -n "${NEW:-}" ] && names=$(for e in $NEW; do printf '%s ' "${e%%:*}"; done)
+  g=(); for n in $names base-w3 fwl-w3 ttt-w3; do [ -d $X/$n ] && g+=(--graph "$n=$X/$n"); done
   (cd benchmarks && timeout 600 python3 chunk_step.py --gguf "$G" "${g[@]}" --doc "$DOC" \
      --out-md $RES/chunk-step.md --out-json $RES/chunk-step.json > $RES/chunk-step.log 2>&1)
   tail -n 40 $RES/chunk-step.md; echo "   ($((SECONDS - T0)) s so far)"
   # the full graphs' streaming, ordinary and static sessions: interleaved passes and each chunk's step (about 1 min)
-  g=(); for n in base fwl ttt; do [ -d $X/$n ] && g+=(--graph "$n=$X/$n"); done
+  g=(); for n in ${STREAM_GRAPHS:-base fwl ttt}; do [ -d $X/$n ] && g+=(--graph "$n=$X/$n"); done
   [ ${#g[@]} -gt 0 ] && (cd benchmarks && timeout 300 python3 stream_by_chunk.py "${g[@]}" --static --passes 3 \
      --out-md $RES/stream-by-chunk.md --out-json $RES/stream-by-chunk.json > $RES/stream-by-chunk.log 2>&1)
   tail -n 16 $RES/stream-by-chunk.md 2>/dev/null; echo "   ($((SECONDS - T0)) s so far)"

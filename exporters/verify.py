@@ -128,11 +128,21 @@ def _tokens(session: ChunkSession, chunks: int, batch: int, seed: int, tokens) -
     return ids
 
 
-def _chunk_rows(k: int, lo: np.ndarray, ref: np.ndarray, ort_state: Dict, ref_state: Dict, own: Dict) -> List[Row]:
+def _graph_layout(r: np.ndarray, key: str, key_dim_order) -> np.ndarray:
+    """torch's state tensor ``r`` in the graph's layout: keys (and sink keys) with each head's dims in the
+    manifest's ``key_dim_order`` (None: the model's own order)."""
+    if key_dim_order is not None and key.startswith("past_key_values.") and key.endswith((".key", ".sink_key")):
+        return r[..., list(key_dim_order)]
+    return r
+
+
+def _chunk_rows(k: int, lo: np.ndarray, ref: np.ndarray, ort_state: Dict, ref_state: Dict, own: Dict,
+                key_dim_order=None) -> List[Row]:
     mx, rel = compare(lo, ref)
     rows = [Row(k, "logits", mx, rel, float((lo.argmax(-1) == ref.argmax(-1)).mean()))]
     for key, val in ort_state.items():
         r = ref_state[key].float().numpy() if ref_state[key].is_floating_point() else ref_state[key].numpy()
+        r = _graph_layout(r, key, key_dim_order)
         mx, rel = compare(_align(val, r, key), r)
         rows.append(Row(k, key, mx, rel, tolerance=own.get(key)))
     return rows
@@ -193,7 +203,7 @@ def verify(folder: str, against=None, chunks: int = 16, provider: str = "cpu", b
             lo = session.step(chunk, state)
             lt, tstate = model.step(torch.from_numpy(chunk), tstate)
             ref = lt.float().numpy()
-            rows = _chunk_rows(k, lo, ref, state.to_numpy(), tstate, own)
+            rows = _chunk_rows(k, lo, ref, state.to_numpy(), tstate, own, session.manifest.key_dim_order)
             report.rows.extend(rows)
             worst = report.worst(rows)
             log(f"chunk {k + 1}/{-(-ids.shape[1] // c)}: worst {worst.name} rel {worst.rel:.2e}")

@@ -248,6 +248,7 @@ def export_onnx(model_or_path: Union[str, os.PathLike, DecoderLM], out: str, *, 
         manifest.source_fingerprint = ck.fingerprint() if ck is not None else None
         manifest.fast_weights = fast_weights_to_dict(model.fast_weights)
         manifest.versions["ort_contrib_ops"] = getattr(prog, "fusions", {})
+        manifest.key_dim_order = prog.key_dim_order
         check_graph(graph_path, manifest)
         log("checking the graph against torch on one chunk")
         tol = TOLERANCES["ort_fp32_vs_torch_fp32" if dtype == "fp32" else "export_smoke_fp16"]

@@ -19,24 +19,53 @@ are made once per step and shared by every layer; the Reshapes are views.
 """
 from __future__ import annotations
 
+import os
+
 import numpy as np
 
 from .ir_nodes import Nodes, replace_value
 from .ir_values import const_array, const_ints, dims, remove_dead
 
 
-def _is_rotation(v, hd: int) -> bool:
-    """Whether ``v`` is the constant R [hd, hd] with x @ R == rotate_half(x) (rope.py::rotation_matrix)."""
+WIDE_ENV = "FWCONVERT_EXPERIMENT_WIDE_ROPE"
+MAX_OP_HEAD = 1024  # onnxruntime's CUDA RotaryEmbedding enforces head_size <= max threads per block
+
+
+def wide_rope_wanted() -> bool:
+    """Whether this export takes the interleaved head layout and wide RoPE heads (the experiment switch above)."""
+    return os.environ.get(WIDE_ENV, "") == "1"
+
+
+def _rotation_form(v, hd: int):
+    """"half" when ``v`` is the constant R [hd, hd] with x @ R == rotate_half(x) (rope.py::rotation_matrix),
+    "interleaved" when it is rope.py::interleaved_rotation_matrix, else None."""
     if dims(v) != [hd, hd]:  # checked first: reading a projection weight just to compare it would be slow
-        return False
+        return None
     r = const_array(v)
     if r is None or r.shape != (hd, hd):
-        return False
+        return None
+    r = r.astype(np.float64)
     h = hd // 2
-    want = np.zeros((hd, hd), dtype=np.float64)
-    want[np.arange(h) + h, np.arange(h)] = -1.0
-    want[np.arange(h), np.arange(h) + h] = 1.0
-    return bool(np.array_equal(r.astype(np.float64), want))
+    half = np.zeros((hd, hd), dtype=np.float64)
+    half[np.arange(h) + h, np.arange(h)] = -1.0
+    half[np.arange(h), np.arange(h) + h] = 1.0
+    order = _interleaved_order(hd)
+    if np.array_equal(r, half):
+        return "half"
+    if np.array_equal(r, half[np.ix_(order, order)]):  # the same rotation with each head's dims reordered
+        return "interleaved"
+    return None
+
+
+def _interleaved_order(hd: int) -> np.ndarray:
+    """rope.py::interleaved_order: dim j of the interleaved layout is dim order[j] of the half-split one."""
+    return np.stack([np.arange(hd // 2), np.arange(hd // 2) + hd // 2], 1).reshape(-1)
+
+
+def group_size(heads: int, hd: int) -> int:
+    """How many heads of an interleaved RoPE the op gets as one: the largest divisor G of ``heads`` with G·hd <=
+    MAX_OP_HEAD (onnxruntime's CUDA kernel runs one thread per element of an op head, in one block)."""
+    return max(g for g in range(1, heads + 1) if heads % g == 0 and g * hd <= MAX_OP_HEAD)
 
 
 def _other_input(node, v):
@@ -54,13 +83,22 @@ def _only_use(v, op_type: str):
 
 
 def _angles(table, fn: str):
-    """(f, cast) when ``table`` = Unsqueeze(c, [2]) with c = [Cast(to)](fn(Concat(f, f, axis -1))), else None."""
+    """(f, cast, interleaved) when ``table`` = Unsqueeze(c, [2]) with c = [Cast(to)](fn(Concat(f, f, axis -1))),
+    or c gathered along its last axis in the interleaved order (interleaved True), else None."""
     u = table.producer()
     if u is None or u.op_type != "Unsqueeze" or len(u.inputs) < 2:
         return None
     if const_ints(u.inputs[1]) != [2]:
         return None
     c = u.inputs[0].producer()
+    interleaved = c is not None and c.op_type == "Gather"
+    if interleaved:
+        axis, d = c.attributes.get("axis"), dims(c.inputs[0])
+        if axis is None or axis.value not in (-1, 2) or d is None or len(d) != 3 or not isinstance(d[2], int):
+            return None
+        if const_ints(c.inputs[1]) != _interleaved_order(d[2]).tolist():
+            return None
+        c = c.inputs[0].producer()
     cast = None
     if c is not None and c.op_type == "Cast":
         cast, c = c, c.inputs[0].producer()
@@ -73,7 +111,7 @@ def _angles(table, fn: str):
     f = cat.inputs[0]
     if axis is None or axis.value not in (-1, 2) or dims(f) is None or len(dims(f)) != 3:
         return None
-    return f, cast
+    return f, cast, interleaved
 
 
 def _match(matmul):
@@ -82,7 +120,8 @@ def _match(matmul):
     xd = dims(x)
     if xd is None or len(xd) != 4 or not isinstance(xd[2], int) or not isinstance(xd[3], int) or xd[3] % 2:
         return None
-    if not _is_rotation(matmul.inputs[1], xd[3]):
+    form = _rotation_form(matmul.inputs[1], xd[3])
+    if form is None:
         return None
     ms = _only_use(matmul.outputs[0], "Mul")
     add = _only_use(ms.outputs[0], "Add") if ms is not None else None
@@ -96,29 +135,30 @@ def _match(matmul):
     if cos_t is None or sin_t is None:
         return None
     c, s = _angles(cos_t, "Cos"), _angles(sin_t, "Sin")
-    if c is None or s is None or c[0] is not s[0]:
+    if c is None or s is None or c[0] is not s[0] or c[2] != s[2] or c[2] != (form == "interleaved"):
         return None
     if (c[1] is None) != (s[1] is None) or (c[1] is not None and c[1].attributes["to"].value != s[1].attributes["to"].value):
         return None
-    return x, c[0], c[1], add, [add, mc, ms, matmul]
+    return x, c[0], c[1], c[2], add, [add, mc, ms, matmul]
 
 
 def rotary_embedding(graph) -> int:
     """Rewrite every traced RoPE (module doc) into a fused ``com.microsoft.RotaryEmbedding``; returns how many."""
-    shared = {}  # per angle tensor f: (ids, cos rows, sin rows), made once after f's producer
+    shared = {}  # per angle tensor f and op-head group: (ids, cos rows, sin rows), made once after f's producer
     done = 0
     for mm in [n for n in graph if n.op_type == "MatMul" and n.domain in ("", "ai.onnx")]:
         m = _match(mm)
         if m is None:
             continue
-        x, f, cast, add, old = m
+        x, f, cast, interleaved, add, old = m
         hd, heads = dims(x)[3], dims(x)[2]
-        if id(f) not in shared:
-            shared[id(f)] = _rows(graph, f, cast, hd)
-        ids, cos_rows, sin_rows = shared[id(f)]
+        g = group_size(heads, hd) if interleaved else 1
+        if (id(f), g) not in shared:
+            shared[(id(f), g)] = _rows(graph, f, cast, hd, g)
+        ids, cos_rows, sin_rows = shared[(id(f), g)]
         new = Nodes()
         x3 = new.op("Reshape", x, new.const(np.array([0, 0, heads * hd], dtype=np.int64)))
-        rot = new.op("RotaryEmbedding", x3, ids, cos_rows, sin_rows, domain="com.microsoft", interleaved=0)
+        rot = new.op("RotaryEmbedding", x3, ids, cos_rows, sin_rows, domain="com.microsoft", interleaved=int(interleaved))
         out = new.op("Reshape", rot, new.const(np.array([0, 0, heads, hd], dtype=np.int64)))
         graph.insert_before(add, new.nodes)
         replace_value(graph, add.outputs[0], out)
@@ -127,8 +167,9 @@ def rotary_embedding(graph) -> int:
     return done
 
 
-def _rows(graph, f, cast, hd: int):
-    """(ids [B, T], cos rows [B·T, hd/2], sin rows [B·T, hd/2]) from the angles f [B, T, hd/2], inserted after f."""
+def _rows(graph, f, cast, hd: int, g: int):
+    """(ids [B, T], cos rows [B·T, g·hd/2], sin rows [B·T, g·hd/2]) from the angles f [B, T, hd/2], inserted after
+    f: each row the token's hd/2 angles, g times over (one op head of g interleaved heads)."""
     new = Nodes()
 
     def i64(values):
@@ -140,7 +181,8 @@ def _rows(graph, f, cast, hd: int):
         v = new.op(fn, f)
         if cast is not None:
             v = new.op("Cast", v, to=int(cast.attributes["to"].value))
-        rows.append(new.op("Reshape", v, flat))
+        v = new.op("Reshape", v, flat)
+        rows.append(new.op("Tile", v, i64([1, g])) if g > 1 else v)
     bt = new.op("Slice", new.op("Shape", f), i64([0]), i64([2]))  # [B, T]
     n = new.op("Squeeze", new.op("ReduceProd", bt), i64([0]))  # B·T
     ids = new.op("Reshape", new.op("Range", i64(0), n, i64(1)), bt)

@@ -79,7 +79,7 @@ def check_manifest_against_graph(manifest: Manifest, inputs: Dict[str, object], 
 
 
 def _top_level_problem(m: Manifest, inputs: dict, outputs: dict, past_pin: Optional[int]) -> Optional[str]:
-    """What the manifest's top-level fields (vocab_size, dtype, attention, window, sink_tokens) say that the graph's
+    """What the manifest's top-level fields (vocab_size, dtype, attention, window, sink_tokens, key_dim_order) say that the graph's
     declared logits and KV inputs contradict, or None. ``past_pin``: the size a session pinned the ``past`` axis
     to (onnxruntime then declares it as that number)."""
     logits = outputs.get("logits")
@@ -96,6 +96,11 @@ def _top_level_problem(m: Manifest, inputs: dict, outputs: dict, past_pin: Optio
             return f"dtype is {m.dtype!r}, but the graph's KV input {s.input!r} is {dt}"
         if len(shape) != 4:
             continue
+        order = m.key_dim_order
+        if order is not None and (not isinstance(order, list) or not all(is_int(i) for i in order)
+                                  or sorted(order) != list(range(len(order))) or not is_int(shape[3])
+                                  or len(order) != shape[3]):
+            return f"key_dim_order must be an order of the {shape[3]} head dims of {s.input!r}, got {order!r}"
         n = shape[2]  # [batch, heads, positions, head_dim]
         growing = isinstance(n, str) or (past_pin is not None and n == past_pin)
         if s.key.endswith((".sink_key", ".sink_value")):

@@ -53,6 +53,24 @@ def rotation_matrix(dim: int, dtype=torch.float32, device=None) -> torch.Tensor:
     return r
 
 
+def interleaved_order(dim: int, device=None) -> torch.Tensor:
+    """order [dim] (int64): the interleaved layout of a head's dims, ``x_interleaved = x[..., order]``. The pair
+    (p, p + dim/2) that RoPE rotates together lands at (2p, 2p + 1): order = [0, h, 1, h + 1, ...], h = dim/2."""
+    h = dim // 2
+    return torch.stack((torch.arange(h, device=device), torch.arange(h, device=device) + h), dim=1).reshape(-1)
+
+
+def interleaved_rotation_matrix(dim: int, dtype=torch.float32, device=None) -> torch.Tensor:
+    """R [dim, dim] with ``x @ R`` = the interleaved rotate: out[2p] = -x[2p + 1], out[2p + 1] = x[2p]; so that
+    ``apply_rope(x[..., o], cos[..., o], sin[..., o], R) == apply_rope(x, cos, sin)[..., o]`` for o =
+    ``interleaved_order(dim)`` (exactly: each output is the same two products)."""
+    r = torch.zeros(dim, dim, dtype=dtype, device=device)
+    even = torch.arange(0, dim, 2, device=device)
+    r[even + 1, even] = -1.0
+    r[even, even + 1] = 1.0
+    return r
+
+
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, rotation=None) -> torch.Tensor:
     """x [B, T, H, hd] (heads after positions: the layout of the projections, so no transpose comes first);
     cos/sin [B, T, hd]. ``rotation``: ``rotation_matrix(hd)`` to rotate the halves with one matmul (exports use

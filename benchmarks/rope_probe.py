@@ -1,0 +1,125 @@
+"""How fast is onnxruntime's ``com.microsoft.RotaryEmbedding`` when it sees wide heads? A probe, not part of the graphs.
+
+onnxruntime's CUDA kernel launches one block of ``head_size`` threads per (token, head), one element per thread
+(``contrib_ops/cuda/bert/rotary_embedding_impl.cu``). For SmolLM2's q·k (12 heads of 64) at batch 8 and C = 512 that
+is 49,152 blocks of 64 threads: 31 µs per layer on an H100 (docs/benchmarks.md, session 14), a tenth of the copy
+bandwidth. In the **interleaved** form the pairs are adjacent (2p, 2p+1) and the op's angle index is (i / 2) mod
+(rotary dim / 2), so G heads whose dims are laid out interleaved can be handed to the op as ONE head of G·hd with an
+angle row that repeats the hd/2 angles G times: the same arithmetic, G times fewer (and G times larger) blocks.
+A graph would need the query and key weights' dims reordered within each head (2p <- p, 2p + 1 <- p + hd/2), which
+leaves every q·k dot product unchanged, but leaves the keys in the cache in that order.
+
+    python benchmarks/rope_probe.py [--provider cpu|cuda] [--batch 1 8] [--layers 30]
+
+For each shape (SmolLM2: 9 + 3 heads of 64; the LLaMA-1B shape: 32 + 8 heads of 64) and form (narrow: the graphs'
+form today; wide: G heads per op head, G the largest divisor of the head count with G·hd <= 1024) it builds one
+graph of ``--layers`` chained RotaryEmbedding nodes on fp16 [B, C, N·hd], checks the wide output against the narrow
+one (reordered), and on CUDA times the chain with CUDA graphs (median of 50 replays after warm-up) and prints µs per
+node. Angles are per-token rows (row b·C + t, ids [B, C]) as in the graphs (exporters/onnx/rotary_form.py).
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import numpy as np
+
+SHAPES = {"smollm2": (12, 64), "llama-1b": (40, 64)}  # (query + key heads, head dim)
+
+
+def interleave_order(hd: int) -> np.ndarray:
+    """order[j] = the half-split dim that interleaved dim j holds: 2p <- p, 2p + 1 <- p + hd/2."""
+    h = hd // 2
+    return np.stack([np.arange(h), np.arange(h) + h], 1).reshape(-1)
+
+
+def group_size(heads: int, hd: int, limit: int = 1024) -> int:
+    return max(g for g in range(1, heads + 1) if heads % g == 0 and g * hd <= limit)
+
+
+def chain(layers: int, interleaved: int):
+    from onnx import TensorProto as TP, helper as oh
+
+    nodes, x = [], "x"
+    for i in range(layers):
+        y = f"y{i}"
+        nodes.append(oh.make_node("RotaryEmbedding", [x, "ids", "cos", "sin"], [y], domain="com.microsoft",
+                                  interleaved=interleaved))
+        x = y
+    inputs = [oh.make_tensor_value_info("x", TP.FLOAT16, None), oh.make_tensor_value_info("ids", TP.INT64, None),
+              oh.make_tensor_value_info("cos", TP.FLOAT16, None), oh.make_tensor_value_info("sin", TP.FLOAT16, None)]
+    graph = oh.make_graph(nodes, "rope", inputs, [oh.make_tensor_value_info(x, TP.FLOAT16, None)])
+    model = oh.make_model(graph, opset_imports=[oh.make_opsetid("", 17), oh.make_opsetid("com.microsoft", 1)])
+    model.ir_version = 10
+    return model.SerializeToString()
+
+
+def feeds(batch: int, chunk: int, heads: int, hd: int, g: int, rng):
+    """(narrow feeds, wide feeds, wide-to-narrow dim order) for one shape; the wide x is the narrow x reordered."""
+    x = rng.standard_normal((batch, chunk, heads, hd)).astype(np.float16)
+    f = (np.arange(chunk)[None, :, None] + 100.0) * (1.0 / 10000.0 ** (np.arange(0, hd, 2) / hd))[None, None, :]
+    f = np.broadcast_to(f, (batch, chunk, hd // 2)).reshape(batch * chunk, hd // 2)
+    ids = np.arange(batch * chunk, dtype=np.int64).reshape(batch, chunk)
+    order = interleave_order(hd)
+    narrow = {"x": x.reshape(batch, chunk, heads * hd), "ids": ids,
+              "cos": np.cos(f).astype(np.float16), "sin": np.sin(f).astype(np.float16)}
+    wide = {"x": np.ascontiguousarray(x[..., order]).reshape(batch, chunk, heads * hd), "ids": ids,
+            "cos": np.tile(narrow["cos"], (1, g)), "sin": np.tile(narrow["sin"], (1, g))}
+    return narrow, wide, order
+
+
+def timed_us(ort, blob: bytes, feed: dict, layers: int) -> float:
+    """µs per node of the chain on CUDA with CUDA graphs (IO bound on the device)."""
+    so = ort.SessionOptions()
+    sess = ort.InferenceSession(blob, so, providers=[("CUDAExecutionProvider", {"enable_cuda_graph": "1"})])
+    bind = sess.io_binding()
+    ins = {k: ort.OrtValue.ortvalue_from_numpy(v, "cuda", 0) for k, v in feed.items()}
+    out = ort.OrtValue.ortvalue_from_shape_and_type(feed["x"].shape, np.float16, "cuda", 0)
+    for k, v in ins.items():
+        bind.bind_ortvalue_input(k, v)
+    bind.bind_ortvalue_output(sess.get_outputs()[0].name, out)
+    ro = ort.RunOptions()
+    for _ in range(5):
+        sess.run_with_iobinding(bind, ro)
+    bind.synchronize_outputs()
+    ts = []
+    for _ in range(50):
+        t = time.perf_counter()
+        sess.run_with_iobinding(bind, ro)
+        bind.synchronize_outputs()
+        ts.append(time.perf_counter() - t)
+    return statistics.median(ts) * 1e6 / layers
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--provider", choices=["cpu", "cuda"], default="cpu")
+    ap.add_argument("--batch", type=int, nargs="+", default=[1, 8])
+    ap.add_argument("--chunk", type=int, default=512)
+    ap.add_argument("--layers", type=int, default=30)
+    a = ap.parse_args(argv)
+    import onnxruntime as ort
+
+    rng = np.random.default_rng(0)
+    print("| shape | B | heads × hd | G | max abs (wide vs narrow) | narrow µs/node | wide µs/node | narrow / wide |")
+    print("|---|---|---|---|---|---|---|---|")
+    for name, (heads, hd) in SHAPES.items():
+        g = group_size(heads, hd)
+        for b in a.batch:
+            narrow, wide, order = feeds(b, a.chunk, heads, hd, g, rng)
+            one = {0: chain(1, 0), 1: chain(1, 1)}
+            prov = ["CUDAExecutionProvider"] if a.provider == "cuda" else ["CPUExecutionProvider"]
+            yn = ort.InferenceSession(one[0], providers=prov).run(None, narrow)[0].reshape(b, a.chunk, heads, hd)
+            yw = ort.InferenceSession(one[1], providers=prov).run(None, wide)[0].reshape(b, a.chunk, heads, hd)
+            err = float(np.abs(yw.astype(np.float32) - yn[..., order].astype(np.float32)).max())
+            tn = tw = float("nan")
+            if a.provider == "cuda":
+                tn = timed_us(ort, chain(a.layers, 0), narrow, a.layers)
+                tw = timed_us(ort, chain(a.layers, 1), wide, a.layers)
+            print(f"| {name} | {b} | {heads} × {hd} | {g} | {err:.3g} | {tn:.2f} | {tw:.2f} | {tn / tw:.2f} |")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

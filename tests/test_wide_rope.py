@@ -1,0 +1,143 @@
+"""The interleaved head layout with wide RoPE heads (experiment FWCONVERT_EXPERIMENT_WIDE_ROPE=1,
+exporters/onnx/rotary_form.py): the same rotation in another dim order (float64), the export form against the
+module form, exports that verify with the keys in the manifest's order (and fail without it), the op-head grouping,
+and the manifest's check of the order."""
+import json
+import os
+import shutil
+
+import numpy as np
+import onnx
+import pytest
+import torch
+
+from exporters.onnx.export import export_onnx
+from exporters.onnx.rotary_form import WIDE_ENV, group_size
+from exporters.runtime.session import ChunkSession
+from exporters.verify import verify
+from fwconvert.errors import InputError, NumericError
+from fwconvert.modeling.rope import (apply_rope, interleaved_order, interleaved_rotation_matrix, rope_cos_sin,
+                                     rotation_matrix)
+from test_onnx_common import tiny_model
+from tiny import rel_err
+
+
+def test_interleaved_rope_is_the_same_rotation_reordered():
+    """apply_rope in the interleaved layout (x, cos, sin reordered; the interleaved rotation) is the half-split RoPE
+    reordered, exactly; the order puts each rotated pair (p, p + hd/2) at (2p, 2p + 1)."""
+    hd = 12
+    order = interleaved_order(hd)
+    assert order.tolist() == [0, 6, 1, 7, 2, 8, 3, 9, 4, 10, 5, 11]
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 5, 3, hd, generator=g, dtype=torch.float64)
+    inv = 1.0 / (10000.0 ** (torch.arange(0, hd, 2, dtype=torch.float64) / hd))
+    cos, sin = rope_cos_sin(inv, torch.arange(10, 15).repeat(2, 1), torch.float64)
+    want = apply_rope(x, cos, sin)
+    got = apply_rope(x[..., order], cos[..., order], sin[..., order], interleaved_rotation_matrix(hd, torch.float64))
+    assert torch.equal(got, want[..., order])
+    assert torch.equal(apply_rope(x, cos, sin, rotation_matrix(hd, torch.float64)), want)
+    assert not torch.equal(interleaved_rotation_matrix(hd), rotation_matrix(hd))
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2", "qwen3"])
+def test_interleaved_export_form_computes_what_the_model_computes(family):
+    """Under export_form(interleaved=True) the logits and every state are the module form's, the keys reordered
+    (float64, two chained chunks; qwen2: q/k/v biases; qwen3: q/k norms, whose weights are swapped for the trace and
+    put back: the same Parameter objects afterwards)."""
+    from exporters.onnx.graph import export_form
+
+    model = tiny_model(family, "base", seed=3).double()
+    before = {n: p for n, p in model.named_parameters()}
+    values = {n: p.detach().clone() for n, p in before.items()}
+    ids = torch.randint(0, model.config.vocab_size, (2, 7), generator=torch.Generator().manual_seed(0))
+    order = interleaved_order(model.config.head_dim)
+
+    def run():
+        st = model.init_state(2)
+        outs = []
+        for a in (0, 4):
+            logits, st = model.step(ids[:, a:a + 4], st)
+            outs.append(logits)
+        return torch.cat(outs, 1), st
+
+    with torch.no_grad():
+        ref, ref_st = run()
+        with export_form(model, interleaved=True):
+            got, got_st = run()
+    # RMSNorm takes its statistics in fp32 (as transformers does): qwen3's q/k norms sum the squares in another order
+    tol = 1e-6 if family == "qwen3" else 1e-12
+    assert rel_err(got, ref) < tol
+    for k in ref_st:
+        want = ref_st[k].double()
+        if k.endswith(".key"):
+            want = want[..., order]
+            assert rel_err(got_st[k].double(), ref_st[k].double()) > 1e-3, k  # the order is really another one
+        assert rel_err(got_st[k].double(), want) < tol, k
+    after = dict(model.named_parameters())
+    assert all(after[n] is p and torch.equal(p, values[n]) for n, p in before.items())
+
+
+def test_group_size():
+    """Heads per op head: the largest divisor of the head count within onnxruntime's 1024 threads per block."""
+    assert group_size(12, 64) == 12  # SmolLM2's q and k: one op head of 768
+    assert group_size(40, 64) == 10  # the LLaMA-1B shape's q and k: 4 op heads of 640
+    assert group_size(32, 128) == 8
+    assert group_size(7, 200) == 1
+
+
+def _ropes(out):
+    g = onnx.load(os.path.join(out, "model.onnx"), load_external_data=False)
+    return [n for n in g.graph.node if n.op_type == "RotaryEmbedding"], [n.op_type for n in g.graph.node]
+
+
+@pytest.mark.parametrize("family,kind,window,sinks", [("llama", "fwl", None, 0), ("qwen3", "inplace", 12, 2)])
+def test_wide_export_verifies_with_the_keys_in_the_manifest_order(family, kind, window, sinks, tmp_path, monkeypatch):
+    """With the switch on, every RoPE is one interleaved RotaryEmbedding whose op heads hold several heads (angle rows
+    tiled), the manifest records the key order, and verify passes over 4 chunks at batch 2 (keys, sink keys and
+    fast-weight state compared). Without the manifest's order the same keys fail: they really are reordered."""
+    monkeypatch.setenv(WIDE_ENV, "1")
+    model = tiny_model(family, kind, window=window)
+    model.sinks = sinks
+    kw = {"attention": "window", "window": window} if window else {}
+    out = export_onnx(model, str(tmp_path / "onnx"), chunk_size=8, **kw)
+    ropes, ops = _ropes(out)
+    per_layer = 1 if family == "llama" else 2  # qwen3: q and k apart (their norms)
+    assert len(ropes) == per_layer * model.config.num_hidden_layers
+    assert all(a.i == 1 for n in ropes for a in n.attribute if a.name == "interleaved")
+    assert ops.count("Tile") == 2 * per_layer  # cos and sin rows, once per step for each op-head width
+    man = json.load(open(os.path.join(out, "manifest.json")))
+    assert man["key_dim_order"] == interleaved_order(model.config.head_dim).tolist()
+    rep = verify(out, against=model, chunks=4, batch=2)
+    assert rep.passed and {r.name for r in rep.rows} >= {"past_key_values.0.key", "logits"}
+    if sinks:
+        assert "past_key_values.0.sink_key" in {r.name for r in rep.rows}
+    man["key_dim_order"] = None
+    plain = str(tmp_path / "plain")
+    shutil.copytree(out, plain)
+    with open(os.path.join(plain, "manifest.json"), "w") as f:
+        json.dump(man, f)
+    with pytest.raises(NumericError, match="key"):
+        verify(plain, against=model, chunks=2, batch=2)
+
+
+def test_default_export_keeps_the_model_order(tmp_path, monkeypatch):
+    """Switch off: half-split RotaryEmbedding, one op head per head (no Tile), no key order in the manifest."""
+    monkeypatch.delenv(WIDE_ENV, raising=False)
+    out = export_onnx(tiny_model("llama"), str(tmp_path / "onnx"), chunk_size=4)
+    ropes, ops = _ropes(out)
+    assert ropes and all(a.i == 0 for n in ropes for a in n.attribute if a.name == "interleaved")
+    assert "Tile" not in ops
+    assert json.load(open(os.path.join(out, "manifest.json")))["key_dim_order"] is None
+
+
+@pytest.mark.parametrize("bad", [[0, 1], list(range(15)) + [0], "0,1", [True] * 16])
+def test_manifest_key_order_must_order_the_head_dims(bad, tmp_path):
+    """A session refuses a key_dim_order that is not an order of the graph's head dims (llama tiny: 16)."""
+    out = export_onnx(tiny_model("llama"), str(tmp_path / "onnx"), chunk_size=4)
+    path = os.path.join(out, "manifest.json")
+    man = json.load(open(path))
+    man["key_dim_order"] = bad
+    with open(path, "w") as f:
+        json.dump(man, f)
+    with pytest.raises(InputError, match="key_dim_order must be an order of the 16 head dims"):
+        ChunkSession(out, provider="cpu")
