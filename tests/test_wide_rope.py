@@ -6,7 +6,6 @@ import json
 import os
 import shutil
 
-import numpy as np
 import onnx
 import pytest
 import torch
