@@ -10,7 +10,8 @@
 # an older checkout whose window graphs are exported and timed beside the new ones (names with suffix 3: base-w3, ...),
 # NEW: the SmolLM2 graphs exported for the bench, timed in this order (gpu_export.sh's EXPORTS form; default: base, FWL
 # and in-place, full, window 2048, window + 4 sinks), STREAM_GRAPHS: the full graphs stream_by_chunk.py streams (default
-# base fwl ttt), FWCONVERT_EXPERIMENT_WIDE_ROPE=1: the 1B shape's graphs in that experiment's form (SmolLM2's: NEW's form field),
+# base fwl ttt), MEMORY_GRAPHS: full graphs whose static session memory is measured per arena strategy
+# (static_memory.py; default none), FWCONVERT_EXPERIMENT_WIDE_ROPE=1: the 1B shape's graphs in that experiment's form (SmolLM2's: NEW's form field),
 # LINATT=0: skip the LinearAttention check of the profile stage,
 # PROFILE: the graphs whose kernels are profiled (default: every SmolLM2 graph; 20-30 s each), PROFILE_1B=0 to
 # skip the 1B kernel profile, PROFILE_PAST: the past length at which the full graphs' step is profiled too (B = 1,
@@ -30,7 +31,7 @@ G=/tmp/fw-assets/SmolLM2-135M-Instruct.Q4_1.gguf; W=/tmp/w; X=$W/x
 case ${1:-} in
 start)
   rm -rf $R && mkdir -p $R $S $RES && tar -C "$(dirname "$0")/.." --exclude=./.device -cf - . | tar -C $R -xf -
-  for v in RUNS STEPS EVALS ABLATE OLD NEW CONVERT CONVERT2 RUNS2 STAGES VERIFY SDPA PROFILE PROFILE_1B PROFILE_PAST PAST_GRAPHS LINATT STREAM_GRAPHS FWCONVERT_EXPERIMENT_WIDE_ROPE; do [ -n "${!v:-}" ] && printf '%s=%q\n' "$v" "${!v}"; done > $S/settings
+  for v in RUNS STEPS EVALS ABLATE OLD NEW CONVERT CONVERT2 RUNS2 STAGES VERIFY SDPA PROFILE PROFILE_1B PROFILE_PAST PAST_GRAPHS LINATT STREAM_GRAPHS MEMORY_GRAPHS FWCONVERT_EXPERIMENT_WIDE_ROPE; do [ -n "${!v:-}" ] && printf '%s=%q\n' "$v" "${!v}"; done > $S/settings
   setsid nohup bash $R/benchmarks/gpu_pipeline.sh run > $S/pipeline.log 2>&1 < /dev/null &
   echo "started (pid $!); follow with: bash benchmarks/gpu_pipeline.sh status"
   exit 0;;
@@ -83,6 +84,11 @@ if on bench; then
   [ ${#g[@]} -gt 0 ] && (cd benchmarks && timeout 300 python3 stream_by_chunk.py "${g[@]}" --static --passes 3 \
      --out-md $RES/stream-by-chunk.md --out-json $RES/stream-by-chunk.json > $RES/stream-by-chunk.log 2>&1)
   tail -n 16 $RES/stream-by-chunk.md 2>/dev/null; echo "   ($((SECONDS - T0)) s so far)"
+  # static full sessions' device memory by arena strategy (MEMORY_GRAPHS; about 30 s per graph and strategy)
+  g=(); for n in ${MEMORY_GRAPHS:-}; do [ -d $X/$n ] && g+=(--graph "$n=$X/$n"); done
+  [ ${#g[@]} -gt 0 ] && (cd benchmarks && timeout 400 python3 static_memory.py "${g[@]}" --out-md $RES/static-memory.md \
+     > $RES/static-memory.log 2>&1)
+  head -n 8 $RES/static-memory.md 2>/dev/null
 fi
 
 stage "calibrated graphs of $VERIFY export (CPUs) while the kernel profiles run (GPU)"

@@ -25,17 +25,10 @@ import time
 
 import numpy as np
 
+from exporters.onnx.rotary_form import group_size
+from fwconvert.modeling.rope import interleaved_order
+
 SHAPES = {"smollm2": (12, 64), "llama-1b": (40, 64)}  # (query + key heads, head dim)
-
-
-def interleave_order(hd: int) -> np.ndarray:
-    """order[j] = the half-split dim that interleaved dim j holds: 2p <- p, 2p + 1 <- p + hd/2."""
-    h = hd // 2
-    return np.stack([np.arange(h), np.arange(h) + h], 1).reshape(-1)
-
-
-def group_size(heads: int, hd: int, limit: int = 1024) -> int:
-    return max(g for g in range(1, heads + 1) if heads % g == 0 and g * hd <= limit)
 
 
 def chain(layers: int, interleaved: int):
@@ -61,7 +54,7 @@ def feeds(batch: int, chunk: int, heads: int, hd: int, g: int, rng):
     f = (np.arange(chunk)[None, :, None] + 100.0) * (1.0 / 10000.0 ** (np.arange(0, hd, 2) / hd))[None, None, :]
     f = np.broadcast_to(f, (batch, chunk, hd // 2)).reshape(batch * chunk, hd // 2)
     ids = np.arange(batch * chunk, dtype=np.int64).reshape(batch, chunk)
-    order = interleave_order(hd)
+    order = interleaved_order(hd).numpy()
     narrow = {"x": x.reshape(batch, chunk, heads * hd), "ids": ids,
               "cos": np.cos(f).astype(np.float16), "sin": np.sin(f).astype(np.float16)}
     wide = {"x": np.ascontiguousarray(x[..., order]).reshape(batch, chunk, heads * hd), "ids": ids,

@@ -316,3 +316,25 @@ def test_chunk_step_keeps_going_when_a_graph_fails():
     got = chunk_step.attempt(errors, "ours: fwl-w, batch 8", refuse, "fwl-w", 8)
     assert got != got  # NaN
     assert errors == {"ours: fwl-w, batch 8": "RuntimeError: provider refused fwl-w"}
+
+
+def test_rope_probe_wide_heads_equal_narrow_ones_on_cpu(capsys):
+    """rope_probe.py: an interleaved RotaryEmbedding over G heads as one op head (angle rows tiled G times) equals the
+    half-split one head by head, reordered (onnxruntime's CPU kernel; both shapes it probes)."""
+    import rope_probe
+
+    assert rope_probe.main(["--batch", "1", "2", "--chunk", "16"]) == 0
+    rows = [line.split("|") for line in capsys.readouterr().out.splitlines()[2:]]
+    assert len(rows) == 4 and all(float(r[5]) == 0.0 for r in rows), rows
+    assert rope_probe.group_size(40, 64) == 10
+
+
+def test_static_memory_reports_a_failing_child(tmp_path):
+    """static_memory.py runs each (graph, arena strategy) in its own process and writes a row even when the child
+    fails (here: no CUDA device / no graph)."""
+    import static_memory
+
+    md = tmp_path / "m.md"
+    assert static_memory.main(["--graph", f"x={tmp_path}", "--tokens", "8", "--out-md", str(md)]) == 0
+    text = md.read_text()
+    assert text.count("| x |") == 2 and "kSameAsRequested" in text and "kNextPowerOfTwo" in text

@@ -23,6 +23,8 @@ import os
 
 import numpy as np
 
+from fwconvert.modeling.rope import interleaved_order
+
 from .ir_nodes import Nodes, replace_value
 from .ir_values import const_array, const_ints, dims, remove_dead
 
@@ -49,17 +51,12 @@ def _rotation_form(v, hd: int):
     half = np.zeros((hd, hd), dtype=np.float64)
     half[np.arange(h) + h, np.arange(h)] = -1.0
     half[np.arange(h), np.arange(h) + h] = 1.0
-    order = _interleaved_order(hd)
+    order = interleaved_order(hd).numpy()
     if np.array_equal(r, half):
         return "half"
     if np.array_equal(r, half[np.ix_(order, order)]):  # the same rotation with each head's dims reordered
         return "interleaved"
     return None
-
-
-def _interleaved_order(hd: int) -> np.ndarray:
-    """rope.py::interleaved_order: dim j of the interleaved layout is dim order[j] of the half-split one."""
-    return np.stack([np.arange(hd // 2), np.arange(hd // 2) + hd // 2], 1).reshape(-1)
 
 
 def group_size(heads: int, hd: int) -> int:
@@ -96,7 +93,7 @@ def _angles(table, fn: str):
         axis, d = c.attributes.get("axis"), dims(c.inputs[0])
         if axis is None or axis.value not in (-1, 2) or d is None or len(d) != 3 or not isinstance(d[2], int):
             return None
-        if const_ints(c.inputs[1]) != _interleaved_order(d[2]).tolist():
+        if const_ints(c.inputs[1]) != interleaved_order(d[2]).tolist():
             return None
         c = c.inputs[0].producer()
     cast = None

@@ -69,6 +69,7 @@ def _manifest_problem(m: Manifest) -> Optional[str]:
 # bias row stride (the span) aligned, which a user's W and C need not give. Windows now keep W slots (span W + C),
 # but fp32 graphs exist to verify numerics, where the unfused kernel is the safe choice for any span.
 FP32_SDPA_KERNELS = "17"
+ARENA_ENV = "FWCONVERT_EXPERIMENT_ARENA"  # "same": CUDA arenas extend by the size requested (benchmarks/static_memory.py)
 
 
 def tf32_policy(dtype: str) -> bool:
@@ -102,6 +103,8 @@ def _providers(provider: str, use_tf32: bool, cuda_graph: bool = False, fp32: bo
             opts["sdpa_kernel"] = FP32_SDPA_KERNELS
         if cuda_graph:
             opts["enable_cuda_graph"] = "1"
+        if os.environ.get(ARENA_ENV, "") == "same":  # experiment: each arena grows by what is asked, not 2^k
+            opts["arena_extend_strategy"] = "kSameAsRequested"
         return [("CUDAExecutionProvider", opts), "CPUExecutionProvider"]
     if provider not in ("cpu", "auto", "cuda"):
         raise InputError(f"provider must be cpu, cuda or auto, got {provider!r}")
