@@ -11,7 +11,8 @@
 # NEW: the SmolLM2 graphs exported for the bench, timed in this order (gpu_export.sh's EXPORTS form; default: base, FWL
 # and in-place, full, window 2048, window + 4 sinks), STREAM_GRAPHS: the full graphs stream_by_chunk.py streams (default
 # base fwl ttt), MEMORY_GRAPHS: full graphs whose static session memory is measured per arena strategy
-# (static_memory.py; default none), FWCONVERT_EXPERIMENT_WIDE_ROPE=1: the 1B shape's graphs in that experiment's form (SmolLM2's: NEW's form field),
+# (static_memory.py; default none), QUICK_VERIFY: NEW's graphs verified on CUDA after the bench (fp16 on the document),
+# FWCONVERT_EXPERIMENT_WIDE_ROPE=1: the 1B shape's graphs in that experiment's form (SmolLM2's: NEW's form field),
 # LINATT=0: skip the LinearAttention check of the profile stage,
 # PROFILE: the graphs whose kernels are profiled (default: every SmolLM2 graph; 20-30 s each), PROFILE_1B=0 to
 # skip the 1B kernel profile, PROFILE_PAST: the past length at which the full graphs' step is profiled too (B = 1,
@@ -31,7 +32,7 @@ G=/tmp/fw-assets/SmolLM2-135M-Instruct.Q4_1.gguf; W=/tmp/w; X=$W/x
 case ${1:-} in
 start)
   rm -rf $R && mkdir -p $R $S $RES && tar -C "$(dirname "$0")/.." --exclude=./.device -cf - . | tar -C $R -xf -
-  for v in RUNS STEPS EVALS ABLATE OLD NEW CONVERT CONVERT2 RUNS2 STAGES VERIFY SDPA PROFILE PROFILE_1B PROFILE_PAST PAST_GRAPHS LINATT STREAM_GRAPHS MEMORY_GRAPHS FWCONVERT_EXPERIMENT_WIDE_ROPE; do [ -n "${!v:-}" ] && printf '%s=%q\n' "$v" "${!v}"; done > $S/settings
+  for v in RUNS STEPS EVALS ABLATE OLD NEW CONVERT CONVERT2 RUNS2 STAGES VERIFY SDPA PROFILE PROFILE_1B PROFILE_PAST PAST_GRAPHS LINATT STREAM_GRAPHS MEMORY_GRAPHS QUICK_VERIFY FWCONVERT_EXPERIMENT_WIDE_ROPE; do [ -n "${!v:-}" ] && printf '%s=%q\n' "$v" "${!v}"; done > $S/settings
   setsid nohup bash $R/benchmarks/gpu_pipeline.sh run > $S/pipeline.log 2>&1 < /dev/null &
   echo "started (pid $!); follow with: bash benchmarks/gpu_pipeline.sh status"
   exit 0;;
@@ -89,6 +90,12 @@ if on bench; then
   [ ${#g[@]} -gt 0 ] && (cd benchmarks && timeout 400 python3 static_memory.py "${g[@]}" --out-md $RES/static-memory.md \
      > $RES/static-memory.log 2>&1)
   head -n 8 $RES/static-memory.md 2>/dev/null
+  # QUICK_VERIFY: NEW's fp16 graphs verified on CUDA (static sessions, 16 chunks of the document) before the 1B stage
+  for n in ${QUICK_VERIFY:-}; do
+    [ -d $X/$n ] && timeout 300 python3 -m fwconvert verify $X/$n --provider cuda --static --chunks 16 --text "$DOC" \
+      --json > $RES/verify-$n.json 2> $RES/verify-$n.err
+    echo "verify $n: rc $? $(python3 -c "import json,sys; r=json.load(open(sys.argv[1])); print('PASS' if r['passed'] else 'FAIL', r['worst'], r['perplexity'])" $RES/verify-$n.json 2>&1 | tail -n 1)"
+  done
 fi
 
 stage "calibrated graphs of $VERIFY export (CPUs) while the kernel profiles run (GPU)"
