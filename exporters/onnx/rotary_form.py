@@ -16,6 +16,15 @@ indexed by the position itself would cap the positions a stream can reach). Non-
 computes x1·cos − x2·sin and x2·cos + x1·sin, which is x·cat(cos, cos) + rotate_half(x)·cat(sin, sin): the same
 arithmetic (fp16 graphs round once per element instead of after each of the four ops). The cos/sin rows and ids
 are made once per step and shared by every layer; the Reshapes are views.
+
+Wide op heads (the experiment FWCONVERT_EXPERIMENT_WIDE_ROPE=1): onnxruntime's CUDA kernel runs one block of
+head_size threads per (token, op head), one element per thread: for SmolLM2's 12 q·k heads of 64 at batch 8 that
+is 49,152 blocks of 64 threads, 31 µs per layer (docs/benchmarks.md). With the heads' dims in the interleaved
+layout (graph.py::export_form reorders the query and key weights; the traced RoPE then reads cos/sin through a
+Gather in ``rope.interleaved_order`` and rotates with ``rope.interleaved_rotation_matrix``), the rewrite gives the
+op interleaved=1 and G heads as one op head of G·hd (``group_size``) with cos/sin rows tiled G times: its angle
+index (i / 2) mod (G·hd / 2) then reads angle (i / 2) mod (hd / 2) of each head, so the products are the same,
+in G times fewer, larger blocks.
 """
 from __future__ import annotations
 

@@ -79,8 +79,8 @@ def check_manifest_against_graph(manifest: Manifest, inputs: Dict[str, object], 
 
 
 def _top_level_problem(m: Manifest, inputs: dict, outputs: dict, past_pin: Optional[int]) -> Optional[str]:
-    """What the manifest's top-level fields (vocab_size, dtype, attention, window, sink_tokens, key_dim_order) say that the graph's
-    declared logits and KV inputs contradict, or None. ``past_pin``: the size a session pinned the ``past`` axis
+    """What the manifest's top-level fields (vocab_size, dtype, attention, window, sink_tokens, key_dim_order) say
+    that the graph's declared logits and KV inputs contradict, or None. ``past_pin``: the size a session pinned the ``past`` axis
     to (onnxruntime then declares it as that number)."""
     logits = outputs.get("logits")
     dims = list(logits.shape) if logits is not None and logits.shape is not None else []
