@@ -85,17 +85,17 @@ if on bench; then
   [ ${#g[@]} -gt 0 ] && (cd benchmarks && timeout 300 python3 stream_by_chunk.py "${g[@]}" --static --passes 3 \
      --out-md $RES/stream-by-chunk.md --out-json $RES/stream-by-chunk.json > $RES/stream-by-chunk.log 2>&1)
   tail -n 16 $RES/stream-by-chunk.md 2>/dev/null; echo "   ($((SECONDS - T0)) s so far)"
-  # static full sessions' device memory by arena strategy (MEMORY_GRAPHS; about 30 s per graph and strategy)
-  g=(); for n in ${MEMORY_GRAPHS:-}; do [ -d $X/$n ] && g+=(--graph "$n=$X/$n"); done
-  [ ${#g[@]} -gt 0 ] && (cd benchmarks && timeout 400 python3 static_memory.py "${g[@]}" --out-md $RES/static-memory.md \
-     > $RES/static-memory.log 2>&1)
-  head -n 8 $RES/static-memory.md 2>/dev/null
   # QUICK_VERIFY: NEW's fp16 graphs verified on CUDA (static sessions, 16 chunks of the document) before the 1B stage
   for n in ${QUICK_VERIFY:-}; do
     [ -d $X/$n ] && timeout 300 python3 -m fwconvert verify $X/$n --provider cuda --static --chunks 16 --text "$DOC" \
       --json > $RES/verify-$n.json 2> $RES/verify-$n.err
     echo "verify $n: rc $? $(python3 -c "import json,sys; r=json.load(open(sys.argv[1])); print('PASS' if r['passed'] else 'FAIL', r['worst'], r['perplexity'])" $RES/verify-$n.json 2>&1 | tail -n 1)"
   done
+  # static full sessions' device memory by arena strategy (MEMORY_GRAPHS; about 30 s per graph and strategy)
+  g=(); for n in ${MEMORY_GRAPHS:-}; do [ -d $X/$n ] && g+=(--graph "$n=$X/$n"); done
+  [ ${#g[@]} -gt 0 ] && (cd benchmarks && timeout 400 python3 static_memory.py "${g[@]}" --out-md $RES/static-memory.md \
+     > $RES/static-memory.log 2>&1)
+  head -n 8 $RES/static-memory.md 2>/dev/null
 fi
 
 stage "calibrated graphs of $VERIFY export (CPUs) while the kernel profiles run (GPU)"
