@@ -98,8 +98,9 @@ def test_gpu_shapes_script_parses():
     subprocess.run(["bash", "-n", os.path.join(BENCH, "gpu_shapes.sh")], check=True)
 
 
-def test_gpu_pipeline_script_parses_and_refuses_unknown_commands():
-    path = os.path.join(BENCH, "gpu_pipeline.sh")
+@pytest.mark.parametrize("script", ["gpu_pipeline.sh", "gpu_quick_form.sh"])
+def test_gpu_session_scripts_parse_and_refuse_unknown_commands(script):
+    path = os.path.join(BENCH, script)
     subprocess.run(["bash", "-n", path], check=True)
     r = subprocess.run(["bash", path, "nonsense"], capture_output=True, text=True)
     assert r.returncode == 2 and "usage" in r.stderr
