@@ -101,3 +101,24 @@ def test_manifest_key_order_must_order_the_head_dims(bad, tmp_path):
         json.dump(man, f)
     with pytest.raises(InputError, match="key_dim_order must be an order of the 16 head dims"):
         ChunkSession(out, provider="cpu")
+
+
+def test_wide_export_with_several_op_heads_per_rope(tmp_path, monkeypatch):
+    """20 q·k heads of 64 (16 query, 4 key/value: 1,280 > 1,024 threads) are two op heads of 10 heads each: the
+    angle rows tiled 10 times, and the export still verifies (float32, 3 chunks, batch 2)."""
+    from fwconvert.families import parse_config
+    from fwconvert.modeling import build_model, load_tensors
+    from tiny import make_hf_model
+
+    monkeypatch.setenv(WIDE_ENV, "1")
+    hf = make_hf_model("llama", num_hidden_layers=1, num_attention_heads=16, num_key_value_heads=4, head_dim=64)
+    model = load_tensors(build_model(parse_config(hf.config.to_dict(), "config")), hf.state_dict().items()).eval()
+    assert group_size(20, 64) == 10
+    out = export_onnx(model, str(tmp_path / "onnx"), chunk_size=4)
+    g = onnx.load(os.path.join(out, "model.onnx"), load_external_data=False)
+    tiles = [n for n in g.graph.node if n.op_type == "Tile"]
+    reps = [onnx.numpy_helper.to_array(i).tolist() for i in g.graph.initializer if i.name in {n.input[1] for n in tiles}]
+    reps += [onnx.numpy_helper.to_array(n.attribute[0].t).tolist() for n in g.graph.node
+             if n.op_type == "Constant" and n.output[0] in {t.input[1] for t in tiles}]
+    assert len(tiles) == 2 and reps and all(r == [1, 10] for r in reps), reps
+    assert verify(out, against=model, chunks=3, batch=2).passed
