@@ -62,6 +62,19 @@ def test_step_does_not_mutate_state():
     assert all(torch.equal(before[k], s1[k]) for k in before)
 
 
+@torch.no_grad()
+@pytest.mark.parametrize("kind", ["base", "fwl", "inplace"])
+def test_step_refuses_an_empty_chunk(kind):
+    """A chunk of zero tokens (or ids that are not [B, C]) is a clear ValueError for every model kind (FWL's
+    chunked update divided by the chunk length before)."""
+    from test_onnx_common import tiny_model
+
+    m = tiny_model("llama", kind)
+    for ids in (torch.zeros(1, 0, dtype=torch.long), torch.tensor([1, 2])):
+        with pytest.raises(ValueError, match="at least one token"):
+            m.step(ids, m.init_state(1))
+
+
 def test_half_keeps_rotary_frequencies_fp32():
     """An fp16 cast must not round inv_freq (it moved rope angles by radians at position 8k)."""
     from fwconvert.modeling.rope import inverse_frequencies

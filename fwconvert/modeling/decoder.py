@@ -275,6 +275,9 @@ class DecoderLM(nn.Module):
 
         ``aligned=True`` (the export path) promises the chunk starts at a chunk boundary of every chunked
         fast-weight mechanism and holds at most one such chunk (see StepContext.aligned)."""
+        if input_ids.dim() != 2 or input_ids.shape[1] == 0:
+            raise ValueError("input_ids must be [batch, chunk] with at least one token, got shape "
+                             f"{list(input_ids.shape)}")
         return self._step(input_ids, state, aligned, causal=False)
 
     def _step(self, input_ids: torch.Tensor, state: State, aligned: bool, causal: bool):
