@@ -95,16 +95,16 @@ def main(argv=None) -> int:
     import onnxruntime as ort
 
     rng = np.random.default_rng(0)
+    prov = ["CUDAExecutionProvider"] if a.provider == "cuda" else ["CPUExecutionProvider"]
+    one = {form: ort.InferenceSession(chain(1, form), providers=prov) for form in (0, 1)}  # one node each, for the check
     print("| shape | B | heads × hd | G | max abs (wide vs narrow) | narrow µs/node | wide µs/node | narrow / wide |")
     print("|---|---|---|---|---|---|---|---|")
     for name, (heads, hd) in SHAPES.items():
         g = group_size(heads, hd)
         for b in a.batch:
             narrow, wide, order = feeds(b, a.chunk, heads, hd, g, rng)
-            one = {0: chain(1, 0), 1: chain(1, 1)}
-            prov = ["CUDAExecutionProvider"] if a.provider == "cuda" else ["CPUExecutionProvider"]
-            yn = ort.InferenceSession(one[0], providers=prov).run(None, narrow)[0].reshape(b, a.chunk, heads, hd)
-            yw = ort.InferenceSession(one[1], providers=prov).run(None, wide)[0].reshape(b, a.chunk, heads, hd)
+            yn = one[0].run(None, narrow)[0].reshape(b, a.chunk, heads, hd)
+            yw = one[1].run(None, wide)[0].reshape(b, a.chunk, heads, hd)
             err = float(np.abs(yw.astype(np.float32) - yn[..., order].astype(np.float32)).max())
             tn = tw = float("nan")
             if a.provider == "cuda":

@@ -55,6 +55,8 @@ def main(argv=None) -> int:
     if a.child:
         print(json.dumps(child(a.child, a.tokens)))
         return 0
+    if any("=" not in g for g in a.graph):
+        ap.error("--graph takes NAME=EXPORTED_FOLDER")
     rows, results = [], {}
     for spec in a.graph:
         name, folder = spec.split("=", 1)
