@@ -180,6 +180,10 @@ class Calibrator:
         self.faults = parse_fault()
         self.wrapped = ddp.wrap(dist, model)
 
+    def unwrap(self) -> None:
+        """Drop the DDP wrapper (and with it the process group it holds) before ``ddp.teardown``."""
+        self.wrapped = self.model
+
     # -- checkpoints ------------------------------------------------------------------------------
     def _payload(self) -> dict:
         return {"step": self.step, "cursor": self.step * self.s.batch_size * self.dist.world,

@@ -173,6 +173,7 @@ def calibrate(model_path: str, data: Sequence[str], out: str, settings: Calibrat
         log(f"warning: held out 0 documents ({why}): `fwconvert eval` of the result will evaluate all of --data, "
             "the training documents included; give two or more documents and --heldout > 0 for a held-out split")
     dist = ddp.setup(device)
+    calib = None
     try:
         dev = ddp.device_for(dist, device)
         flags = seed_everything(settings.seed, dev, settings.tf32)
@@ -215,6 +216,8 @@ def calibrate(model_path: str, data: Sequence[str], out: str, settings: Calibrat
         ddp.barrier(dist)
         return record
     finally:
+        if calib is not None:
+            calib.unwrap()
         ddp.teardown(dist)
 
 
