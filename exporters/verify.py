@@ -105,10 +105,11 @@ def _load_reference(session: ChunkSession, against) -> DecoderLM:
         from fwconvert.checkpoint import open_checkpoint
 
         ck = open_checkpoint(path)
-        if against is None and m.source_fingerprint and ck.fingerprint() != m.source_fingerprint:  # header-only: cheap
-            raise InputError(f"{path}: the source model changed since the export (its config or tensor headers are not "
-                             f"those recorded in {session.folder}'s manifest); pass the model that was exported as "
-                             "--against MODEL, or export it again")
+        if against is None and m.source_fingerprint and m.source_fingerprint not in (ck.fingerprint(),
+                                                                                      ck.header_fingerprint()):
+            raise InputError(f"{path}: the source model changed since the export (its config, tensor headers or sampled "
+                             f"tensor values are not those recorded in {session.folder}'s manifest); pass the model "
+                             "that was exported as --against MODEL, or export it again")
         model = fwconvert.load_checkpoint(ck, dtype=torch.float32, window=window, sinks=m.sink_tokens)
     if m.attention == "window" and model.window != window:
         raise InputError(f"the export attends within a window of {window} but the reference model uses {model.window}")

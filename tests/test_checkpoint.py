@@ -11,7 +11,7 @@ from safetensors.numpy import save_file as save_np
 from safetensors.torch import load_file, save_file
 
 import fwconvert
-from badinputs import single_file_model, tiny_config, tiny_tensors, write, write_config
+from badinputs import single_file_model, st_bytes, tiny_config, tiny_tensors, write, write_config
 from fwconvert.checkpoint import open_checkpoint
 from fwconvert.config import TOLERANCES
 from fwconvert.errors import InputError
@@ -195,6 +195,49 @@ def test_fingerprint_tracks_headers_and_config(tmp_path):
     t["model.norm.weight"] = t["model.norm.weight"].astype(np.float16)
     save_np(t, os.path.join(d, "model.safetensors"))
     assert open_checkpoint(d).fingerprint() not in (fp, fp2)
+
+
+def test_fingerprint_tracks_sampled_values(tmp_path):
+    """Same headers, other values: another fingerprint (the first, middle and last 4 KiB of every tensor are hashed);
+    the header-only fingerprint of older manifests stays as it was; a change between the samples goes unseen."""
+    from fwconvert.checkpoint.paths import SAMPLE_BLOCK
+
+    cfg = tiny_config(vocab_size=1024)  # embed_tokens: 1024 x 16 fp32 = 64 KiB, more than three sample blocks
+    t = tiny_tensors(cfg, seed=0)
+    d = single_file_model(tmp_path / "m", cfg, t)
+    ck = open_checkpoint(d)
+    fp, head = ck.fingerprint(), ck.header_fingerprint()
+    assert len(fp) == 64 and fp != head and ck.fingerprint() == fp
+
+    def with_value(name, flat_index, value):
+        u = {k: v.copy() for k, v in t.items()}
+        u[name].reshape(-1)[flat_index] = value
+        write(os.path.join(d, "model.safetensors"), st_bytes(u))  # the same writer as single_file_model's
+        c = open_checkpoint(d)
+        assert c.header_fingerprint() == head  # same config and headers
+        return c.fingerprint()
+
+    emb, n = "model.embed_tokens.weight", t["model.embed_tokens.weight"].size
+    assert with_value("model.norm.weight", 3, 7.0) != fp  # a small tensor: all of it is sampled
+    assert with_value(emb, n // 2, 7.0) != fp  # middle block
+    assert with_value(emb, n - 1, 7.0) != fp  # last block
+    assert with_value(emb, SAMPLE_BLOCK // 4 + 10, 7.0) == fp  # between the samples: the documented limit
+    assert with_value(emb, 0, t[emb].reshape(-1)[0]) == fp  # the same values again
+
+
+def test_gguf_fingerprint_tracks_sampled_values(tmp_path):
+    pytest.importorskip("gguf")
+    from test_gguf import write_gguf
+
+    hf = make_hf_model()
+    a = write_gguf(hf, str(tmp_path / "a.gguf"))
+    with torch.no_grad():
+        hf.model.layers[1].mlp.down_proj.weight.mul_(1.5)  # a "fine-tune" of one tensor
+    b = write_gguf(hf, str(tmp_path / "b.gguf"))
+    ca, cb = open_checkpoint(a), open_checkpoint(b)
+    assert ca.header_fingerprint() == cb.header_fingerprint()  # the same metadata and tensor table
+    assert ca.fingerprint() != cb.fingerprint()
+    assert open_checkpoint(a).fingerprint() == ca.fingerprint()
 
 
 def test_tokenizer_files_listed(tmp_path):

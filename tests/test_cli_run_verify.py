@@ -12,6 +12,7 @@ from onnx import numpy_helper
 
 from exporters.onnx.export import export_onnx
 from exporters.verify import Report, Row, _check_state_names, format_table
+from fwconvert.checkpoint import open_checkpoint
 from fwconvert.errors import InputError
 from test_onnx_common import cli as _cli, tiny_model
 from tiny import make_hf_model, save_checkpoint
@@ -125,15 +126,34 @@ def test_verify_nan_export_strict_json_and_message(nan_export, capsys):
     assert f"the export at {nan_export} does not match PyTorch" in err and "kept" not in err
 
 
-def test_verify_refuses_a_source_changed_since_the_export(tmp_path, capsys):
+@pytest.mark.parametrize("change", ["config", "values"])
+def test_verify_refuses_a_source_changed_since_the_export(tmp_path, capsys, change):
     src = save_checkpoint(make_hf_model("llama"), str(tmp_path / "src"))
     out = export_onnx(src, str(tmp_path / "onnx"), chunk_size=C)
-    cfg = json.load(open(os.path.join(src, "config.json")))
-    cfg["rms_norm_eps"] = 0.5  # another model now (verify used to blame the export: exit 6)
-    json.dump(cfg, open(os.path.join(src, "config.json"), "w"))
+    if change == "config":
+        cfg = json.load(open(os.path.join(src, "config.json")))
+        cfg["rms_norm_eps"] = 0.5  # another model now (verify used to blame the export: exit 6)
+        json.dump(cfg, open(os.path.join(src, "config.json"), "w"))
+    else:  # the same shapes and headers, other weights (a fine-tune saved over the source)
+        before = open_checkpoint(src).header_fingerprint()
+        save_checkpoint(make_hf_model("llama", seed=1), src)
+        assert open_checkpoint(src).header_fingerprint() == before
     code, stdout, err = _cli(["verify", out, "--chunks", "1"], capsys)
     assert code == 3 and "the source model changed since the export" in err and src in err and "--against" in err, err
     assert stdout == ""
+
+
+def test_verify_accepts_the_header_only_fingerprint_of_older_manifests(tmp_path, capsys):
+    src = save_checkpoint(make_hf_model("llama"), str(tmp_path / "src"))
+    out = export_onnx(src, str(tmp_path / "onnx"), chunk_size=C)
+    path = os.path.join(out, "manifest.json")
+    man = json.load(open(path))
+    ck = open_checkpoint(src)
+    assert man["source_fingerprint"] == ck.fingerprint() != ck.header_fingerprint()
+    man["source_fingerprint"] = ck.header_fingerprint()  # what exports before the value samples recorded
+    json.dump(man, open(path, "w"))
+    code, stdout, err = _cli(["verify", out, "--chunks", "1"], capsys)
+    assert code == 0 and "PASS" in stdout, err
 
 
 def test_table_and_verdict_agree_on_the_worst_tensor():

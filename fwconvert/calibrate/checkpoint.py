@@ -149,7 +149,7 @@ def identity_mismatch(old, new: dict) -> Optional[str]:
     if old.get("version") != new.get("version"):
         parts.append(f"fwconvert version changed (checkpoint {old.get('version')}, this run {new.get('version')})")
     if old.get("input") != new.get("input"):
-        parts.append(f"model changed (fingerprint of its config and tensor headers: checkpoint "
+        parts.append(f"model changed (fingerprint of its config, tensor headers and sampled values: checkpoint "
                      f"{_short(old.get('input'))}, this run {_short(new.get('input'))})")
     od, nd = old.get("docs") if isinstance(old.get("docs"), dict) else {}, new.get("docs") or {}
     if od != nd:

@@ -12,7 +12,7 @@ import re
 from typing import Dict, Iterator, List, Tuple
 
 from ..errors import InputError
-from .paths import open_regular, short_repr, stat_regular
+from .paths import open_regular, sampled_digest, short_repr, stat_regular
 
 # GGUF architecture -> our family; transformers maps llama files named "*mistral*" to mistral.
 ARCHITECTURES = ("llama", "qwen2", "qwen3")
@@ -167,6 +167,15 @@ class GGUFWeights:
         with open(self.path, "rb") as f:
             h.update(f.read(int(self.reader.data_offset)))
         return [h.digest(), str(self.reader.data.size).encode()]
+
+    def sample_parts(self) -> List[bytes]:
+        """``sampled_digest`` over the tensors, in file-table order."""
+        fd = open_regular(self.path, "GGUF file")
+        try:
+            extents = [(t.name, int(t.data_offset), int(t.data_offset) + int(t.n_bytes)) for t in self.reader.tensors]
+            return [sampled_digest(fd, extents, self.path).encode()]
+        finally:
+            os.close(fd)
 
     def iter_tensors(self, names=None, config=None) -> Iterator[Tuple[str, "object"]]:
         """(HF name, fp32 torch tensor), dequantized one at a time; q/k un-permuted for llama."""

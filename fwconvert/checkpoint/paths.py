@@ -7,9 +7,11 @@ open a FIFO or device), open with O_NONBLOCK, then compare fstat with the stat.
 """
 from __future__ import annotations
 
+import hashlib
 import os
 import stat
 from pathlib import PurePosixPath, PureWindowsPath
+from typing import Iterable, Tuple
 
 from ..config import stat_regular  # noqa: F401 - the one regular-file check, re-exported here
 from ..errors import InputError
@@ -94,3 +96,28 @@ def pread_exact(fd: int, n: int, offset: int, path: str) -> bytearray:
             raise InputError(f"{path}: corrupt or truncated: file ended at byte {offset + got}, expected {offset + n}")
         got += k
     return buf
+
+
+SAMPLE_BLOCK = 4096  # bytes read at each of a tensor's three sample points (``sampled_digest``)
+
+
+def sampled_digest(fd: int, extents: Iterable[Tuple[str, int, int]], path: str) -> str:
+    """sha256 over each (name, start, end) of ``extents`` and up to three ``SAMPLE_BLOCK``-byte blocks of its bytes
+    [start, end): the first, the middle and the last (the whole range when it is shorter than three blocks).
+
+    Part of a checkpoint's fingerprint: a model whose values changed under the same headers (a fine-tune of the same
+    shapes) rewrites every block of the tensors it changed, so it gets another digest, for three small reads a tensor."""
+    h = hashlib.sha256()
+    for name, start, end in extents:
+        n = end - start
+        if n <= 3 * SAMPLE_BLOCK:
+            offsets = [start] if n > 0 else []
+            size = n
+        else:
+            offsets = [start, start + (n - SAMPLE_BLOCK) // 2, end - SAMPLE_BLOCK]
+            size = SAMPLE_BLOCK
+        h.update(f"{name}\0{start}\0{end}\0".encode())
+        for off in offsets:
+            h.update(pread_exact(fd, size, off, path))
+    return h.hexdigest()
+

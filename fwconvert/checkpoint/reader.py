@@ -36,6 +36,7 @@ class Checkpoint:
 
     def __init__(self, path, kind, weights, raw_config, config_source, allow_unexpected, folder):
         self.path, self.kind, self._weights = path, kind, weights
+        self._fingerprint: Optional[str] = None
         self.raw_config, self.config_source = raw_config, config_source
         self.allow_unexpected = allow_unexpected
         self.config = parse_config(raw_config, config_source)
@@ -85,12 +86,27 @@ class Checkpoint:
             yield name, t
 
     def fingerprint(self) -> str:
-        """sha256 over the kind, the raw config and every data file's header and size."""
+        """sha256 over the kind, the raw config, every data file's header and size, and samples of every tensor's
+        bytes (``paths.sampled_digest``: its first, middle and last 4 KiB), so that a checkpoint whose values changed
+        under the same headers is another input. Computed once per opened checkpoint."""
+        if self._fingerprint is None:
+            h = self._header_hash()
+            for part in self._weights.sample_parts():
+                h.update(part)
+            self._fingerprint = h.hexdigest()
+        return self._fingerprint
+
+    def header_fingerprint(self) -> str:
+        """The fingerprint without the value samples: what manifests written before the samples existed record
+        (``verify`` still accepts it from them)."""
+        return self._header_hash().hexdigest()
+
+    def _header_hash(self):
         h = hashlib.sha256(self.kind.encode())
         h.update(json.dumps(self.raw_config, sort_keys=True, default=str).encode())
         for part in self._weights.fingerprint_parts():
             h.update(part)
-        return h.hexdigest()
+        return h
 
 
 def _count_nonfinite(t, block: int = 1 << 20) -> int:

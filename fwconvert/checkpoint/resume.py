@@ -81,7 +81,7 @@ def mismatch(old: dict, new: dict):
         if ov.get(k) != nv[k]:
             return f"{k} version changed (partial: {ov.get(k)}, this run: {nv[k]})"
     if old.get("input_fingerprint") != new["input_fingerprint"]:
-        return (f"input changed (fingerprint of the source's config and tensor headers: partial "
+        return (f"input changed (fingerprint of the source's config, tensor headers and sampled values: partial "
                 f"{str(old.get('input_fingerprint'))[:12]}..., this run {str(new['input_fingerprint'])[:12]}...)")
     of, nf = old.get("flags") or {}, new["flags"]
     if of != nf:

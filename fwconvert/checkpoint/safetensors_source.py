@@ -12,7 +12,7 @@ from typing import Dict, Iterator, List, Optional, Tuple
 
 from ..config import load_json_strict
 from ..errors import InputError
-from .paths import open_regular, pread_exact, resolve_in_folder, short_repr, stat_regular
+from .paths import open_regular, pread_exact, resolve_in_folder, sampled_digest, short_repr, stat_regular
 from .safetensors_header import SafetensorsHeader, TensorEntry, read_header
 
 INDEX_NAME = "model.safetensors.index.json"
@@ -116,6 +116,27 @@ class SafetensorsWeights:
             parts.append(f"{os.path.basename(path)}:{h.size}:{h.digest}".encode())
         return parts
 
+    def sample_parts(self) -> List[bytes]:
+        """Per shard, ``sampled_digest`` over its tensors (by name)."""
+        parts = []
+        for path, h in self.headers.items():
+            fd = self._open_checked(path, h)
+            try:
+                parts.append(sampled_digest(fd, sorted((n, t.start, t.end) for n, t in h.tensors.items()), path).encode())
+            finally:
+                os.close(fd)
+        return parts
+
+    @staticmethod
+    def _open_checked(path: str, h: SafetensorsHeader) -> int:
+        """A read-only fd of shard ``path``, refused if it is no longer the file whose header ``h`` was read."""
+        fd = open_regular(path, "safetensors shard")
+        st = os.fstat(fd)
+        if (st.st_dev, st.st_ino) != h.ino or st.st_size != h.size:
+            os.close(fd)
+            raise InputError(f"{path}: the file changed since its header was checked")
+        return fd
+
     def iter_tensors(self, names=None) -> Iterator[Tuple[str, "object"]]:
         """(name, torch tensor) for the wanted names, shard by shard, tensor by tensor in file order."""
         wanted = None if names is None else set(names)
@@ -127,11 +148,8 @@ class SafetensorsWeights:
                        if wanted is None or n in wanted]
             if not entries:
                 continue
-            fd = open_regular(path, "safetensors shard")
+            fd = self._open_checked(path, h)
             try:
-                st = os.fstat(fd)
-                if (st.st_dev, st.st_ino) != h.ino or st.st_size != h.size:
-                    raise InputError(f"{path}: the file changed since its header was checked")
                 for name, entry in entries:
                     yield name, _read_tensor(fd, entry, path)
             finally:
