@@ -120,4 +120,3 @@ def sampled_digest(fd: int, extents: Iterable[Tuple[str, int, int]], path: str) 
         for off in offsets:
             h.update(pread_exact(fd, size, off, path))
     return h.hexdigest()
-
