@@ -339,3 +339,15 @@ def test_static_memory_reports_a_failing_child(tmp_path):
     assert static_memory.main(["--graph", f"x={tmp_path}", "--tokens", "8", "--out-md", str(md)]) == 0
     text = md.read_text()
     assert text.count("| x |") == 2 and "kSameAsRequested" in text and "kNextPowerOfTwo" in text
+
+
+def test_ddp_exit_probe_runs_and_counts():
+    """benchmarks/ddp_exit_probe.py: two real gloo workers per run; the summary counts the runs (aborts, if any,
+    are what it measures, so the count itself is not asserted)."""
+    p = subprocess.run([sys.executable, os.path.join(BENCH, "ddp_exit_probe.py"), "--runs", "1", "--mode", "collect"],
+                       capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert p.stdout.strip().splitlines()[-1].endswith("of 1 runs aborted at exit"), p.stdout
+    bad = subprocess.run([sys.executable, os.path.join(BENCH, "ddp_exit_probe.py"), "--runs", "0"],
+                         capture_output=True, text=True, timeout=60)
+    assert bad.returncode == 2 and "--runs must be at least 1" in bad.stderr

@@ -97,9 +97,9 @@ def teardown(d: Dist) -> None:
 
     The collect comes first: a DDP wrapper sits in reference cycles and keeps the process group alive past
     ``destroy_process_group``; with gloo, that group's threads then met interpreter finalisation and the
-    process died with "terminate called without an active exception" (SIGABRT) after a finished run: 9 of 50 runs
-    of a minimal two-process gloo + DDP job on 2 cores, 0 of 90 with the collect (``tests/test_calibrate_ddp.py``
-    failed CI so)."""
+    process died with "terminate called without an active exception" (SIGABRT) after a finished run
+    (``tests/test_calibrate_ddp.py`` failed CI so). ``benchmarks/ddp_exit_probe.py`` on 2 cores: 6 of 40 runs
+    aborted without the collect, 0 of 60 with it."""
     if d.active and dist.is_initialized():
         gc.collect()
         dist.destroy_process_group()
