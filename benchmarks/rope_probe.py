@@ -15,7 +15,14 @@ For each shape (SmolLM2: 9 + 3 heads of 64; the LLaMA-1B shape: 32 + 8 heads of 
 form today; wide: G heads per op head, G the largest divisor of the head count with G·hd <= 1024) it builds one
 graph of ``--layers`` chained RotaryEmbedding nodes on fp16 [B, C, N·hd], checks the wide output against the narrow
 one (reordered), and on CUDA times the chain with CUDA graphs (median of 50 replays after warm-up) and prints µs per
-node. Angles are per-token rows (row b·C + t, ids [B, C]) as in the graphs (exporters/onnx/rotary_form.py).
+node. Angles are per-token rows (row b·C + t, ids [B, C]) as in the graphs (exporters/onnx/rotary_form.py). Two
+more columns time the narrow form with a cos/sin table indexed by position (is reading a row per token the cost?)
+and the traced four-op form the fused op replaced (Mul, MatMul by the rotation matrix, Mul, Add).
+
+Measured (H100, session 17, docs/results/s17/rope-probe.md): SmolLM2 at B = 8 narrow 36.1 µs, wide 25.7, position
+table 37.0, four-op form 34.5; the 1B shape 106.3 / 64.6 / 106.2 / 102.6. So the per-token rows cost nothing, and
+the kernel is far from the copy bandwidth in every form (12.6 MB per node at 36 µs is 0.35 TB/s): one 2-byte element
+per thread, so G-fold wider blocks help only 1.4-1.65x.
 """
 from __future__ import annotations
 
@@ -62,6 +69,40 @@ def feeds(batch: int, chunk: int, heads: int, hd: int, g: int, rng):
     return narrow, wide, order
 
 
+def table_feeds(narrow: dict, batch: int, chunk: int, hd: int) -> dict:
+    """The narrow feeds with a cos/sin table indexed by position (rows 0..chunk-1, every sequence the same
+    positions) instead of one row per token: is the per-token row read what costs?"""
+    return {"x": narrow["x"], "ids": np.broadcast_to(np.arange(chunk, dtype=np.int64), (batch, chunk)).copy(),
+            "cos": narrow["cos"][:chunk], "sin": narrow["sin"][:chunk]}
+
+
+def traced_chain(layers: int, hd: int):
+    """The traced form the fused op replaces (rotary_form.py's doc): X·cos + (X @ R)·sin on [B, C, N, hd], cos/sin
+    [B, C, 1, hd], R the half-rotation matrix: four kernels per node."""
+    from onnx import TensorProto as TP, helper as oh, numpy_helper as nh
+
+    h = hd // 2
+    r = np.zeros((hd, hd), dtype=np.float16)
+    r[np.arange(h) + h, np.arange(h)] = -1.0
+    r[np.arange(h), np.arange(h) + h] = 1.0
+    nodes, x = [], "x"
+    for i in range(layers):
+        nodes += [oh.make_node("Mul", [x, "cos"], [f"c{i}"]), oh.make_node("MatMul", [x, "R"], [f"r{i}"]),
+                  oh.make_node("Mul", [f"r{i}", "sin"], [f"s{i}"]), oh.make_node("Add", [f"c{i}", f"s{i}"], [f"y{i}"])]
+        x = f"y{i}"
+    inputs = [oh.make_tensor_value_info(n, TP.FLOAT16, None) for n in ("x", "cos", "sin")]
+    graph = oh.make_graph(nodes, "rope4", inputs, [oh.make_tensor_value_info(x, TP.FLOAT16, None)],
+                          initializer=[nh.from_array(r, "R")])
+    model = oh.make_model(graph, opset_imports=[oh.make_opsetid("", 17)])
+    model.ir_version = 10
+    return model.SerializeToString()
+
+
+def traced_feeds(narrow: dict, batch: int, chunk: int, heads: int, hd: int) -> dict:
+    full = {k: np.concatenate([narrow[k], narrow[k]], axis=1).reshape(batch, chunk, 1, hd) for k in ("cos", "sin")}
+    return {"x": narrow["x"].reshape(batch, chunk, heads, hd), **full}
+
+
 def timed_us(ort, blob: bytes, feed: dict, layers: int) -> float:
     """µs per node of the chain on CUDA with CUDA graphs (IO bound on the device)."""
     so = ort.SessionOptions()
@@ -97,8 +138,9 @@ def main(argv=None) -> int:
     rng = np.random.default_rng(0)
     prov = ["CUDAExecutionProvider"] if a.provider == "cuda" else ["CPUExecutionProvider"]
     one = {form: ort.InferenceSession(chain(1, form), providers=prov) for form in (0, 1)}  # one node each, for the check
-    print("| shape | B | heads × hd | G | max abs (wide vs narrow) | narrow µs/node | wide µs/node | narrow / wide |")
-    print("|---|---|---|---|---|---|---|---|")
+    print("| shape | B | heads × hd | G | max abs (wide vs narrow) | narrow µs/node | wide µs/node | narrow / wide "
+          "| narrow, position table µs/node | traced 4-op form µs/node |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for name, (heads, hd) in SHAPES.items():
         g = group_size(heads, hd)
         for b in a.batch:
@@ -106,11 +148,14 @@ def main(argv=None) -> int:
             yn = one[0].run(None, narrow)[0].reshape(b, a.chunk, heads, hd)
             yw = one[1].run(None, wide)[0].reshape(b, a.chunk, heads, hd)
             err = float(np.abs(yw.astype(np.float32) - yn[..., order].astype(np.float32)).max())
-            tn = tw = float("nan")
+            tn = tw = tt = te = float("nan")
             if a.provider == "cuda":
                 tn = timed_us(ort, chain(a.layers, 0), narrow, a.layers)
                 tw = timed_us(ort, chain(a.layers, 1), wide, a.layers)
-            print(f"| {name} | {b} | {heads} × {hd} | {g} | {err:.3g} | {tn:.2f} | {tw:.2f} | {tn / tw:.2f} |")
+                tt = timed_us(ort, chain(a.layers, 0), table_feeds(narrow, b, a.chunk, hd), a.layers)
+                te = timed_us(ort, traced_chain(a.layers, hd), traced_feeds(narrow, b, a.chunk, heads, hd), a.layers)
+            print(f"| {name} | {b} | {heads} × {hd} | {g} | {err:.3g} | {tn:.2f} | {tw:.2f} | {tn / tw:.2f} "
+                  f"| {tt:.2f} | {te:.2f} |")
     return 0
 
 
