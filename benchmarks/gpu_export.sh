@@ -3,8 +3,9 @@
 # (fp16, C = 512; full attention, and window 2048 for static sessions with CUDA graphs), verify them on the CUDA
 # provider, then the chunk-step benchmark (benchmarks/chunk_step.py) with every graph side by side.
 #   PART=export|verify|bench|all   EXPORTS='name:source:dtype[:window[:sinks[:form]]] ...'   (results under $OUT; a
-#   window without sinks is the plain window model, --sink-tokens 0; form "wide" exports with the experiment
-#   FWCONVERT_EXPERIMENT_WIDE_ROPE=1 (exporters/onnx/rotary_form.py), e.g. base-i:$G:fp16:::wide)
+#   window without sinks is the plain window model, --sink-tokens 0; form: a value for the experiment switch named
+#   by FORM_SWITCH, an environment variable such as FWCONVERT_EXPERIMENT_X (no export-form switch exists now), set to 1 for the
+#   exports whose form field is "x" and to 0 for the others, e.g. FORM_SWITCH=FWCONVERT_EXPERIMENT_X and base-x:$G:fp16:::x)
 set -uo pipefail
 export PYTHONPATH=/tmp/fw-site:$PWD PYTHONUNBUFFERED=1
 G=${G:-/tmp/fw-assets/SmolLM2-135M-Instruct.Q4_1.gguf}; W=${W:-/tmp/w}; OUT=${OUT:-/tmp/out}; PART=${PART:-all}
@@ -18,7 +19,8 @@ if [ "$PART" = all ] || [ "$PART" = export ]; then  # on the CPUs, in parallel
     IFS=: read -r name src dtype win sinks form <<< "$e"
     args=(--chunk-size 512 --dtype "$dtype" --force); [ -n "${win:-}" ] && args+=(--attention window --window "$win")
     [ -n "${win:-}" ] && args+=(--sink-tokens "${sinks:-0}")  # no sinks given: the plain window model
-    [ -d "$X/$name" ] || FWCONVERT_EXPERIMENT_WIDE_ROPE=$([ "${form:-}" = wide ] && echo 1 || echo 0) \
+    sw=(); [ -n "${FORM_SWITCH:-}" ] && sw=("$FORM_SWITCH=$([ "${form:-}" = x ] && echo 1 || echo 0)")
+    [ -d "$X/$name" ] || env "${sw[@]}" \
       OMP_NUM_THREADS=2 timeout 540 python3 -m fwconvert export-onnx "$src" -o "$X/$name" "${args[@]}" \
       > "$X/export-$name.log" 2>&1 &
   done

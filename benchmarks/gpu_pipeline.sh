@@ -12,7 +12,7 @@
 # and in-place, full, window 2048, window + 4 sinks), STREAM_GRAPHS: the full graphs stream_by_chunk.py streams (default
 # base fwl ttt), MEMORY_GRAPHS: full graphs whose static session memory is measured per arena strategy
 # (static_memory.py; default none), QUICK_VERIFY: NEW's graphs verified on CUDA after the bench (fp16 on the document),
-# FWCONVERT_EXPERIMENT_WIDE_ROPE=1: the 1B shape's graphs in that experiment's form (SmolLM2's: NEW's form field),
+# FORM_SWITCH: an export-form experiment's environment variable, set per NEW entry by its form field (gpu_export.sh),
 # LINATT=0: skip the LinearAttention check of the profile stage,
 # PROFILE: the graphs whose kernels are profiled (default: every SmolLM2 graph; 20-30 s each), PROFILE_1B=0 to
 # skip the 1B kernel profile, PROFILE_PAST: the past length at which the full graphs' step is profiled too (B = 1,
@@ -32,7 +32,7 @@ G=/tmp/fw-assets/SmolLM2-135M-Instruct.Q4_1.gguf; W=/tmp/w; X=$W/x
 case ${1:-} in
 start)
   rm -rf $R && mkdir -p $R $S $RES && tar -C "$(dirname "$0")/.." --exclude=./.device -cf - . | tar -C $R -xf -
-  for v in RUNS STEPS EVALS ABLATE OLD NEW CONVERT CONVERT2 RUNS2 STAGES VERIFY SDPA PROFILE PROFILE_1B PROFILE_PAST PAST_GRAPHS LINATT STREAM_GRAPHS MEMORY_GRAPHS QUICK_VERIFY FWCONVERT_EXPERIMENT_WIDE_ROPE; do [ -n "${!v:-}" ] && printf '%s=%q\n' "$v" "${!v}"; done > $S/settings
+  for v in RUNS STEPS EVALS ABLATE OLD NEW CONVERT CONVERT2 RUNS2 STAGES VERIFY SDPA PROFILE PROFILE_1B PROFILE_PAST PAST_GRAPHS LINATT STREAM_GRAPHS MEMORY_GRAPHS QUICK_VERIFY FORM_SWITCH; do [ -n "${!v:-}" ] && printf '%s=%q\n' "$v" "${!v}"; done > $S/settings
   setsid nohup bash $R/benchmarks/gpu_pipeline.sh run > $S/pipeline.log 2>&1 < /dev/null &
   echo "started (pid $!); follow with: bash benchmarks/gpu_pipeline.sh status"
   exit 0;;

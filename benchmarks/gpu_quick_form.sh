@@ -2,14 +2,17 @@
 # A short GPU check of an export-form experiment when device time is scarce (a few minutes after the staging):
 # SmolLM2's base graph (fp16) exported without and with the experiment switch, both kernel-profiled at B = 1 and 8
 # (benchmarks/kernel_profile.py: wall ms per step with CUDA graphs, GPU busy time by kernel class), the switched
-# graph verified on CUDA (static session, 16 chunks of a real document), after rope_probe.py's op-level timing.
-#   bash benchmarks/gpu_quick_form.sh start     copies the repo to /tmp/q/repo, starts in the background (setsid)
-#   bash benchmarks/gpu_quick_form.sh status    the log so far; /tmp/q/out as $OUT/quick.tgz
-# SWITCH: the experiment's environment variable (default FWCONVERT_EXPERIMENT_WIDE_ROPE).
+# graph verified on CUDA (static session, 16 chunks of a real document).
+#   SWITCH=FWCONVERT_EXPERIMENT_X bash benchmarks/gpu_quick_form.sh start   copies the repo to /tmp/q/repo, starts in
+#                                                  the background (setsid)
+#   bash benchmarks/gpu_quick_form.sh status       the log so far; /tmp/q/out as $OUT/quick.tgz
+# SWITCH: the experiment's environment variable (required; no export-form switch exists now: session 17 adopted the
+# last one, wide RoPE heads).
 set -uo pipefail
-Q=/tmp/q; G=/tmp/fw-assets/SmolLM2-135M-Instruct.Q4_1.gguf; SWITCH=${SWITCH:-FWCONVERT_EXPERIMENT_WIDE_ROPE}
+Q=/tmp/q; G=/tmp/fw-assets/SmolLM2-135M-Instruct.Q4_1.gguf
 case ${1:-} in
 start)
+  [ -n "${SWITCH:-}" ] || { echo "SWITCH (the experiment's environment variable) is required" >&2; exit 2; }
   rm -rf $Q/repo && mkdir -p $Q/repo $Q/out && tar -C "$(dirname "$0")/.." --exclude=./.device -cf - . | tar -C $Q/repo -xf -
   echo "SWITCH=$SWITCH" > $Q/settings
   setsid nohup bash $Q/repo/benchmarks/gpu_quick_form.sh run > $Q/out/quick.log 2>&1 < /dev/null &
@@ -25,7 +28,6 @@ esac
 cd $Q/repo
 export PYTHONPATH=/tmp/fw-site:$Q/repo PYTHONUNBUFFERED=1
 DOC=$(python3 -c "import sysconfig, os; print(os.path.join(sysconfig.get_paths()['stdlib'], 'typing.py'))")
-echo "== $(date +%T) rope_probe"; (cd benchmarks && timeout 120 python3 rope_probe.py --provider cuda) | tee $Q/out/rope-probe.md
 echo "== $(date +%T) exports (base: $SWITCH=0, base-x: $SWITCH=1)"
 for v in 0 1; do n=base; [ $v = 1 ] && n=base-x
   [ -d $Q/$n ] || env "$SWITCH=$v" OMP_NUM_THREADS=8 timeout 400 python3 -m fwconvert export-onnx "$G" -o $Q/$n \

@@ -1,7 +1,7 @@
-"""The interleaved head layout with wide RoPE heads (experiment FWCONVERT_EXPERIMENT_WIDE_ROPE=1,
-exporters/onnx/rotary_form.py): the same rotation in another dim order (float64), exports that verify with the keys
-in the manifest's order (and fail without it), the op-head grouping, and the manifest's check of the order. The
-export form against the module form: tests/test_onnx_export.py::test_export_form_computes_what_the_model_computes."""
+"""The interleaved head layout with wide RoPE heads (exporters/onnx/rotary_form.py, every export since session 17):
+the same rotation in another dim order (float64), exports that verify with the keys in the manifest's order (and
+fail without it), the op-head grouping, and the manifest's check of the order. The export form against the module
+form: tests/test_onnx_export.py::test_export_form_computes_what_the_model_computes."""
 import json
 import os
 import shutil
@@ -11,12 +11,12 @@ import pytest
 import torch
 
 from exporters.onnx.export import export_onnx
-from exporters.onnx.rotary_form import WIDE_ENV, group_size
+from exporters.onnx.rotary_form import group_size
 from exporters.runtime.session import ChunkSession
 from exporters.verify import verify
 from fwconvert.errors import InputError, NumericError
-from fwconvert.modeling.rope import (apply_rope, interleaved_order, interleaved_rotation_matrix, rope_cos_sin,
-                                     rotation_matrix)
+from fwconvert.modeling.rope import (_rotate_half, apply_rope, interleaved_order, interleaved_rotation_matrix,
+                                     rope_cos_sin)
 from test_onnx_common import tiny_model
 
 
@@ -33,8 +33,8 @@ def test_interleaved_rope_is_the_same_rotation_reordered():
     want = apply_rope(x, cos, sin)
     got = apply_rope(x[..., order], cos[..., order], sin[..., order], interleaved_rotation_matrix(hd, torch.float64))
     assert torch.equal(got, want[..., order])
-    assert torch.equal(apply_rope(x, cos, sin, rotation_matrix(hd, torch.float64)), want)
-    assert not torch.equal(interleaved_rotation_matrix(hd), rotation_matrix(hd))
+    assert torch.equal(want, x * cos[:, :, None] + _rotate_half(x) * sin[:, :, None])
+    assert not torch.equal(x @ interleaved_rotation_matrix(hd, torch.float64), _rotate_half(x))
 
 
 def test_group_size():
@@ -51,11 +51,11 @@ def _ropes(out):
 
 
 @pytest.mark.parametrize("family,kind,window,sinks", [("llama", "fwl", None, 0), ("qwen3", "inplace", 12, 2)])
-def test_wide_export_verifies_with_the_keys_in_the_manifest_order(family, kind, window, sinks, tmp_path, monkeypatch):
-    """With the switch on, every RoPE is one interleaved RotaryEmbedding whose op heads hold several heads (angle rows
-    tiled), the manifest records the key order, and verify passes over 4 chunks at batch 2 (keys, sink keys and
-    fast-weight state compared). Without the manifest's order the same keys fail: they really are reordered."""
-    monkeypatch.setenv(WIDE_ENV, "1")
+def test_export_verifies_with_the_keys_in_the_manifest_order(family, kind, window, sinks, tmp_path):
+    """Every RoPE is one interleaved RotaryEmbedding whose op heads hold several heads (angle rows tiled), the
+    manifest records the key order, and verify passes over 4 chunks at batch 2 (keys, sink keys and fast-weight
+    state compared). Without the manifest's order (None: what exports before session 17 recorded, the model's own
+    order) the same keys fail: they really are reordered."""
     model = tiny_model(family, kind, window=window)
     model.sinks = sinks
     kw = {"attention": "window", "window": window} if window else {}
@@ -80,16 +80,6 @@ def test_wide_export_verifies_with_the_keys_in_the_manifest_order(family, kind, 
         verify(plain, against=model, chunks=2, batch=2)
 
 
-def test_default_export_keeps_the_model_order(tmp_path, monkeypatch):
-    """Switch off: half-split RotaryEmbedding, one op head per head (no Tile), no key order in the manifest."""
-    monkeypatch.delenv(WIDE_ENV, raising=False)
-    out = export_onnx(tiny_model("llama"), str(tmp_path / "onnx"), chunk_size=4)
-    ropes, ops = _ropes(out)
-    assert ropes and all(a.i == 0 for n in ropes for a in n.attribute if a.name == "interleaved")
-    assert "Tile" not in ops
-    assert json.load(open(os.path.join(out, "manifest.json")))["key_dim_order"] is None
-
-
 @pytest.mark.parametrize("bad", [[0, 1], list(range(15)) + [0], "0,1", [True] * 16])
 def test_manifest_key_order_must_order_the_head_dims(bad, tmp_path):
     """A session refuses a key_dim_order that is not an order of the graph's head dims (llama tiny: 16)."""
@@ -103,14 +93,13 @@ def test_manifest_key_order_must_order_the_head_dims(bad, tmp_path):
         ChunkSession(out, provider="cpu")
 
 
-def test_wide_export_with_several_op_heads_per_rope(tmp_path, monkeypatch):
+def test_export_with_several_op_heads_per_rope(tmp_path):
     """20 q·k heads of 64 (16 query, 4 key/value: 1,280 > 1,024 threads) are two op heads of 10 heads each: the
     angle rows tiled 10 times, and the export still verifies (float32, 3 chunks, batch 2)."""
     from fwconvert.families import parse_config
     from fwconvert.modeling import build_model, load_tensors
     from tiny import make_hf_model
 
-    monkeypatch.setenv(WIDE_ENV, "1")
     hf = make_hf_model("llama", num_hidden_layers=1, num_attention_heads=16, num_key_value_heads=4, head_dim=64)
     model = load_tensors(build_model(parse_config(hf.config.to_dict(), "config")), hf.state_dict().items()).eval()
     assert group_size(20, 64) == 10

@@ -22,7 +22,7 @@ from .attention_forms import attention_without_transposes, grouped_queries
 from . import causal_attention as onnx_attention
 from .ir_nodes import Nodes, replace_value
 from .query_order import query_heads_in_group_order
-from .rotary_form import rotary_embedding, wide_rope_wanted
+from .rotary_form import rotary_embedding
 from .split_form import splits_on_last_axis
 from .weight_layout import folded_weights
 from .io_spec import BATCH, CHUNK, GRAPH_NAME, INITIAL_STATE_NAME, PAST, Manifest, StateSpec, chunk_rule, input_name, output_name
@@ -65,10 +65,9 @@ def export_program(model: DecoderLM, fixed_window: bool, dtype: str, *, opset: i
         model = _to_fp16(model)
         state = {k: (v.half() if k.startswith("past_key_values.") else v) for k, v in state.items()}
     wrapper = ChunkStep(model, keys, aligned=True).eval()
-    interleaved = wide_rope_wanted()
-    with export_form(model, interleaved):
+    with export_form(model):
         prog = _trace(wrapper, ids, state, keys, shapes, opset)
-    prog.key_dim_order = interleaved_order(model.config.head_dim).tolist() if interleaved else None
+    prog.key_dim_order = interleaved_order(model.config.head_dim).tolist()
     prog.model.ir_version = ir_version
     prog.fusions = fuse_for_ort(prog.model, full_attention=not fixed_window)
     folded_weights(prog.model.graph)  # Uᵀ, fp32 head weights: one copy shared by a static session's pinned sessions
@@ -76,17 +75,17 @@ def export_program(model: DecoderLM, fixed_window: bool, dtype: str, *, opset: i
 
 
 @contextlib.contextmanager
-def export_form(model: DecoderLM, interleaved: bool = False):
+def export_form(model: DecoderLM):
     """While tracing, every attention takes its export form (fewer kernels, the same values); restored afterwards:
-    - the rotary halves rotate with one matmul by a ±1 matrix (exactly the slice-negate-concatenate it replaces);
-    - without q/k norms, q, k and v come from one projection (their weights concatenated) and q and k get their
-      RoPE together (one Mul-MatMul-Mul-Add for both instead of one each);
-    - ``interleaved``: the query and key weights (biases, q/k norm weights) hold each head's dims in the order
+    - the query and key weights (biases, q/k norm weights) hold each head's dims in the order
       ``rope.interleaved_order`` (the pair that RoPE rotates together side by side), RoPE rotates in that order,
       and so the keys of the KV state are in it too (the manifest's ``key_dim_order``). Every q·k dot product is
-      the same sum in another order. This lets ``rotary_form`` hand several heads to onnxruntime's kernel as one."""
+      the same sum in another order. This lets ``rotary_form`` hand several heads to onnxruntime's kernel as one;
+    - the pairs rotate with one matmul by a ±1 matrix (exactly the slice-negate-concatenate it replaces);
+    - without q/k norms, q, k and v come from one projection (their weights concatenated) and q and k get their
+      RoPE together (one Mul-MatMul-Mul-Add for both instead of one each)."""
     from fwconvert.modeling.decoder import Attention
-    from fwconvert.modeling.rope import interleaved_rotation_matrix, rotation_matrix
+    from fwconvert.modeling.rope import interleaved_rotation_matrix
 
     layers = [m for m in model.modules() if isinstance(m, Attention)]
     swapped = []  # (module, attribute, original Parameter) of the q/k-norm path's reordered weights
@@ -96,18 +95,17 @@ def export_form(model: DecoderLM, interleaved: bool = False):
 
     for m in layers:
         w, hd = m.q_proj.weight, m.head_dim
-        order = interleaved_order(hd, w.device) if interleaved else None
-        m.rope_rotation = (interleaved_rotation_matrix if interleaved else rotation_matrix)(hd, w.dtype, w.device)
+        order = interleaved_order(hd, w.device)
+        m.rope_rotation = interleaved_rotation_matrix(hd, w.dtype, w.device)
         m.rope_order = order
         qk = [(m.q_proj, m.n_heads), (m.k_proj, m.n_kv)]
         if m.q_norm is None:
-            ws = [p.weight if order is None else reorder(p.weight, n, hd, order) for p, n in qk] + [m.v_proj.weight]
+            ws = [reorder(p.weight, n, hd, order) for p, n in qk] + [m.v_proj.weight]
             bias = None
             if m.q_proj.bias is not None:
-                bias = [p.bias if order is None else reorder(p.bias, n, hd, order) for p, n in qk] + [m.v_proj.bias]
-                bias = torch.cat(bias)
+                bias = torch.cat([reorder(p.bias, n, hd, order) for p, n in qk] + [m.v_proj.bias])
             m.fused_qkv = (torch.cat(ws), bias)
-        elif order is not None:  # new Parameter objects: the traced program keeps references to what it read
+        else:  # new Parameter objects: the traced program keeps references to what it read
             for p, n in qk:
                 for name in ("weight", "bias"):
                     if getattr(p, name) is not None:

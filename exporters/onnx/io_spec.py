@@ -83,7 +83,8 @@ class Manifest:
     sink_tokens: int = 0  # window exports: the first tokens kept attendable beyond the window (0 before 2026-12-02)
     max_position_embeddings: Optional[int] = None  # the positions the model was trained for (None before session 14)
     # The order of each head's dims in the KV state's keys (and sink keys): graph dim j holds the model's dim
-    # key_dim_order[j] (the interleaved RoPE layout, exporters/onnx/rotary_form.py); None: the model's own order.
+    # key_dim_order[j] (the interleaved RoPE layout, exporters/onnx/rotary_form.py; every export since session 17);
+    # None: the model's own order (exports before session 17).
     key_dim_order: Optional[List[int]] = None
     format: str = MANIFEST_FORMAT
 

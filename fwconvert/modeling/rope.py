@@ -43,16 +43,6 @@ def _rotate_half(x: torch.Tensor) -> torch.Tensor:
     return torch.cat((-x[..., h:], x[..., :h]), dim=-1)
 
 
-def rotation_matrix(dim: int, dtype=torch.float32, device=None) -> torch.Tensor:
-    """R [dim, dim] with ``x @ R == rotate_half(x)`` exactly (one ±1 per column)."""
-    h = dim // 2
-    r = torch.zeros(dim, dim, dtype=dtype, device=device)
-    idx = torch.arange(h, device=device)
-    r[idx + h, idx] = -1.0
-    r[idx, idx + h] = 1.0
-    return r
-
-
 def interleaved_order(dim: int, device=None) -> torch.Tensor:
     """order [dim] (int64): the interleaved layout of a head's dims, ``x_interleaved = x[..., order]``. The pair
     (p, p + dim/2) that RoPE rotates together lands at (2p, 2p + 1): order = [0, h, 1, h + 1, ...], h = dim/2."""
@@ -61,9 +51,10 @@ def interleaved_order(dim: int, device=None) -> torch.Tensor:
 
 
 def interleaved_rotation_matrix(dim: int, dtype=torch.float32, device=None) -> torch.Tensor:
-    """R [dim, dim] with ``x @ R`` = the interleaved rotate: out[2p] = -x[2p + 1], out[2p + 1] = x[2p]; so that
-    ``apply_rope(x[..., o], cos[..., o], sin[..., o], R) == apply_rope(x, cos, sin)[..., o]`` for o =
-    ``interleaved_order(dim)`` (exactly: each output is the same two products)."""
+    """R [dim, dim] with ``x @ R`` = the interleaved rotate: out[2p] = -x[2p + 1], out[2p + 1] = x[2p] (one ±1 per
+    column); so that ``apply_rope(x[..., o], cos[..., o], sin[..., o], R) == apply_rope(x, cos, sin)[..., o]`` for
+    o = ``interleaved_order(dim)`` (exactly: each output is the same two products). Exports rotate with it
+    (exporters/onnx/graph.py::export_form): one matmul instead of slice, negate and concatenate."""
     r = torch.zeros(dim, dim, dtype=dtype, device=device)
     even = torch.arange(0, dim, 2, device=device)
     r[even + 1, even] = -1.0
@@ -73,7 +64,7 @@ def interleaved_rotation_matrix(dim: int, dtype=torch.float32, device=None) -> t
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, rotation=None) -> torch.Tensor:
     """x [B, T, H, hd] (heads after positions: the layout of the projections, so no transpose comes first);
-    cos/sin [B, T, hd]. ``rotation``: ``rotation_matrix(hd)`` to rotate the halves with one matmul (exports use
-    it: one kernel instead of slice, negate and concatenate); None: the cat form."""
+    cos/sin [B, T, hd]. ``rotation``: a matrix R with x @ R the rotated x (exports: ``interleaved_rotation_matrix``,
+    x, cos and sin in the interleaved order); None: the half-split cat form."""
     cos, sin = cos[:, :, None], sin[:, :, None]
     return x * cos + (_rotate_half(x) if rotation is None else x @ rotation) * sin
