@@ -3,11 +3,12 @@
     python benchmarks/static_memory.py --graph base=DIR --graph fwl=DIR [--tokens 8192] --out-md F.md
 
 A static full session keeps one pinned session per past length (16 for 8,192 tokens at C = 512), each with its
-own CUDA arena, which grows by powers of two by default. For each graph and each strategy (onnxruntime's default
-``kNextPowerOfTwo``; ``kSameAsRequested`` through FWCONVERT_EXPERIMENT_ARENA=same, exporters/runtime/session.py) a
-fresh process opens the static session (batch 1), streams ``--tokens`` random tokens twice (the first pass
-captures the CUDA graphs) and reports the device memory the session took (free memory before and after, GB), the
-second pass's tokens/s, and whether the two passes' last logits agree (the arena strategy must not change values).
+own CUDA arena. For each graph and each strategy (onnxruntime's default ``kNextPowerOfTwo``, and
+``kSameAsRequested``, which static sessions use since session 17: ``exporters/runtime/session.py::STATIC_ARENA``,
+which the child process sets) a fresh process opens the static session (batch 1), streams ``--tokens`` random
+tokens twice (the first pass captures the CUDA graphs) and reports the device memory the session took (free memory
+before and after, GB: context, workspaces and CUDA graphs included), the second pass's tokens/s, and whether the
+two passes' last logits agree (the arena strategy must not change values).
 """
 from __future__ import annotations
 
@@ -19,17 +20,20 @@ import sys
 
 from common import markdown_table
 
-STRATEGIES = {"kNextPowerOfTwo": "", "kSameAsRequested": "same"}
+STRATEGIES = ("kNextPowerOfTwo", "kSameAsRequested")
 
 
-def child(folder: str, tokens: int) -> dict:
+def child(folder: str, tokens: int, strategy: str) -> dict:
     import time
 
     import numpy as np
     import torch
 
+    import exporters.runtime.session as session_module
+
     from exporters.runtime.session import ChunkSession
 
+    session_module.STATIC_ARENA = strategy
     free0 = torch.cuda.mem_get_info()[0]
     sess = ChunkSession(folder, provider="cuda", static_batch=1, static_context=tokens)
     c = sess.chunk_size
@@ -51,19 +55,20 @@ def main(argv=None) -> int:
     ap.add_argument("--tokens", type=int, default=8192)
     ap.add_argument("--out-md", required=True)
     ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--strategy", default=STRATEGIES[0], choices=STRATEGIES, help=argparse.SUPPRESS)
     a = ap.parse_args(argv)
     if a.child:
-        print(json.dumps(child(a.child, a.tokens)))
+        print(json.dumps(child(a.child, a.tokens, a.strategy)))
         return 0
     if any("=" not in g for g in a.graph):
         ap.error("--graph takes NAME=EXPORTED_FOLDER")
     rows, results = [], {}
     for spec in a.graph:
         name, folder = spec.split("=", 1)
-        for strategy, env in STRATEGIES.items():
-            e = dict(os.environ, FWCONVERT_EXPERIMENT_ARENA=env)
+        for strategy in STRATEGIES:
             p = subprocess.run([sys.executable, __file__, "--graph", spec, "--out-md", os.devnull, "--tokens",
-                                str(a.tokens), "--child", folder], env=e, capture_output=True, text=True, timeout=600)
+                                str(a.tokens), "--child", folder, "--strategy", strategy], capture_output=True,
+                               text=True, timeout=600)
             try:
                 r = json.loads(p.stdout.strip().splitlines()[-1])
             except (IndexError, ValueError):

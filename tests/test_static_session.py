@@ -214,19 +214,39 @@ def test_pinned_graph_has_no_shape_arithmetic(exports, kind, tmp_path):
 
 
 def test_cuda_provider_options():
-    """fp32 graphs ask onnxruntime for the flash + unfused attention kernels only; static sessions for CUDA graphs."""
+    """fp32 graphs ask onnxruntime for the flash + unfused attention kernels only; static sessions for CUDA graphs
+    and for arenas that grow by the size requested (their shapes are fixed)."""
     import onnxruntime as ort
 
     from exporters.runtime.session import FP32_SDPA_KERNELS, _providers
 
     if "CUDAExecutionProvider" not in ort.get_available_providers():
         pytest.skip("this onnxruntime has no CUDA provider")
-    (name, opts), _ = _providers("cuda", False, cuda_graph=True, fp32=True)
+    (name, opts), _ = _providers("cuda", False, cuda_graph=True, fp32=True, fixed_shapes=True)
     assert name == "CUDAExecutionProvider" and opts == {"use_tf32": "0", "sdpa_kernel": FP32_SDPA_KERNELS,
-                                                        "enable_cuda_graph": "1"}
+                                                        "enable_cuda_graph": "1",
+                                                        "arena_extend_strategy": "kSameAsRequested"}
     (_, opts), _ = _providers("cuda", True)
     assert opts == {"use_tf32": "1"}
     assert _providers("cpu", False, fp32=True) == ["CPUExecutionProvider"]
+
+
+def test_only_static_sessions_ask_for_exact_arenas(exports, monkeypatch):
+    """ChunkSession passes fixed_shapes to _providers for static sessions only (ordinary sessions' shapes vary, so
+    onnxruntime's power-of-two growth stays theirs)."""
+    import exporters.runtime.session as session_module
+
+    seen = []
+    real = session_module._providers
+
+    def spy(*a, **k):
+        seen.append(k.get("fixed_shapes"))
+        return real(*a, **k)
+
+    monkeypatch.setattr(session_module, "_providers", spy)
+    ChunkSession(exports["base-full"], provider="cpu")
+    ChunkSession(exports["base-full"], provider="cpu", static_batch=1)
+    assert seen == [False, True]
 
 
 def test_verify_static_on_a_document_compares_its_full_chunks(exports):
