@@ -26,6 +26,37 @@ def time_fn(fn, warmup: int = 5, iters: int = 30, sync=None) -> float:
     return statistics.median(ts)
 
 
+def ort_run_us(ort, blob: bytes, feeds: dict, outputs: dict, per: int = 1, replays: int = 50,
+               device: str = "cuda") -> float:
+    """µs per ``per`` (e.g. per layer) of one run of the ONNX model ``blob`` on onnxruntime's CUDA provider with CUDA
+    graphs (``device="cpu"``: the CPU provider, for tests of the scripts): inputs ``feeds`` (name: numpy array) and
+    outputs ``outputs`` (name: (shape, numpy dtype)) bound on the device once, median of ``replays`` runs after 5
+    warm-up runs (the first captures the graph)."""
+    import numpy as np
+
+    prov = [("CUDAExecutionProvider", {"enable_cuda_graph": "1"})] if device == "cuda" else ["CPUExecutionProvider"]
+    sess = ort.InferenceSession(blob, ort.SessionOptions(), providers=prov)
+    bind = sess.io_binding()
+    keep = []  # the bound buffers must outlive the runs
+    for k, v in feeds.items():
+        keep.append(ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(v), device, 0))
+        bind.bind_ortvalue_input(k, keep[-1])
+    for k, (shape, dtype) in outputs.items():
+        keep.append(ort.OrtValue.ortvalue_from_shape_and_type(list(shape), dtype, device, 0))
+        bind.bind_ortvalue_output(k, keep[-1])
+    ro = ort.RunOptions()
+    for _ in range(5):
+        sess.run_with_iobinding(bind, ro)
+    bind.synchronize_outputs()
+    ts = []
+    for _ in range(replays):
+        t = time.perf_counter()
+        sess.run_with_iobinding(bind, ro)
+        bind.synchronize_outputs()
+        ts.append(time.perf_counter() - t)
+    return statistics.median(ts) * 1e6 / per
+
+
 def measured_rates(torch) -> dict:
     """bf16 matmul rate (FLOP/s) and device copy bandwidth (bytes/s, read+write) on this GPU."""
     a = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)

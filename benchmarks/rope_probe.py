@@ -27,11 +27,10 @@ per thread, so G-fold wider blocks help only 1.4-1.65x.
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
 
 import numpy as np
 
+from common import ort_run_us
 from exporters.onnx.rotary_form import group_size
 from fwconvert.modeling.rope import interleaved_order
 
@@ -103,29 +102,6 @@ def traced_feeds(narrow: dict, batch: int, chunk: int, heads: int, hd: int) -> d
     return {"x": narrow["x"].reshape(batch, chunk, heads, hd), **full}
 
 
-def timed_us(ort, blob: bytes, feed: dict, layers: int) -> float:
-    """µs per node of the chain on CUDA with CUDA graphs (IO bound on the device)."""
-    so = ort.SessionOptions()
-    sess = ort.InferenceSession(blob, so, providers=[("CUDAExecutionProvider", {"enable_cuda_graph": "1"})])
-    bind = sess.io_binding()
-    ins = {k: ort.OrtValue.ortvalue_from_numpy(v, "cuda", 0) for k, v in feed.items()}
-    out = ort.OrtValue.ortvalue_from_shape_and_type(feed["x"].shape, np.float16, "cuda", 0)
-    for k, v in ins.items():
-        bind.bind_ortvalue_input(k, v)
-    bind.bind_ortvalue_output(sess.get_outputs()[0].name, out)
-    ro = ort.RunOptions()
-    for _ in range(5):
-        sess.run_with_iobinding(bind, ro)
-    bind.synchronize_outputs()
-    ts = []
-    for _ in range(50):
-        t = time.perf_counter()
-        sess.run_with_iobinding(bind, ro)
-        bind.synchronize_outputs()
-        ts.append(time.perf_counter() - t)
-    return statistics.median(ts) * 1e6 / layers
-
-
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--provider", choices=["cpu", "cuda"], default="cpu")
@@ -150,10 +126,13 @@ def main(argv=None) -> int:
             err = float(np.abs(yw.astype(np.float32) - yn[..., order].astype(np.float32)).max())
             tn = tw = tt = te = float("nan")
             if a.provider == "cuda":
-                tn = timed_us(ort, chain(a.layers, 0), narrow, a.layers)
-                tw = timed_us(ort, chain(a.layers, 1), wide, a.layers)
-                tt = timed_us(ort, chain(a.layers, 0), table_feeds(narrow, b, a.chunk, hd), a.layers)
-                te = timed_us(ort, traced_chain(a.layers, hd), traced_feeds(narrow, b, a.chunk, heads, hd), a.layers)
+                out = {f"y{a.layers - 1}": (narrow["x"].shape, np.float16)}
+                tn = ort_run_us(ort, chain(a.layers, 0), narrow, out, a.layers)
+                tw = ort_run_us(ort, chain(a.layers, 1), wide, out, a.layers)
+                tt = ort_run_us(ort, chain(a.layers, 0), table_feeds(narrow, b, a.chunk, hd), out, a.layers)
+                out4 = {f"y{a.layers - 1}": ((b, a.chunk, heads, hd), np.float16)}
+                te = ort_run_us(ort, traced_chain(a.layers, hd), traced_feeds(narrow, b, a.chunk, heads, hd), out4,
+                                   a.layers)
             print(f"| {name} | {b} | {heads} × {hd} | {g} | {err:.3g} | {tn:.2f} | {tw:.2f} | {tn / tw:.2f} "
                   f"| {tt:.2f} | {te:.2f} |")
     return 0

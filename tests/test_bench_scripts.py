@@ -330,6 +330,53 @@ def test_rope_probe_wide_heads_equal_narrow_ones_on_cpu(capsys):
     assert rope_probe.group_size(40, 64) == 10
 
 
+def test_qkv_probe_forms_compute_the_same_q_k_v_on_cpu(capsys):
+    """qkv_probe.py: the three forms of a layer's q/k/v projection give the same outputs as the fused one, and the
+    fused one's q is RoPE (interleaved pairs, per-token angles) of x @ Wq, checked against numpy in float32."""
+    import numpy as np
+    import onnxruntime as ort
+
+    import qkv_probe
+
+    assert qkv_probe.main(["--batch", "1", "2", "--chunk", "8", "--layers", "2"]) == 0
+    rows = [line.split("|") for line in capsys.readouterr().out.splitlines()[2:]]
+    assert len(rows) == 4 and all(float(e) < 1e-2 for r in rows for e in r[4].split(",")), rows
+    rng = np.random.default_rng(1)
+    d, h, kv, hd, c = 576, 9, 3, 64, 8
+    w = (rng.standard_normal((d, (h + 2 * kv) * hd)) / np.sqrt(d)).astype(np.float16)
+    fd = qkv_probe.feeds(1, c, d, h, kv, hd, rng)
+    blob = qkv_probe.layer_graph("fused", [w], h, kv, hd)
+    q, k, v = ort.InferenceSession(blob, providers=["CPUExecutionProvider"]).run(None, qkv_probe.used_feeds(blob, fd))
+    raw = fd["x"].astype(np.float32) @ w.astype(np.float32)
+    x = raw[..., :h * hd].reshape(1, c, h, hd)
+    f = (np.arange(c)[:, None] + 100.0) * (1.0 / 10000.0 ** (np.arange(0, hd, 2) / hd))[None, :]
+    cos, sin = np.cos(f)[None, :, None, :], np.sin(f)[None, :, None, :]
+    want = np.empty_like(x)
+    want[..., 0::2] = x[..., 0::2] * cos - x[..., 1::2] * sin
+    want[..., 1::2] = x[..., 1::2] * cos + x[..., 0::2] * sin
+    assert np.abs(q.reshape(x.shape) - want).max() < 1e-2
+    assert np.abs(v - raw[..., (h + kv) * hd:]).max() < 1e-2 and k.shape == (1, c, kv * hd)
+
+
+def test_ort_run_us_times_a_bound_model_on_cpu():
+    """common.ort_run_us (the probes' CUDA-graph timer) on the CPU provider: binds the inputs and the declared
+    outputs, runs, and returns a time per ``per``."""
+    import numpy as np
+    import onnxruntime as ort
+    from onnx import TensorProto as TP, helper as oh
+
+    from common import ort_run_us
+
+    g = oh.make_graph([oh.make_node("Add", ["a", "b"], ["y"])], "add",
+                      [oh.make_tensor_value_info(n, TP.FLOAT, [2, 3]) for n in "ab"],
+                      [oh.make_tensor_value_info("y", TP.FLOAT, [2, 3])])
+    m = oh.make_model(g, opset_imports=[oh.make_opsetid("", 17)])
+    m.ir_version = 10
+    t = ort_run_us(ort, m.SerializeToString(), {"a": np.ones((2, 3), np.float32), "b": np.ones((2, 3), np.float32)},
+                   {"y": ((2, 3), np.float32)}, per=2, replays=3, device="cpu")
+    assert 0 < t < 1e6
+
+
 def test_static_memory_reports_a_failing_child(tmp_path):
     """static_memory.py runs each (graph, arena strategy) in its own process and writes a row even when the child
     fails (here: no CUDA device / no graph)."""
