@@ -358,6 +358,20 @@ def test_qkv_probe_forms_compute_the_same_q_k_v_on_cpu(capsys):
     assert np.abs(v - raw[..., (h + kv) * hd:]).max() < 1e-2 and k.shape == (1, c, kv * hd)
 
 
+def test_mlp_probe_one_expert_moe_is_the_mlp_on_cpu(capsys):
+    """mlp_probe.py: a one-expert MoE with interleaved SwiGLU computes the graphs' SwiGLU MLP (fp16 on the CPU
+    provider, which refuses the concatenated form: reported, not raised)."""
+    import mlp_probe
+
+    assert mlp_probe.main(["--batch", "1", "--chunk", "4", "--layers", "1"]) == 0
+    rows = [line.split("|") for line in capsys.readouterr().out.splitlines()[2:]]
+    assert len(rows) == 2, rows
+    for r in rows:
+        parts = dict(p.strip().rsplit(" ", 1) for p in r[4].split(";") if "failed" not in p)
+        assert float(parts["moe-interleaved"]) < 1e-2, r
+        assert "moe-concat: failed" in r[4]
+
+
 def test_ort_run_us_times_a_bound_model_on_cpu():
     """common.ort_run_us (the probes' CUDA-graph timer) on the CPU provider: binds the inputs and the declared
     outputs, runs, and returns a time per ``per``."""
