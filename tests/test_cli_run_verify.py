@@ -60,6 +60,35 @@ def fwl_export(tmp_path_factory):
     return model, export_onnx(model, str(tmp_path_factory.mktemp("fwl") / "onnx"), chunk_size=C)
 
 
+@pytest.fixture(scope="module")
+def inplace_export(tmp_path_factory):
+    return export_onnx(tiny_model("llama", "inplace"), str(tmp_path_factory.mktemp("inplace") / "onnx"), chunk_size=C)
+
+
+@pytest.mark.parametrize("which", ["base", "fwl", "inplace"])
+def test_run_static_gives_the_ordinary_sessions_losses(which, base_export, fwl_export, inplace_export, tmp_path,
+                                                       capsys):
+    """`run --static` (one pinned session per past length for full attention, the last chunk padded: 21 tokens in
+    chunks of 8) gives every token's loss as the ordinary session does: the padded positions change none of the
+    real ones (base, FWL, and in-place with its fixed chunks)."""
+    folder = {"base": base_export[1], "fwl": fwl_export[1], "inplace": inplace_export}[which]
+    doc = _tokens_file(tmp_path, 21)
+    runs = {}
+    for flag in ([], ["--static"]):
+        code, out, err = _cli(["run", folder, "--tokens", doc, "--provider", "cpu", "--json"] + flag, capsys)
+        assert code == 0, err
+        runs[bool(flag)] = _strict_json(out)
+    assert runs[True]["session"] == "static" and runs[False]["session"] == "ordinary"
+    assert len(runs[True]["losses"]) == 20
+    np.testing.assert_allclose(runs[True]["losses"], runs[False]["losses"], rtol=1e-5, atol=1e-5)
+
+
+def test_run_static_refuses_generation(base_export, tmp_path, capsys):
+    code, out, err = _cli(["run", base_export[1], "--tokens", _tokens_file(tmp_path, 5), "--provider", "cpu",
+                           "--static", "--generate", "2"], capsys)
+    assert code == 2 and "--generate" in err and "omit --static" in err and "Traceback" not in err, (code, err)
+
+
 def test_run_nan_losses_exit_6_after_the_report(nan_export, tmp_path, capsys):
     doc = _tokens_file(tmp_path, 12)
     code, out, err = _cli(["run", nan_export, "--tokens", doc, "--provider", "cpu"], capsys)

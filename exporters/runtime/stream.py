@@ -19,15 +19,29 @@ from .session import ChunkSession
 from .state import StateBuffers
 
 
+def chunk_logits(session: ChunkSession, ids: np.ndarray, state: StateBuffers) -> np.ndarray:
+    """logits [B, n, V] of one chunk ``ids [B, n]``, n <= C, after ``state`` (advanced). A static session takes full
+    chunks only: a shorter one is padded with its last token repeated and the padded positions' logits are dropped.
+    The real positions' logits are exact (every graph is causal: nothing before a position reads what comes after
+    it, and the fast weights a chunk reads are those of the chunks before it), but the state left behind is not the
+    real tokens' state: only a document's last chunk may be short."""
+    n = ids.shape[1]
+    if session.static is not None and n < session.chunk_size:
+        ids = np.concatenate((ids, np.repeat(ids[:, -1:], session.chunk_size - n, axis=1)), 1)
+        return session.step(ids, state)[:, :n]
+    return session.step(ids, state)
+
+
 def iter_chunks(session: ChunkSession, ids: np.ndarray, state: StateBuffers = None) -> Iterator[Tuple[int, np.ndarray]]:
-    """(start, logits [B, c, V]) for consecutive chunks of ``ids [B, T]`` from a fresh (or given) state."""
+    """(start, logits [B, c, V]) for consecutive chunks of ``ids [B, T]`` from a fresh (or given) state (a static
+    session's short last chunk padded: ``chunk_logits``)."""
     ids = np.asarray(ids, dtype=np.int64)
     if ids.ndim != 2 or ids.shape[1] < 1:
         raise InputError(f"expected token ids of shape [batch, length >= 1], got {list(ids.shape)}")
     state = state if state is not None else session.new_state(ids.shape[0])
     c = session.chunk_size
     for a in range(0, ids.shape[1], c):
-        yield a, session.step(ids[:, a:a + c], state)
+        yield a, chunk_logits(session, ids[:, a:a + c], state)
 
 
 def token_nll(logits: np.ndarray, targets: np.ndarray) -> np.ndarray:

@@ -131,19 +131,35 @@ def _document(folder: str, text, tokens, vocab_size: int):
 @click.option("--generate", type=int, default=0, show_default=True, help="Greedy-generate N tokens after the document.")
 @click.option("--provider", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True,
               help="onnxruntime execution provider (auto: CUDA when available).")
+@click.option("--static", is_flag=True,
+              help="Run a static session: the chunk pinned, buffers bound once, CUDA graphs on the CUDA provider (its "
+                   "chunk step streams about 1.5x as fast as the default session's on an H100, docs/benchmarks.md; "
+                   "run also computes every token's loss on the host). The document's short last chunk is padded "
+                   "(its padded positions dropped); a full-attention export keeps one pinned session and KV buffers "
+                   "per chunk-long past, so memory grows with about the square of the document's length. Not with "
+                   "--generate.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object (per-token losses included).")
-def run_cmd(exported, text, tokens, generate, provider, as_json):
+def run_cmd(exported, text, tokens, generate, provider, static, as_json):
     """Stream a document through EXPORTED: per-token loss, perplexity, optional greedy continuation."""
     import numpy as np
 
-    from exporters.runtime.session import ChunkSession
+    from exporters.runtime.session import ChunkSession, load_manifest
     from exporters.runtime.stream import greedy_generate, perplexity, token_losses
 
     if generate < 0:
         raise click.UsageError("--generate must be >= 0")
+    if static and generate:
+        raise click.UsageError("--generate runs chunks of any length, which a static session does not: omit --static")
     _document_path(text, tokens)  # a missing file is named before the graph is loaded
-    session = ChunkSession(exported, provider=provider)
-    ids, tok = _document(session.folder, text, tokens, session.manifest.vocab_size)
+    if static:  # the document first: the session's context is its length
+        manifest = load_manifest(exported)
+        ids, tok = _document(exported, text, tokens, manifest.vocab_size)
+        c = int(manifest.chunking["chunk_size"])
+        session = ChunkSession(exported, provider=provider, manifest=manifest, static_batch=1,
+                               static_context=-(-len(ids) // c) * c)
+    else:
+        session = ChunkSession(exported, provider=provider)
+        ids, tok = _document(session.folder, text, tokens, session.manifest.vocab_size)
     trained = session.manifest.max_position_embeddings
     if trained and len(ids) + generate > trained:
         click.echo(f"warning: {len(ids)} tokens{f' + {generate} generated' if generate else ''} run past the "
@@ -162,7 +178,7 @@ def run_cmd(exported, text, tokens, generate, provider, as_json):
             gen = greedy_generate(session, arr, generate)[0].tolist()
         except NumericError as e:
             err = NumericError(f"--generate: {e} (the export at {session.folder})")
-    result = {"provider": session.provider_note, "tokens": len(ids),
+    result = {"provider": session.provider_note, "session": "static" if static else "ordinary", "tokens": len(ids),
               "mean_loss": float(losses.mean()) if losses.size else None,
               "perplexity": perplexity(losses) if losses.size else None, "generated_ids": gen}
     if tok is not None and gen:
@@ -171,7 +187,7 @@ def run_cmd(exported, text, tokens, generate, provider, as_json):
         result["losses"] = [round(float(x), 6) for x in losses]
         click.echo(strict_json(result))
     else:
-        click.echo(f"provider:   {result['provider']}")
+        click.echo(f"provider:   {result['provider']}{' (static session)' if static else ''}")
         click.echo(f"tokens:     {len(ids)}")
         if losses.size:
             click.echo(f"mean loss:  {result['mean_loss']:.4f} nats/token")

@@ -116,6 +116,7 @@ def _ort_runner(folder: str, device: str, chunk: int, static: bool = False, cont
     try:
         from exporters.runtime.session import ChunkSession, load_manifest
         from exporters.runtime.static import check_static
+        from exporters.runtime.stream import chunk_logits
     except ImportError:
         raise InputError("--runtime ort: exporters.runtime is not available in this installation") from None
     provider = "cuda" if device.startswith("cuda") else "cpu"
@@ -140,11 +141,8 @@ def _ort_runner(folder: str, device: str, chunk: int, static: bool = False, cont
 
     def step(ids, state):
         ids = np.ascontiguousarray(ids.cpu().numpy(), dtype=np.int64)
-        n = ids.shape[1]
-        if static and n < chunk:  # the last chunk of the documents: pad, then drop the padded positions
-            ids = np.concatenate((ids, np.repeat(ids[:, -1:], chunk - n, axis=1)), 1)
-        logits = session_for(ids.shape[0]).step(ids, state)
-        return torch.from_numpy(np.ascontiguousarray(logits[:, :n])), state
+        logits = chunk_logits(session_for(ids.shape[0]), ids, state)  # static: the last chunk padded
+        return torch.from_numpy(np.ascontiguousarray(logits)), state
 
     def init_state(batch: int):
         return session_for(batch).new_state(batch)
