@@ -78,6 +78,7 @@ def test_run_static_gives_the_ordinary_sessions_losses(which, base_export, fwl_e
         code, out, err = _cli(["run", folder, "--tokens", doc, "--provider", "cpu", "--json"] + flag, capsys)
         assert code == 0, err
         runs[bool(flag)] = _strict_json(out)
+        assert ("gains nothing on the CPU provider" in err) == bool(flag), err
     assert runs[True]["session"] == "static" and runs[False]["session"] == "ordinary"
     assert len(runs[True]["losses"]) == 20
     np.testing.assert_allclose(runs[True]["losses"], runs[False]["losses"], rtol=1e-5, atol=1e-5)

@@ -136,8 +136,8 @@ def _document(folder: str, text, tokens, vocab_size: int):
                    "chunk step streams about 1.5x as fast as the default session's on an H100, docs/benchmarks.md; "
                    "run also computes every token's loss on the host). The document's short last chunk is padded "
                    "(its padded positions dropped); a full-attention export keeps one pinned session and KV buffers "
-                   "per chunk-long past, so memory grows with about the square of the document's length. Not with "
-                   "--generate.")
+                   "per chunk-long past, so memory grows with about the square of the document's length. For the "
+                   "CUDA provider: on the CPU it is slower. Not with --generate.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object (per-token losses included).")
 def run_cmd(exported, text, tokens, generate, provider, static, as_json):
     """Stream a document through EXPORTED: per-token loss, perplexity, optional greedy continuation."""
@@ -157,6 +157,10 @@ def run_cmd(exported, text, tokens, generate, provider, static, as_json):
         c = int(manifest.chunking["chunk_size"])
         session = ChunkSession(exported, provider=provider, manifest=manifest, static_batch=1,
                                static_context=-(-len(ids) // c) * c)
+        if session.device != "cuda":
+            click.echo("note: --static gains nothing on the CPU provider (no CUDA graphs) and opens an onnxruntime "
+                       "session per chunk-long past of a full-attention export: slower and larger than the default "
+                       "session there", err=True)
     else:
         session = ChunkSession(exported, provider=provider)
         ids, tok = _document(session.folder, text, tokens, session.manifest.vocab_size)
