@@ -372,6 +372,15 @@ def test_mlp_probe_one_expert_moe_is_the_mlp_on_cpu(capsys):
         assert "moe-concat: failed" in r[4]
 
 
+def test_token_nll_time_compares_the_two_forms(capsys):
+    """token_nll_time.py: the float32-exponential token_nll against the all-float64 form, both dtypes."""
+    import token_nll_time
+
+    assert token_nll_time.main(["--rows", "4", "--vocab", "1000", "--repeats", "1"]) == 0
+    rows = [line.split("|") for line in capsys.readouterr().out.splitlines()[2:]]
+    assert [r[1].strip() for r in rows] == ["float16", "float32"] and all(float(r[4]) < 1e-6 for r in rows), rows
+
+
 def test_ort_run_us_times_a_bound_model_on_cpu():
     """common.ort_run_us (the probes' CUDA-graph timer) on the CPU provider: binds the inputs and the declared
     outputs, runs, and returns a time per ``per``."""

@@ -267,7 +267,9 @@ def test_initial_value_from_array_file(tmp_path):
 
 def test_token_nll_is_cross_entropy_in_float64():
     """The runtime's per-token loss (used by `run` and by verify's perplexity) equals torch's float64 cross-entropy,
-    for fp16 and fp32 logits with a batch axis, including logits far from zero."""
+    for fp16 and fp32 logits with a batch axis, including logits far from zero. Within 2e-7 nats: token_nll takes
+    its exponentials in float32 (each within ~1e-7 relative of float64; summed in float64), which halves its host
+    time on fp16 chunks (stream.py::token_nll); it was 1e-9 with float64 exponentials."""
     import torch
 
     from exporters.runtime.stream import token_nll
@@ -280,4 +282,4 @@ def test_token_nll_is_cross_entropy_in_float64():
                                                  torch.from_numpy(targets).reshape(-1), reduction="none")
         got = token_nll(logits, targets)
         assert got.dtype == np.float64 and got.shape == (2, 7)
-        np.testing.assert_allclose(got.reshape(-1), want.numpy(), rtol=1e-12, atol=1e-9)
+        np.testing.assert_allclose(got.reshape(-1), want.numpy(), rtol=0, atol=2e-7)

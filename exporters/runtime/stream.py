@@ -45,17 +45,23 @@ def iter_chunks(session: ChunkSession, ids: np.ndarray, state: StateBuffers = No
 
 
 def token_nll(logits: np.ndarray, targets: np.ndarray) -> np.ndarray:
-    """-log softmax(logits)[target] in float64: logits [..., V], targets [...] (int) -> [...].
+    """-log softmax(logits)[target] as float64: logits [..., V], targets [...] (int) -> [...].
 
-    logsumexp(x) - x[target], with the exponentials in one float64 buffer written in place: the same value as the
-    full log-softmax array, 35x faster for a 512 x 49,152 chunk (2.1 s -> 0.06 s on the CPU), which made verify's
-    perplexity check the slowest part of a verify."""
-    m = logits.max(-1, keepdims=True)
-    z = np.empty(logits.shape, dtype=np.float64)
-    np.subtract(logits, m, out=z, dtype=np.float64)
+    max + log(sum(exp(x - max))) - x[target]: the logits taken to float32 once (exact for fp16), the exponentials in
+    one float32 buffer written in place and summed in float64, the rest in float64. Each float32 exponential is
+    within about 1e-7 of its float64 value, so the loss is too (3e-8 at most on a random 512 x 49,152 chunk);
+    float64 exponentials (the form before session 17) took 211 ms per such fp16 chunk on one CPU core, this 94 ms
+    (fp32 logits: 64 -> 43 ms; `python benchmarks/token_nll_time.py`), and `run` and verify's perplexity spend that
+    per chunk on the host. numpy's own fp16 arithmetic is the slow part (its max over an fp16 chunk alone takes
+    140 ms), hence the one conversion."""
+    x = np.asarray(logits)
+    if x.dtype != np.float32:
+        x = x.astype(np.float32)
+    m = x.max(-1, keepdims=True)
+    z = np.subtract(x, m)
     np.exp(z, out=z)
-    picked = np.take_along_axis(logits, np.asarray(targets)[..., None], -1)[..., 0]
-    return m[..., 0].astype(np.float64) + np.log(z.sum(-1)) - picked.astype(np.float64)
+    picked = np.take_along_axis(x, np.asarray(targets)[..., None], -1)[..., 0]
+    return m[..., 0].astype(np.float64) + np.log(z.sum(-1, dtype=np.float64)) - picked.astype(np.float64)
 
 
 def token_losses(session: ChunkSession, ids: np.ndarray) -> np.ndarray:
