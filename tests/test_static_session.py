@@ -231,6 +231,26 @@ def test_cuda_provider_options():
     assert _providers("cpu", False, fp32=True) == ["CPUExecutionProvider"]
 
 
+def test_static_cpu_sessions_do_not_prepack_weights(exports):
+    """A static session on the CPU provider opens its pinned sessions without onnxruntime's weight prepacking (a
+    copy of every MatMul weight per session otherwise: benchmarks/static_cpu_memory.py); an ordinary one keeps it."""
+    def prepacking_off(sess):
+        opts = sess.get_session_options()
+        try:
+            return opts.get_session_config_entry("session.disable_prepacking") == "1"
+        except RuntimeError:  # onnxruntime raises for a key never set
+            return False
+
+    static = ChunkSession(exports["base-full"], provider="cpu", static_batch=1)
+    state = static.new_state(1)
+    static.step(np.zeros((1, C), dtype=np.int64), state)
+    static.step(np.zeros((1, C), dtype=np.int64), state)
+    assert len(static.static.sessions) == 2 and all(prepacking_off(s) for s in static.static.sessions.values())
+    window = ChunkSession(exports["base"], provider="cpu", static_batch=1)
+    assert prepacking_off(window.sess)
+    assert not prepacking_off(ChunkSession(exports["base-full"], provider="cpu").sess)
+
+
 def test_only_static_sessions_ask_for_exact_arenas(exports, monkeypatch):
     """ChunkSession passes fixed_shapes to _providers for static sessions only (ordinary sessions' shapes vary, so
     onnxruntime's power-of-two growth stays theirs)."""

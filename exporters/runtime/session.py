@@ -203,6 +203,12 @@ class ChunkSession:
         if self._static_batch is not None:
             opts.add_free_dimension_override_by_name(BATCH, self._static_batch)
             opts.add_free_dimension_override_by_name(CHUNK, self.chunk_size)
+            if self._providers == ["CPUExecutionProvider"]:
+                # The CPU provider prepacks every MatMul weight into a copy of its own per session, so the pinned
+                # sessions would not share the weights (SmolLM2 fp32, 7 pinned sessions: peak 5.11 GiB, against 2.96
+                # without; the first document 15.7 s against 9.3, later ones 3.4 against 3.6 s on 2 cores;
+                # benchmarks/static_cpu_memory.py, session 17).
+                opts.add_session_config_entry("session.disable_prepacking", "1")
         if past is not None:
             opts.add_free_dimension_override_by_name(PAST, past)
         try:
