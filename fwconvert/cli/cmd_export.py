@@ -151,19 +151,15 @@ def run_cmd(exported, text, tokens, generate, provider, static, as_json):
     if static and generate:
         raise click.UsageError("--generate runs chunks of any length, which a static session does not: omit --static")
     _document_path(text, tokens)  # a missing file is named before the graph is loaded
-    if static:  # the document first: the session's context is its length
-        manifest = load_manifest(exported)
-        ids, tok = _document(exported, text, tokens, manifest.vocab_size)
-        c = int(manifest.chunking["chunk_size"])
-        session = ChunkSession(exported, provider=provider, manifest=manifest, static_batch=1,
-                               static_context=-(-len(ids) // c) * c)
-        if session.device != "cuda":
-            click.echo("note: --static gains nothing on the CPU provider (no CUDA graphs) and opens an onnxruntime "
-                       "session per chunk-long past of a full-attention export: slower and larger than the default "
-                       "session there", err=True)
-    else:
-        session = ChunkSession(exported, provider=provider)
-        ids, tok = _document(session.folder, text, tokens, session.manifest.vocab_size)
+    manifest = load_manifest(exported)  # the document before the session: a static session's context is its length
+    ids, tok = _document(exported, text, tokens, manifest.vocab_size)
+    c = int(manifest.chunking["chunk_size"])
+    session = ChunkSession(exported, provider=provider, manifest=manifest, static_batch=1 if static else None,
+                           static_context=-(-len(ids) // c) * c if static else None)
+    if static and session.device != "cuda":
+        click.echo("note: --static gains nothing on the CPU provider (no CUDA graphs) and opens an onnxruntime "
+                   "session per chunk-long past of a full-attention export: slower and larger than the default "
+                   "session there", err=True)
     trained = session.manifest.max_position_embeddings
     if trained and len(ids) + generate > trained:
         click.echo(f"warning: {len(ids)} tokens{f' + {generate} generated' if generate else ''} run past the "
