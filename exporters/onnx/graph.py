@@ -29,6 +29,7 @@ from .io_spec import BATCH, CHUNK, GRAPH_NAME, INITIAL_STATE_NAME, PAST, Manifes
 from .wrapper import ChunkStep, initial_state, state_layout
 
 CONTROL_FLOW = {"Loop", "Scan", "If", "SequenceMap"}
+SEPARATE_QKV = "FWCONVERT_EXPERIMENT_SEPARATE_QKV"  # export_form's experiment switch
 EXAMPLE_B, EXAMPLE_C, EXAMPLE_P = 2, 3, 5  # distinct and >= 2: torch.export specialises 0/1 sizes
 
 
@@ -83,11 +84,15 @@ def export_form(model: DecoderLM):
       the same sum in another order. This lets ``rotary_form`` hand several heads to onnxruntime's kernel as one;
     - the pairs rotate with one matmul by a ±1 matrix (exactly the slice-negate-concatenate it replaces);
     - without q/k norms, q, k and v come from one projection (their weights concatenated) and q and k get their
-      RoPE together (one Mul-MatMul-Mul-Add for both instead of one each)."""
+      RoPE together (one Mul-MatMul-Mul-Add for both instead of one each).
+    Experiment (session 18, not the default): with ``FWCONVERT_EXPERIMENT_SEPARATE_QKV=1`` every layer keeps three
+    projections and two RoPEs (the q/k-norm path's form), which needs none of the fused form's two Splits
+    (benchmarks/qkv_probe.py)."""
     from fwconvert.modeling.decoder import Attention
     from fwconvert.modeling.rope import interleaved_rotation_matrix
 
     layers = [m for m in model.modules() if isinstance(m, Attention)]
+    separate = os.environ.get(SEPARATE_QKV, "0") == "1"
     swapped = []  # (module, attribute, original Parameter) of the q/k-norm path's reordered weights
 
     def reorder(t, heads, hd, order):  # rows (or entries) h·hd + j <- h·hd + order[j]
@@ -99,7 +104,7 @@ def export_form(model: DecoderLM):
         m.rope_rotation = interleaved_rotation_matrix(hd, w.dtype, w.device)
         m.rope_order = order
         qk = [(m.q_proj, m.n_heads), (m.k_proj, m.n_kv)]
-        if m.q_norm is None:
+        if m.q_norm is None and not separate:
             ws = [reorder(p.weight, n, hd, order) for p, n in qk] + [m.v_proj.weight]
             bias = None
             if m.q_proj.bias is not None:
@@ -111,7 +116,7 @@ def export_form(model: DecoderLM):
                     if getattr(p, name) is not None:
                         swapped.append((p, name, getattr(p, name)))
                         setattr(p, name, torch.nn.Parameter(reorder(getattr(p, name).detach(), n, hd, order), False))
-            for norm in (m.q_norm, m.k_norm):
+            for norm in (m.q_norm, m.k_norm) if m.q_norm is not None else ():
                 swapped.append((norm, "weight", norm.weight))
                 norm.weight = torch.nn.Parameter(norm.weight.detach()[order], False)
     try:
