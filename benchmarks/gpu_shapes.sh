@@ -5,6 +5,8 @@
 #   bash benchmarks/gpu_shapes.sh                           (results under $OUT, work under /tmp/w1b)
 #   SHAPE=tiny DEVICE=cpu bash benchmarks/gpu_shapes.sh     (the same steps on the CPU with a tiny model)
 #   PARTS=chunk bash benchmarks/gpu_shapes.sh               (only some of: calib export chunk; models in $W are reused)
+#   FORM_SWITCH=FWCONVERT_EXPERIMENT_X bash benchmarks/gpu_shapes.sh   (an export-form experiment, as in gpu_export.sh:
+#                                        the shape's base graph also as base-x with the switch at 1, the others at 0)
 # $OUT gets shapes-export.jsonl (benchmarks/export_cost.py), shapes-calib.jsonl (benchmarks/calib_throughput.py),
 # shapes.md (summary table), shapes.log (this script's output), chunk-step-1b.md/.json (benchmarks/chunk_step.py).
 set -uo pipefail
@@ -75,7 +77,8 @@ export_all() {  # DIRPREFIX LABELSUFFIX name=src ...: graphs go to $W/<DIRPREFIX
   for pair in "$@"; do
     local name=${pair%%=*} src=${pair#*=}
     [ -e "$src" ] || { echo "  skip export $pre$name: no $src"; continue; }
-    OMP_NUM_THREADS=4 t python3 benchmarks/export_cost.py --label "$name-$suf" --timeout $limit \
+    local sw=(); [ -n "${FORM_SWITCH:-}" ] && sw=("$FORM_SWITCH=$([[ $name == *-x ]] && echo 1 || echo 0)")
+    OMP_NUM_THREADS=4 t env "${sw[@]}" python3 benchmarks/export_cost.py --label "$name-$suf" --timeout $limit \
       --json-out "$OUT/shapes-export.jsonl" --log $W/logs/export-$pre$name.log -- \
       python3 -m fwconvert export-onnx "$src" -o $W/$pre$name-fp16 --chunk-size 512 --dtype fp16 --force &
   done
@@ -86,7 +89,8 @@ export_all() {  # DIRPREFIX LABELSUFFIX name=src ...: graphs go to $W/<DIRPREFIX
   done
 }
 if [[ " $PARTS " = *" export "* ]]; then
-  export_all "" $SHAPE base=$W/base fwl=$W/fwl ttt=$W/ttt
+  x=(); [ -n "${FORM_SWITCH:-}" ] && x=(base-x=$W/base)
+  export_all "" $SHAPE base=$W/base fwl=$W/fwl ttt=$W/ttt "${x[@]}"
   [ "$SMOL" = 1 ] && export_all smol- smollm2 base="$G" fwl=$SF ttt=$ST
 fi
 
@@ -100,8 +104,9 @@ elif ! python3 benchmarks/chunk_step.py --help 2>/dev/null | grep -q -- --hf; th
 elif [ "$(left)" -lt 60 ]; then
   echo "  skip chunk_step.py: $(left) s left"
 else
+  x=(); [ -f $W/base-x-fp16/manifest.json ] && x=(--graph base-x=$W/base-x-fp16)
   (cd benchmarks && t timeout $(cap 600 10) python3 chunk_step.py --hf $W/base --graph base=$W/base-fp16 \
-     --graph fwl=$W/fwl-fp16 --graph ttt=$W/ttt-fp16 --out-md $OUT/chunk-step-1b.md --out-json $OUT/chunk-step-1b.json)
+     --graph fwl=$W/fwl-fp16 --graph ttt=$W/ttt-fp16 "${x[@]}" --out-md $OUT/chunk-step-1b.md --out-json $OUT/chunk-step-1b.json)
 fi
 
 # 5. Summary table.
