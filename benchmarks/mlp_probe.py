@@ -18,6 +18,11 @@ every layer's output a graph output; each MoE form's outputs against the graph f
 no CUDA graphs), then on CUDA each form timed with CUDA graphs (µs per layer; "failed: ..." where a form cannot be
 captured or run). A form worth building beats ``graph`` at B = 1 and 8 in both shapes; the in-place layers' W_down
 is a fast weight (a graph input), which a MoE's fc2 would then have to take too.
+
+Measured (H100, session 18, docs/results/s18/mlp-probe.md), µs per layer graph / moe-interleaved / moe-concat:
+SmolLM2 B = 1 23.51 / 52.78 / 50.15, B = 8 72.76 / 120.09 / 117.22; the 1B shape B = 1 122.53 / 135.65 / 133.45,
+B = 8 783.19 / 831.96 / 835.29. The MoE is slower everywhere: not built. (moe-concat's outputs differ from the
+MLP's on CUDA, max abs 2.3-2.7: its concatenated layout is not the one assumed here; the CPU provider refuses it.)
 """
 from __future__ import annotations
 

@@ -1,14 +1,14 @@
 """How should a layer's q, k and v leave their projection? A probe of three forms on onnxruntime, not part of the graphs.
 
-The graphs' form (exporters/onnx/graph.py::export_form, rotary_form.py) is **fused**: one MatMul for q, k and v, a
-Split of its output into [q·k | v], one RotaryEmbedding over q·k (wide heads), and a Split of that into q and k.
-The two Splits copy q, k and v once more each: SmolLM2's base step on an H100 spends 0.43 ms of 5.95 at B = 8 and
-0.19 ms of 2.20 at B = 1 in ``_SplitSmallInnerKernel`` (docs/results/s17/kernels.md). The other forms trade the
-copies for more, smaller launches:
+Up to session 17 the graphs' form was **fused**: one MatMul for q, k and v, a Split of its output into [q·k | v],
+one RotaryEmbedding over q·k (wide heads), and a Split of that into q and k. The two Splits copy q, k and v once
+more each: SmolLM2's base step on an H100 spent 0.43 ms of 5.95 at B = 8 and 0.19 ms of 2.20 at B = 1 in
+``_SplitSmallInnerKernel`` (docs/results/s17/kernels.md). The other forms trade the copies for more, smaller
+launches:
 
-    fused      MatMul(x, Wqkv) -> Split [q·k | v] -> RoPE(q·k) -> Split [q | k]          (the graphs today)
+    fused      MatMul(x, Wqkv) -> Split [q·k | v] -> RoPE(q·k) -> Split [q | k]          (the graphs up to session 17)
     qk+v       MatMul(x, Wqk) -> RoPE(q·k) -> Split [q | k];  MatMul(x, Wv)                (one Split)
-    separate   MatMul(x, Wq) -> RoPE(q);  MatMul(x, Wk) -> RoPE(k);  MatMul(x, Wv)          (no Split)
+    separate   MatMul(x, Wq) -> RoPE(q);  MatMul(x, Wk) -> RoPE(k);  MatMul(x, Wv)          (no Split; the graphs since session 18)
 
     python benchmarks/qkv_probe.py [--provider cpu|cuda] [--batch 1 8] [--chunk 512]
 
@@ -16,8 +16,13 @@ For each shape (SmolLM2: D 576, 9 + 3 heads of 64, 30 layers; the LLaMA-1B shape
 layers) and batch it builds one graph per form with the shape's number of independent layers on x [B, C, D] fp16
 (each layer its own weights, so onnxruntime cannot merge them; every q, k and v a graph output), checks each form's
 outputs against the fused form's (max abs), and on CUDA times each with CUDA graphs (µs per layer). RoPE as in the
-graphs: interleaved, G heads per op head (``rotary_form.group_size``), one cos/sin row per token. A form worth
-building is faster than fused at B = 1 and 8 in both shapes.
+graphs: interleaved, G heads per op head (``rotary_form.group_size``), one cos/sin row per token.
+
+Measured (H100, session 18, docs/results/s18/qkv-probe.md), µs per layer fused / qk+v / separate: SmolLM2 B = 1
+19.24 / 18.66 / 20.95, B = 8 56.58 / 52.46 / 42.24; the 1B shape B = 1 36.68 / 40.80 / 42.35, B = 8 197.08 / 171.06
+/ 155.05. No form wins everywhere; separate saves the most at B = 8 and loses a little at B = 1. In whole graphs
+(docs/benchmarks.md, session 18) separate took SmolLM2's base step 5.91 -> 5.63 ms at B = 8 (2.21 -> 2.21 at B = 1)
+and the 1B shape's 21.32 -> 20.77 (3.39 -> 3.46), so it became the graphs' only form.
 """
 from __future__ import annotations
 

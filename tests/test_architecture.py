@@ -61,7 +61,7 @@ def test_dependency_direction(where, banned):
     assert not bad, "\n".join(bad)
 
 
-REWRITES = ("attention_forms", "causal_attention", "query_order", "rotary_form", "split_form", "weight_layout")  # exporters/onnx graph rewrites
+REWRITES = ("attention_forms", "causal_attention", "query_order", "rotary_form", "weight_layout")  # exporters/onnx graph rewrites
 
 
 def test_graph_rewrites_import_only_the_shared_ir_helpers():

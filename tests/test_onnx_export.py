@@ -134,29 +134,26 @@ def test_graph_uses_fused_ort_attention_and_norms(llama_export, qwen3_export, tm
 
 def test_export_form_rotates_with_one_matmul_and_the_model_is_left_as_it_was(llama_export, qwen3_export):
     """Exports trace RoPE's rotation as one ±1 matmul (no Neg/Slice/Concat chain), which the graph rewrite then
-    fuses with its multiplies and add into one RotaryEmbedding per RoPE (exporters/onnx/rotary_form.py);
-    without q/k norms q, k and v come from one matmul and get one RoPE: 5 MatMuls per layer (qkv, o, gate, up,
-    down) where there were 9, and 1 RotaryEmbedding (q/k norms: 2, for q and for k). The traced model itself is
-    restored afterwards."""
+    fuses with its multiplies and add into one RotaryEmbedding per RoPE (exporters/onnx/rotary_form.py): per layer
+    7 MatMuls (q, k, v, o, gate, up, down) where the trace had 9, 2 RotaryEmbeddings (q and k apart) and no Split
+    at all (a joint q/k/v projection would need two: graph.py::export_form says why it is not the form). The
+    traced model itself is restored afterwards."""
     from fwconvert.modeling.rope import _rotate_half, interleaved_order, interleaved_rotation_matrix
 
-    for out, ropes in ((llama_export[1], 1), (qwen3_export[1], 2)):
+    for out, head in ((llama_export[1], 0), (qwen3_export[1], 1)):  # qwen3's untied output head is a MatMul too
         ops = [n.op_type for n in onnx.load(os.path.join(out, "model.onnx"), load_external_data=False).graph.node]
-        assert "Neg" not in ops and ops.count("RotaryEmbedding") == ropes * 2
-    llama_ops = [n.op_type for n in onnx.load(os.path.join(llama_export[1], "model.onnx"),
-                                              load_external_data=False).graph.node]
-    assert llama_ops.count("MatMul") == 5 * 2
+        assert "Neg" not in ops and "Split" not in ops
+        assert ops.count("RotaryEmbedding") == 2 * 2 and ops.count("MatMul") == 7 * 2 + head
     model = qwen3_export[0]
-    assert all(m.rope_rotation is None and m.fused_qkv is None for m in model.modules() if hasattr(m, "fused_qkv"))
+    assert all(m.rope_rotation is None and m.rope_order is None for m in model.modules() if hasattr(m, "rope_order"))
     x, o = torch.randn(2, 3, 5, 16, generator=torch.Generator().manual_seed(0)), interleaved_order(16)
     assert torch.equal(x[..., o] @ interleaved_rotation_matrix(16), _rotate_half(x)[..., o])
 
 
 @pytest.mark.parametrize("family", ["llama", "qwen2", "qwen3"])
 def test_export_form_computes_what_the_model_computes(family):
-    """The export form (one q/k/v projection, joint RoPE, matmul rotation, interleaved head dims) against the module
-    form, float64: the same logits and state over two chained chunks (qwen2 has q/k/v biases; qwen3 q/k norms keeps
-    3 matmuls). The keys come out in rope.interleaved_order (tests/test_wide_rope.py), and qwen3's reordered weights
+    """The export form (matmul rotation, interleaved head dims) against the module form, float64: the same logits
+    and state over two chained chunks (qwen2 has q/k/v biases; qwen3 q/k norms). The keys come out in rope.interleaved_order (tests/test_wide_rope.py), and qwen3's reordered weights
     are swapped in for the trace and put back (the same Parameter objects and values afterwards)."""
     from exporters.onnx.graph import export_form
     from fwconvert.modeling.rope import interleaved_order
@@ -177,9 +174,7 @@ def test_export_form_computes_what_the_model_computes(family):
     with torch.no_grad():
         ref, ref_st = run()
         with export_form(model):
-            fused = any(m.fused_qkv is not None for m in model.modules() if hasattr(m, "fused_qkv"))
             got, got_st = run()
-    assert fused == (family != "qwen3")
     # RMSNorm takes its statistics in fp32 (as transformers does): qwen3's reordered q/k norms sum in another order
     tol = 1e-6 if family == "qwen3" else 1e-12
     assert rel_err(got, ref) < tol

@@ -61,10 +61,9 @@ def test_export_verifies_with_the_keys_in_the_manifest_order(family, kind, windo
     kw = {"attention": "window", "window": window} if window else {}
     out = export_onnx(model, str(tmp_path / "onnx"), chunk_size=8, **kw)
     ropes, ops = _ropes(out)
-    per_layer = 1 if family == "llama" else 2  # qwen3: q and k apart (their norms)
-    assert len(ropes) == per_layer * model.config.num_hidden_layers
+    assert len(ropes) == 2 * model.config.num_hidden_layers  # q and k apart
     assert all(a.i == 1 for n in ropes for a in n.attribute if a.name == "interleaved")
-    assert ops.count("Tile") == 2 * per_layer  # cos and sin rows, once per step for each op-head width
+    assert ops.count("Tile") == 4  # cos and sin rows, once per step for each op-head width (q's and k's)
     man = json.load(open(os.path.join(out, "manifest.json")))
     assert man["key_dim_order"] == interleaved_order(model.config.head_dim).tolist()
     rep = verify(out, against=model, chunks=4, batch=2)
@@ -94,20 +93,22 @@ def test_manifest_key_order_must_order_the_head_dims(bad, tmp_path):
 
 
 def test_export_with_several_op_heads_per_rope(tmp_path):
-    """20 q·k heads of 64 (16 query, 4 key/value: 1,280 > 1,024 threads) are two op heads of 10 heads each: the
-    angle rows tiled 10 times, and the export still verifies (float32, 3 chunks, batch 2)."""
+    """20 query heads of 64 (1,280 > 1,024 threads) are two op heads of 10 heads each (their angle rows tiled 10
+    times), the 4 key heads one op head of 4 (tiled 4 times), and the export still verifies (float32, 3 chunks,
+    batch 2)."""
     from fwconvert.families import parse_config
     from fwconvert.modeling import build_model, load_tensors
     from tiny import make_hf_model
 
-    hf = make_hf_model("llama", num_hidden_layers=1, num_attention_heads=16, num_key_value_heads=4, head_dim=64)
+    hf = make_hf_model("llama", num_hidden_layers=1, hidden_size=80, num_attention_heads=20, num_key_value_heads=4,
+                       head_dim=64)
     model = load_tensors(build_model(parse_config(hf.config.to_dict(), "config")), hf.state_dict().items()).eval()
-    assert group_size(20, 64) == 10
+    assert group_size(20, 64) == 10 and group_size(4, 64) == 4
     out = export_onnx(model, str(tmp_path / "onnx"), chunk_size=4)
     g = onnx.load(os.path.join(out, "model.onnx"), load_external_data=False)
     tiles = [n for n in g.graph.node if n.op_type == "Tile"]
     reps = [onnx.numpy_helper.to_array(i).tolist() for i in g.graph.initializer if i.name in {n.input[1] for n in tiles}]
     reps += [onnx.numpy_helper.to_array(n.attribute[0].t).tolist() for n in g.graph.node
              if n.op_type == "Constant" and n.output[0] in {t.input[1] for t in tiles}]
-    assert len(tiles) == 2 and reps and all(r == [1, 10] for r in reps), reps
+    assert len(tiles) == 4 and sorted(reps) == [[1, 4], [1, 4], [1, 10], [1, 10]], reps
     assert verify(out, against=model, chunks=3, batch=2).passed

@@ -23,13 +23,11 @@ from . import causal_attention as onnx_attention
 from .ir_nodes import Nodes, replace_value
 from .query_order import query_heads_in_group_order
 from .rotary_form import rotary_embedding
-from .split_form import splits_on_last_axis
 from .weight_layout import folded_weights
 from .io_spec import BATCH, CHUNK, GRAPH_NAME, INITIAL_STATE_NAME, PAST, Manifest, StateSpec, chunk_rule, input_name, output_name
 from .wrapper import ChunkStep, initial_state, state_layout
 
 CONTROL_FLOW = {"Loop", "Scan", "If", "SequenceMap"}
-SEPARATE_QKV = "FWCONVERT_EXPERIMENT_SEPARATE_QKV"  # export_form's experiment switch
 EXAMPLE_B, EXAMPLE_C, EXAMPLE_P = 2, 3, 5  # distinct and >= 2: torch.export specialises 0/1 sizes
 
 
@@ -82,18 +80,16 @@ def export_form(model: DecoderLM):
       ``rope.interleaved_order`` (the pair that RoPE rotates together side by side), RoPE rotates in that order,
       and so the keys of the KV state are in it too (the manifest's ``key_dim_order``). Every q·k dot product is
       the same sum in another order. This lets ``rotary_form`` hand several heads to onnxruntime's kernel as one;
-    - the pairs rotate with one matmul by a ±1 matrix (exactly the slice-negate-concatenate it replaces);
-    - without q/k norms, q, k and v come from one projection (their weights concatenated) and q and k get their
-      RoPE together (one Mul-MatMul-Mul-Add for both instead of one each).
-    Experiment (session 18, not the default): with ``FWCONVERT_EXPERIMENT_SEPARATE_QKV=1`` every layer keeps three
-    projections and two RoPEs (the q/k-norm path's form), which needs none of the fused form's two Splits
-    (benchmarks/qkv_probe.py)."""
+    - the pairs rotate with one matmul by a ±1 matrix (exactly the slice-negate-concatenate it replaces).
+    q, k and v keep their own projections and q and k their own RoPE: a joint q/k/v projection (one MatMul, one
+    RoPE over q·k) needs two Splits per layer, copies that cost more at batch 8 than the extra launches cost at
+    batch 1 (session 18, H100, docs/benchmarks.md: SmolLM2 base step 5.91 -> 5.63 ms at B = 8, 2.21 -> 2.21 at
+    B = 1; benchmarks/qkv_probe.py times the forms alone)."""
     from fwconvert.modeling.decoder import Attention
     from fwconvert.modeling.rope import interleaved_rotation_matrix
 
     layers = [m for m in model.modules() if isinstance(m, Attention)]
-    separate = os.environ.get(SEPARATE_QKV, "0") == "1"
-    swapped = []  # (module, attribute, original Parameter) of the q/k-norm path's reordered weights
+    swapped = []  # (module, attribute, original Parameter) of the reordered weights
 
     def reorder(t, heads, hd, order):  # rows (or entries) h·hd + j <- h·hd + order[j]
         return t.reshape(heads, hd, *t.shape[1:])[:, order].reshape(t.shape)
@@ -103,29 +99,22 @@ def export_form(model: DecoderLM):
         order = interleaved_order(hd, w.device)
         m.rope_rotation = interleaved_rotation_matrix(hd, w.dtype, w.device)
         m.rope_order = order
-        qk = [(m.q_proj, m.n_heads), (m.k_proj, m.n_kv)]
-        if m.q_norm is None and not separate:
-            ws = [reorder(p.weight, n, hd, order) for p, n in qk] + [m.v_proj.weight]
-            bias = None
-            if m.q_proj.bias is not None:
-                bias = torch.cat([reorder(p.bias, n, hd, order) for p, n in qk] + [m.v_proj.bias])
-            m.fused_qkv = (torch.cat(ws), bias)
-        else:  # new Parameter objects: the traced program keeps references to what it read
-            for p, n in qk:
-                for name in ("weight", "bias"):
-                    if getattr(p, name) is not None:
-                        swapped.append((p, name, getattr(p, name)))
-                        setattr(p, name, torch.nn.Parameter(reorder(getattr(p, name).detach(), n, hd, order), False))
-            for norm in (m.q_norm, m.k_norm) if m.q_norm is not None else ():
-                swapped.append((norm, "weight", norm.weight))
-                norm.weight = torch.nn.Parameter(norm.weight.detach()[order], False)
+        # new Parameter objects: the traced program keeps references to what it read
+        for p, n in [(m.q_proj, m.n_heads), (m.k_proj, m.n_kv)]:
+            for name in ("weight", "bias"):
+                if getattr(p, name) is not None:
+                    swapped.append((p, name, getattr(p, name)))
+                    setattr(p, name, torch.nn.Parameter(reorder(getattr(p, name).detach(), n, hd, order), False))
+        for norm in (m.q_norm, m.k_norm) if m.q_norm is not None else ():
+            swapped.append((norm, "weight", norm.weight))
+            norm.weight = torch.nn.Parameter(norm.weight.detach()[order], False)
     try:
         yield
     finally:
         for module, name, param in swapped:
             setattr(module, name, param)
         for m in layers:
-            m.rope_rotation = m.fused_qkv = m.rope_order = None
+            m.rope_rotation = m.rope_order = None
 
 
 def _trace(wrapper, ids, state, keys, shapes, opset):
@@ -170,7 +159,6 @@ def fuse_for_ort(model, full_attention: bool) -> Dict[str, int]:
     ir_passes.RemoveUnusedNodesPass()(model)  # the shape arithmetic of the removed broadcasts, the RoPE tables
     query_heads_in_group_order(model.graph)  # after that pass: it reorders heads only where nothing else reads them
     ir_passes.RemoveUnusedNodesPass()(model)  # the transposed stacking's constants and shape arithmetic
-    splits_on_last_axis(model.graph)  # last: the rewrites above read the head splits as they were traced
     fused_ops: Dict[str, int] = {}
     for n in model.graph:
         if n.domain not in ("", "ai.onnx") or n.op_type == "Attention":

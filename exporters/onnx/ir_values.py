@@ -1,10 +1,10 @@
-"""Reading an onnx_ir graph for the rewrites: constant values, dims, the shapes a rewrite's values imply, Split sizes,
+"""Reading an onnx_ir graph for the rewrites: constant values, dims, the shapes a rewrite's values imply,
 Transpose permutations, graph.py's RMS form; and removing the nodes a rewrite left unread. Shared by every rewrite
-module (attention_forms, query_order, rotary_form, split_form), which import nothing from each other.
+module (attention_forms, query_order, rotary_form), which import nothing from each other.
 """
 from __future__ import annotations
 
-from typing import List, Optional, Tuple
+from typing import Optional
 
 import numpy as np
 
@@ -50,18 +50,6 @@ def remove_dead(graph, nodes) -> None:
         if node is not None and node.graph is graph and not any(o.uses() for o in node.outputs) \
                 and not any(o.is_graph_output() for o in node.outputs):
             graph.remove(node, safe=True)
-
-
-def norm_axis(a: int, rank: int) -> int:
-    """``a`` as a non-negative axis of a rank-``rank`` tensor."""
-    return a + rank if a < 0 else a
-
-
-def split_sizes(node, rank: int) -> Optional[Tuple[int, List[int]]]:
-    """(axis, sizes) of a Split node whose sizes are constant, else None."""
-    axis = norm_axis(node.attributes["axis"].value if "axis" in node.attributes else 0, rank)
-    sizes = const_ints(node.inputs[1]) if len(node.inputs) > 1 and node.inputs[1] is not None else None
-    return None if sizes is None else (axis, sizes)
 
 
 def shape_of(v, depth: int = 0) -> Optional[list]:
@@ -125,5 +113,5 @@ def transpose_perm(node) -> Optional[tuple]:
     return tuple(a.value) if a is not None else None
 
 
-__all__ = ["const_array", "const_ints", "dims", "norm_axis", "remove_dead", "rms_source", "shape_of", "sole_producer",
-           "split_sizes", "transpose_perm"]
+__all__ = ["const_array", "const_ints", "dims", "remove_dead", "rms_source", "shape_of", "sole_producer",
+           "transpose_perm"]

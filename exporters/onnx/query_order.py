@@ -19,7 +19,7 @@ Then the stacking is a view,
 Every score and every output value is the one the transposed form computes (the same dot products, the same
 softmax rows), so the graph is exact; 2 Transpose kernels per layer go. The rewrite applies only when everything
 between the projection and the attention treats heads alike (Reshapes between [.., H·hd] and [.., H, hd],
-Transposes, Splits, RotaryEmbedding, Cast, a bias Add) and the attention output reaches the output projection
+Transposes, RotaryEmbedding, Cast, a bias Add) and the attention output reaches the output projection
 through Reshapes alone; otherwise the layer keeps the transposed form.
 """
 from __future__ import annotations
@@ -27,7 +27,7 @@ from __future__ import annotations
 import numpy as np
 
 from .ir_nodes import Nodes, replace_value
-from .ir_values import const_ints, dims, remove_dead, rms_source, shape_of, split_sizes, transpose_perm
+from .ir_values import const_ints, dims, remove_dead, rms_source, shape_of, transpose_perm
 
 
 def _slot_order(heads: int, rep: int) -> np.ndarray:
@@ -70,12 +70,6 @@ def _trace_back(v, hd: int):
             if perm is None:
                 return edits, False
             axis = perm[axis]
-        elif op == "Split":
-            ss = split_sizes(p, len(d))
-            if ss is None:
-                return edits, False
-            if ss[0] == axis:
-                offset += sum(ss[1][:v.index()])
         elif op == "RotaryEmbedding" and p.domain == "com.microsoft":
             pass  # per (batch, position) angles, the same for every head
         elif op == "Mul" and axis != len(d) - 1:

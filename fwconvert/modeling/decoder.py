@@ -53,12 +53,10 @@ class Attention(nn.Module):
         self.k_proj = nn.Linear(d, self.n_kv * hd, bias=cfg.qkv_bias)
         self.v_proj = nn.Linear(d, self.n_kv * hd, bias=cfg.qkv_bias)
         self.o_proj = nn.Linear(self.n_heads * hd, d, bias=cfg.o_bias)
-        # Set only while exporting (exporters/onnx/graph.py::export_form), never saved: apply_rope's matmul form,
-        # and q/k/v as one projection (weight [(H + 2 H_kv) hd, D], bias or None) with one RoPE for q and k;
+        # Set only while exporting (exporters/onnx/graph.py::export_form), never saved: apply_rope's matmul form;
         # rope_order: the head dims of q and k are in this order (rope.interleaved_order; the weights were reordered
         # to match), so cos and sin are read in it too.
         self.rope_rotation = None
-        self.fused_qkv = None
         self.rope_order = None
         if cfg.qk_norm:
             self.q_norm = RMSNorm(hd, cfg.rms_norm_eps)
@@ -79,12 +77,6 @@ class Attention(nn.Module):
         h, kv, hd = self.n_heads, self.n_kv, self.head_dim
         if self.rope_order is not None:
             cos, sin = cos.index_select(-1, self.rope_order), sin.index_select(-1, self.rope_order)
-        if self.fused_qkv is not None:  # the export form: 1 matmul, 1 RoPE (4 kernels) for q and k together
-            assert self.q_norm is None, "the fused q/k/v form has no q/k norms"
-            qk, v = F.linear(x, *self.fused_qkv).split([(h + kv) * hd, kv * hd], dim=-1)
-            qk = apply_rope(qk.view(b, t, h + kv, hd), cos, sin, self.rope_rotation)
-            q, k = qk.split([h, kv], dim=2)
-            return q, k, v.view(b, t, kv, hd)
         q = self.q_proj(x).view(b, t, h, hd)
         k = self.k_proj(x).view(b, t, kv, hd)
         v = self.v_proj(x).view(b, t, kv, hd)
