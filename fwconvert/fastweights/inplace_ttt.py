@@ -229,8 +229,10 @@ class InPlaceTTTMLP(FastWeightModule):
             out = self._down(z, delta)
             v = self.targets(tgt)  # [B, T, D]: the step is one chunk
         full = ((ctx.position + x.shape[1]) % self.chunk_size == 0).to(delta.dtype)  # [B]
-        update = v.transpose(1, 2) @ _acc(z)  # [B, D, F]
-        return out, {"delta": delta + (self.lr * full)[:, None, None] * update}
+        # the step size (0 for a short chunk) scales the targets v [B, T, D] before the product, not the product
+        # [B, D, F] after it: F / T times fewer multiplies and bytes (SmolLM2 at T = 512: a third)
+        update = ((self.lr * full)[:, None, None] * v).transpose(1, 2) @ _acc(z)  # [B, D, F]
+        return out, {"delta": delta + update}
 
     def _general_step(self, x: torch.Tensor, state: State, ctx: StepContext):
         """Any step size: finish the pending chunk, then the parallel form over the rest.
