@@ -21,12 +21,12 @@ benchmarks/rope_probe.py). Interleaved RotaryEmbedding computes out[2p] = x[2p]�
 graphs round once per element instead of after each of the four ops), so G heads go to the op as one op head of
 G·hd (``group_size``). onnxruntime's CUDA kernel runs one block of op-head-size threads per (token, op head), one
 element per thread; G-fold fewer, larger blocks take less time (H100, session 17, docs/benchmarks.md, when q and k
-still shared one RoPE: SmolLM2's 12 q·k heads of 64 as one op head of 768 at B = 8, 31.3 -> 27.6 µs per layer; the
-LLaMA-1B shape's 40 heads as 4 op heads of 640, 100.5 -> 70.2 µs). q and k now get a RoPE each (graph.py::export_form):
-SmolLM2's 9 query heads as one op head of 576 and its 3 key heads as one of 192; the 1B shape's 32 query heads as
-2 op heads of 1,024, its 8 key heads as one of 512. The keys in the KV state are in the interleaved order too (the manifest's
-``key_dim_order``). The cos/sin rows and ids are made once per step and shared by every layer; the Reshapes are
-views.
+still shared one RoPE: SmolLM2's 12 q·k heads of 64 as one op head of 768 at B = 8, 31.3 -> 27.6 µs per layer;
+the LLaMA-1B shape's 40 heads as 4 op heads of 640, 100.5 -> 70.2 µs). q and k now get a RoPE each
+(graph.py::export_form): SmolLM2's 9 query heads as one op head of 576 and its 3 key heads as one of 192; the 1B
+shape's 32 query heads as 2 op heads of 1,024, its 8 key heads as one of 512. The keys in the KV state are in the
+interleaved order too (the manifest's ``key_dim_order``). The cos/sin rows and ids are made once per step and
+shared by every layer; the Reshapes are views.
 """
 from __future__ import annotations
 
