@@ -7,7 +7,9 @@
 #   bash benchmarks/gpu_pipeline.sh status    stage log so far; /tmp/out as $OUT/results.tgz (the device's return folder)
 # Each `run` call must follow the last within the machine's idle release (30 s): poll with `sleep 240; ... status`.
 # Settings (environment): RUNS, STEPS, CONVERT, CONVERT2, RUNS2 (gpu_calibrate.sh), EVALS, ABLATE (gpu_eval.sh), OLD: a folder holding
-# an older checkout whose window graphs are exported and timed beside the new ones (names with suffix 3: base-w3, ...),
+# an older checkout (outside the repo copy, e.g. /tmp/old: the working tree is re-laid on every call) whose graphs
+# OLD_EXPORTS (gpu_export.sh's EXPORTS form; default its window graphs base-w3 fwl-w3 ttt-w3) are exported with it
+# and timed beside the new ones,
 # NEW: the SmolLM2 graphs exported for the bench, timed in this order (gpu_export.sh's EXPORTS form; default: base, FWL
 # and in-place, full, window 2048, window + 4 sinks), STREAM_GRAPHS: the full graphs stream_by_chunk.py streams (default
 # base fwl ttt), MEMORY_GRAPHS: full graphs whose static session memory is measured per arena strategy
@@ -32,7 +34,7 @@ G=/tmp/fw-assets/SmolLM2-135M-Instruct.Q4_1.gguf; W=/tmp/w; X=$W/x
 case ${1:-} in
 start)
   rm -rf $R && mkdir -p $R $S $RES && tar -C "$(dirname "$0")/.." --exclude=./.device -cf - . | tar -C $R -xf -
-  for v in RUNS STEPS EVALS ABLATE OLD NEW CONVERT CONVERT2 RUNS2 STAGES VERIFY SDPA PROFILE PROFILE_1B PROFILE_PAST PAST_GRAPHS LINATT STREAM_GRAPHS MEMORY_GRAPHS QUICK_VERIFY FORM_SWITCH; do [ -n "${!v:-}" ] && printf '%s=%q\n' "$v" "${!v}"; done > $S/settings
+  for v in RUNS STEPS EVALS ABLATE OLD OLD_EXPORTS NEW CONVERT CONVERT2 RUNS2 STAGES VERIFY SDPA PROFILE PROFILE_1B PROFILE_PAST PAST_GRAPHS LINATT STREAM_GRAPHS MEMORY_GRAPHS QUICK_VERIFY FORM_SWITCH; do [ -n "${!v:-}" ] && printf '%s=%q\n' "$v" "${!v}"; done > $S/settings
   setsid nohup bash $R/benchmarks/gpu_pipeline.sh run > $S/pipeline.log 2>&1 < /dev/null &
   echo "started (pid $!); follow with: bash benchmarks/gpu_pipeline.sh status"
   exit 0;;
@@ -50,6 +52,8 @@ cd $R
 export PYTHONPATH=/tmp/fw-site:$R PYTHONUNBUFFERED=1 OUT=$RES W
 RUNS=${RUNS:-"ttt-mix:ttt:1e-3:fast=1e-4 ttt-base-hi:ttt:1e-3:baseline fwl-cal:fwl:1e-3"}
 EVALS=${EVALS:-"ttt-mix:ttt-base-hi ttt-mix-static:ttt-base-hi"}; ABLATE=${ABLATE:-ttt-mix}
+OLD_EXPORTS=${OLD_EXPORTS:-"base-w3:$G:fp16:2048 fwl-w3:$W/fwl:fp16:2048 ttt-w3:$W/ttt:fp16:2048"}
+OLD_NAMES=$(for e in $OLD_EXPORTS; do printf '%s ' "${e%%:*}"; done)
 VERIFY=${VERIFY:-"fwl-cal ttt-mix"}; STAGES=${STAGES:-"calibrate export bench profile eval verify 1b mfu tests"}
 DOC=$(python3 -c "import sysconfig, os; print(os.path.join(sysconfig.get_paths()['stdlib'], 'typing.py'))")
 on() { [[ " $STAGES " == *" $1 "* ]]; }
@@ -64,7 +68,7 @@ if on export; then
   EXPORTS="${NEW:-base:$G:fp16 fwl:$W/fwl:fp16 ttt:$W/ttt:fp16 base-w:$G:fp16:2048 fwl-w:$W/fwl:fp16:2048 ttt-w:$W/ttt:fp16:2048 base-ws:$G:fp16:2048:4 ttt-ws:$W/ttt:fp16:2048:4}" \
     PART=export bash benchmarks/gpu_export.sh > $RES/export-new.log 2>&1 &
   if [ -n "${OLD:-}" ] && [ -d "$OLD" ]; then
-    (cd "$OLD" && PYTHONPATH=/tmp/fw-site:$OLD EXPORTS="base-w3:$G:fp16:2048 fwl-w3:$W/fwl:fp16:2048 ttt-w3:$W/ttt:fp16:2048" \
+    (cd "$OLD" && PYTHONPATH=/tmp/fw-site:$OLD EXPORTS="$OLD_EXPORTS" \
        PART=export bash benchmarks/gpu_export.sh > $RES/export-old.log 2>&1) &
   fi
   on 1b && W=/tmp/w1b OUT=$RES/shapes-export PARTS=export SMOL=0 BUDGET=900 bash benchmarks/gpu_shapes.sh > /dev/null 2>&1 &
@@ -76,7 +80,7 @@ cat $RES/shapes-export/shapes.md 2>/dev/null; echo "   ($((SECONDS - T0)) s so f
 if on bench; then
   stage "chunk-step benchmark (SmolLM2), alone on the machine"
   names="base fwl ttt base-w fwl-w ttt-w base-ws ttt-ws"; [ -n "${NEW:-}" ] && names=$(for e in $NEW; do printf '%s ' "${e%%:*}"; done)
-  g=(); for n in $names base-w3 fwl-w3 ttt-w3; do [ -d $X/$n ] && g+=(--graph "$n=$X/$n"); done
+  g=(); for n in $names $OLD_NAMES; do [ -d $X/$n ] && g+=(--graph "$n=$X/$n"); done
   (cd benchmarks && timeout 600 python3 chunk_step.py --gguf "$G" "${g[@]}" --doc "$DOC" \
      --out-md $RES/chunk-step.md --out-json $RES/chunk-step.json > $RES/chunk-step.log 2>&1)
   tail -n 40 $RES/chunk-step.md; echo "   ($((SECONDS - T0)) s so far)"
@@ -104,7 +108,7 @@ if on verify; then
   EXPORTS="$e" PART=export bash benchmarks/gpu_export.sh > $RES/export-cal.log 2>&1 &
 fi
 if on profile; then
-  g=(); for n in ${PROFILE:-base fwl ttt base-w fwl-w ttt-w base-w3 fwl-w3 ttt-w3}; do [ -d $X/$n ] && g+=("$n=$X/$n"); done
+  g=(); for n in ${PROFILE:-base fwl ttt base-w fwl-w ttt-w $OLD_NAMES}; do [ -d $X/$n ] && g+=("$n=$X/$n"); done
   (cd benchmarks && timeout 400 python3 kernel_profile.py "${g[@]}" --batch 1 8 --md $RES/kernels.md --json $RES/kernels.json \
      > $RES/kernels.log 2>&1)
   n=base-w; [ -d $X/$n ] || n=base
