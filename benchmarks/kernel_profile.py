@@ -170,8 +170,10 @@ def markdown(results: list) -> str:
         out += [f"| `{k['name']}` | {k['class']} | {k['per_step']:g} | {k['us_each']} | {k['ms_per_step']:.3f} |"
                 for k in r["top_kernels"]]
         if r.get("copies"):
-            out += ["", "Copies per step: " + "; ".join(f"`{c['name']}` {c['per_step']:g} × ({c['ms_per_step']:.3f} ms)"
-                                                    for c in r["copies"])]
+            fresh = "" if r.get("past") else (" (with each step's fresh state, made between the profiled steps: a "
+                                                 "static session's reset on the device, an ordinary session's upload)")
+            out += ["", f"Copies per step{fresh}: " + "; ".join(f"`{c['name']}` {c['per_step']:g} × ({c['ms_per_step']:.3f} ms)"
+                                                             for c in r["copies"])]
     return "\n".join(out)
 
 

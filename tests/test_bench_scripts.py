@@ -125,6 +125,9 @@ def test_kernel_profile_classes_and_table():
                                               "note": "failed: x"})])
     assert "| base-w | 1 | 0 | CUDA execution provider (TF32 on), CUDA graphs | 4.05 | 750 | 3.50 | 4.25 |" in md
     assert "attention 1.38, gemm 0.79" in md and "failed: x" in md and "| `k` | gemm | 60 | 4.75 | 0.285 |" in md
+    assert "Copies per step (with each step's fresh state, made between the profiled steps: a static session's reset " \
+           "on the device, an ordinary session's upload): `Memcpy DtoD (Device -> Device)` 60 × (0.120 ms)" in md
+    md = kp.markdown([("base", {**r, "past": 512})])  # after a past the state is made outside the profile
     assert "Copies per step: `Memcpy DtoD (Device -> Device)` 60 × (0.120 ms)" in md
 
 
