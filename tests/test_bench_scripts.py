@@ -386,17 +386,19 @@ def test_token_nll_time_compares_the_two_forms(capsys):
 
 def test_static_cpu_memory_runs_both_ways(tmp_path):
     """static_cpu_memory.py streams three passes through a static CPU session, prepacking off (as the sessions open
-    it) and forced back on (in its own process: it replaces onnxruntime's SessionOptions there)."""
+    it) and forced back on, and with one shared arena (each in its own process: it replaces onnxruntime's
+    SessionOptions there)."""
     from exporters.onnx.export import export_onnx
     from test_onnx_common import tiny_model
 
     out = export_onnx(tiny_model(), str(tmp_path / "onnx"), chunk_size=8)
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([os.path.dirname(BENCH), os.environ.get("PYTHONPATH", "")]))
-    for flag, word in (([], "off"), (["--prepack"], "on")):
+    for flag, head in (([], "prepacking off, an arena per session"), (["--prepack"], "prepacking on, an arena per session"),
+                       (["--shared-arena"], "prepacking off, one shared arena")):
         r = subprocess.run([sys.executable, os.path.join(BENCH, "static_cpu_memory.py"), out, "--tokens", "24"] + flag,
                            capture_output=True, text=True, env=env, timeout=300)
         assert r.returncode == 0, r.stderr
-        assert r.stdout.startswith(f"prepacking {word}: peak RSS ") and r.stdout.count(",") == 3, r.stdout
+        assert r.stdout.startswith(f"{head}: peak RSS ") and r.stdout.count(",") == 4, r.stdout
 
 
 def test_ort_run_us_times_a_bound_model_on_cpu():
