@@ -26,6 +26,20 @@ def time_fn(fn, warmup: int = 5, iters: int = 30, sync=None) -> float:
     return statistics.median(ts)
 
 
+def probe_args(doc: str, argv, layers_default=None, layers_help="layers per graph (default: the shape's own)"):
+    """(arguments, onnxruntime providers) of the onnxruntime probes (qkv_probe, mlp_probe, rope_probe): --provider
+    cpu|cuda, --batch (default 1 8), --chunk (default 512), --layers."""
+    import argparse
+
+    ap = argparse.ArgumentParser(description=doc.split("\n\n")[0])
+    ap.add_argument("--provider", choices=["cpu", "cuda"], default="cpu")
+    ap.add_argument("--batch", type=int, nargs="+", default=[1, 8])
+    ap.add_argument("--chunk", type=int, default=512)
+    ap.add_argument("--layers", type=int, default=layers_default, help=layers_help)
+    a = ap.parse_args(argv)
+    return a, ["CUDAExecutionProvider"] if a.provider == "cuda" else ["CPUExecutionProvider"]
+
+
 def ort_run_us(ort, blob: bytes, feeds: dict, outputs: dict, per: int = 1, replays: int = 50,
                device: str = "cuda") -> float:
     """µs per ``per`` (e.g. per layer) of one run of the ONNX model ``blob`` on onnxruntime's CUDA provider with CUDA

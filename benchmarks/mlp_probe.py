@@ -26,11 +26,9 @@ MLP's on CUDA, max abs 2.3-2.7: its concatenated layout is not the one assumed h
 """
 from __future__ import annotations
 
-import argparse
-
 import numpy as np
 
-from common import ort_run_us
+from common import ort_run_us, probe_args
 
 SHAPES = {"smollm2": (576, 1536, 30), "llama-1b": (2048, 8192, 8)}  # D, I, layers
 FORMS = ("graph", "moe-interleaved", "moe-concat")
@@ -86,16 +84,10 @@ def form_feeds(form: str, x: np.ndarray) -> dict:
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--provider", choices=["cpu", "cuda"], default="cpu")
-    ap.add_argument("--batch", type=int, nargs="+", default=[1, 8])
-    ap.add_argument("--chunk", type=int, default=512)
-    ap.add_argument("--layers", type=int, default=None, help="layers per graph (default: the shape's)")
-    a = ap.parse_args(argv)
+    a, prov = probe_args(__doc__, argv)
     import onnxruntime as ort
 
     rng = np.random.default_rng(0)
-    prov = ["CUDAExecutionProvider"] if a.provider == "cuda" else ["CPUExecutionProvider"]
     print("| shape | B | layers | max abs vs graph | " + " | ".join(f"{f} µs/layer" for f in FORMS) + " |")
     print("|---|---|---|---|" + "---|" * len(FORMS))
     for name, (d, inter, n) in SHAPES.items():

@@ -26,11 +26,9 @@ and the 1B shape's 21.32 -> 20.77 (3.39 -> 3.46), so it became the graphs' only 
 """
 from __future__ import annotations
 
-import argparse
-
 import numpy as np
 
-from common import ort_run_us
+from common import ort_run_us, probe_args
 from exporters.onnx.rotary_form import group_size
 
 SHAPES = {"smollm2": (576, 9, 3, 64, 30), "llama-1b": (2048, 32, 8, 64, 16)}  # D, heads, KV heads, hd, layers
@@ -107,16 +105,10 @@ def used_feeds(blob: bytes, all_feeds: dict) -> dict:
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--provider", choices=["cpu", "cuda"], default="cpu")
-    ap.add_argument("--batch", type=int, nargs="+", default=[1, 8])
-    ap.add_argument("--chunk", type=int, default=512)
-    ap.add_argument("--layers", type=int, default=None, help="layers per graph (default: the shape's own)")
-    a = ap.parse_args(argv)
+    a, prov = probe_args(__doc__, argv)
     import onnxruntime as ort
 
     rng = np.random.default_rng(0)
-    prov = ["CUDAExecutionProvider"] if a.provider == "cuda" else ["CPUExecutionProvider"]
     print("| shape | B | layers | max abs vs fused (qk+v, separate) | " + " | ".join(f"{f} µs/layer" for f in FORMS)
           + " |")
     print("|---|---|---|---|" + "---|" * len(FORMS))

@@ -26,11 +26,9 @@ per thread, so G-fold wider blocks help only 1.4-1.65x.
 """
 from __future__ import annotations
 
-import argparse
-
 import numpy as np
 
-from common import ort_run_us
+from common import ort_run_us, probe_args
 from exporters.onnx.rotary_form import group_size
 from fwconvert.modeling.rope import interleaved_order
 
@@ -103,16 +101,10 @@ def traced_feeds(narrow: dict, batch: int, chunk: int, heads: int, hd: int) -> d
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--provider", choices=["cpu", "cuda"], default="cpu")
-    ap.add_argument("--batch", type=int, nargs="+", default=[1, 8])
-    ap.add_argument("--chunk", type=int, default=512)
-    ap.add_argument("--layers", type=int, default=30)
-    a = ap.parse_args(argv)
+    a, prov = probe_args(__doc__, argv, layers_default=30, layers_help="chained RotaryEmbedding nodes per graph")
     import onnxruntime as ort
 
     rng = np.random.default_rng(0)
-    prov = ["CUDAExecutionProvider"] if a.provider == "cuda" else ["CPUExecutionProvider"]
     one = {form: ort.InferenceSession(chain(1, form), providers=prov) for form in (0, 1)}  # one node each, for the check
     print("| shape | B | heads × hd | G | max abs (wide vs narrow) | narrow µs/node | wide µs/node | narrow / wide "
           "| narrow, position table µs/node | traced 4-op form µs/node |")
