@@ -153,7 +153,8 @@ def test_export_form_rotates_with_one_matmul_and_the_model_is_left_as_it_was(lla
 @pytest.mark.parametrize("family", ["llama", "qwen2", "qwen3"])
 def test_export_form_computes_what_the_model_computes(family):
     """The export form (matmul rotation, interleaved head dims) against the module form, float64: the same logits
-    and state over two chained chunks (qwen2 has q/k/v biases; qwen3 q/k norms). The keys come out in rope.interleaved_order (tests/test_wide_rope.py), and qwen3's reordered weights
+    and state over two chained chunks (qwen2 has q/k/v biases; qwen3 q/k norms). The keys come out in
+    rope.interleaved_order (tests/test_wide_rope.py), and the reordered query/key weights (and qwen3's norm weights)
     are swapped in for the trace and put back (the same Parameter objects and values afterwards)."""
     from exporters.onnx.graph import export_form
     from fwconvert.modeling.rope import interleaved_order
