@@ -15,6 +15,7 @@
 # base fwl ttt), MEMORY_GRAPHS: full graphs whose static session memory is measured per arena strategy
 # (static_memory.py; default none), QUICK_VERIFY: NEW's graphs verified on CUDA after the bench (fp16 on the document),
 # FORM_SWITCH: an export-form experiment's environment variable, set per NEW entry by its form field (gpu_export.sh),
+# FORM_X: the LLaMA-1B shape's graphs also exported with the switch on (gpu_shapes.sh; default base),
 # LINATT=0: skip the LinearAttention check of the profile stage,
 # PROFILE: the graphs whose kernels are profiled (default: every SmolLM2 graph; 20-30 s each), PROFILE_1B=0 to
 # skip the 1B kernel profile, PROFILE_PAST: the past length at which the full graphs' step is profiled too (B = 1,
@@ -34,7 +35,7 @@ G=/tmp/fw-assets/SmolLM2-135M-Instruct.Q4_1.gguf; W=/tmp/w; X=$W/x
 case ${1:-} in
 start)
   rm -rf $R && mkdir -p $R $S $RES && tar -C "$(dirname "$0")/.." --exclude=./.device -cf - . | tar -C $R -xf -
-  for v in RUNS STEPS EVALS ABLATE OLD OLD_EXPORTS NEW CONVERT CONVERT2 RUNS2 STAGES VERIFY SDPA PROFILE PROFILE_1B PROFILE_PAST PAST_GRAPHS LINATT STREAM_GRAPHS MEMORY_GRAPHS QUICK_VERIFY FORM_SWITCH; do [ -n "${!v:-}" ] && printf '%s=%q\n' "$v" "${!v}"; done > $S/settings
+  for v in RUNS STEPS EVALS ABLATE OLD OLD_EXPORTS NEW CONVERT CONVERT2 RUNS2 STAGES VERIFY SDPA PROFILE PROFILE_1B PROFILE_PAST PAST_GRAPHS LINATT STREAM_GRAPHS MEMORY_GRAPHS QUICK_VERIFY FORM_SWITCH FORM_X; do [ -n "${!v:-}" ] && printf '%s=%q\n' "$v" "${!v}"; done > $S/settings
   setsid nohup bash $R/benchmarks/gpu_pipeline.sh run > $S/pipeline.log 2>&1 < /dev/null &
   echo "started (pid $!); follow with: bash benchmarks/gpu_pipeline.sh status"
   exit 0;;
@@ -169,8 +170,9 @@ if on 1b; then
   W=/tmp/w1b OUT=$RES/shapes-chunk PARTS=chunk SMOL=0 BUDGET=500 bash benchmarks/gpu_shapes.sh > /dev/null 2>&1
   tail -n 30 $RES/shapes-chunk/chunk-step-1b.md 2>/dev/null
   if [ "${PROFILE_1B:-1}" != 0 ]; then
-    (cd benchmarks && timeout 200 python3 kernel_profile.py base=/tmp/w1b/base-fp16 fwl=/tmp/w1b/fwl-fp16 \
-       ttt=/tmp/w1b/ttt-fp16 --batch 8 --md $RES/kernels-1b.md --json $RES/kernels-1b.json > $RES/kernels-1b.log 2>&1)
+    g=(); for n in base fwl ttt base-x fwl-x ttt-x; do [ -d /tmp/w1b/$n-fp16 ] && g+=("$n=/tmp/w1b/$n-fp16"); done
+    (cd benchmarks && timeout 200 python3 kernel_profile.py "${g[@]}" --batch 8 --md $RES/kernels-1b.md \
+       --json $RES/kernels-1b.json > $RES/kernels-1b.log 2>&1)
   fi
 fi
 if on mfu; then

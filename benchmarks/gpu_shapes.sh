@@ -6,7 +6,8 @@
 #   SHAPE=tiny DEVICE=cpu bash benchmarks/gpu_shapes.sh     (the same steps on the CPU with a tiny model)
 #   PARTS=chunk bash benchmarks/gpu_shapes.sh               (only some of: calib export chunk; models in $W are reused)
 #   FORM_SWITCH=FWCONVERT_EXPERIMENT_X bash benchmarks/gpu_shapes.sh   (an export-form experiment, as in gpu_export.sh:
-#                                        the shape's base graph also as base-x with the switch at 1, the others at 0)
+#                                        the shape's base graph also as base-x with the switch at 1, the others at 0;
+#                                        FORM_X="ttt" (any of base fwl ttt) names the graphs exported so instead)
 # $OUT gets shapes-export.jsonl (benchmarks/export_cost.py), shapes-calib.jsonl (benchmarks/calib_throughput.py),
 # shapes.md (summary table), shapes.log (this script's output), chunk-step-1b.md/.json (benchmarks/chunk_step.py).
 set -uo pipefail
@@ -89,7 +90,7 @@ export_all() {  # DIRPREFIX LABELSUFFIX name=src ...: graphs go to $W/<DIRPREFIX
   done
 }
 if [[ " $PARTS " = *" export "* ]]; then
-  x=(); [ -n "${FORM_SWITCH:-}" ] && x=(base-x=$W/base)
+  x=(); [ -n "${FORM_SWITCH:-}" ] && for n in ${FORM_X:-base}; do x+=("$n-x=$W/$n"); done
   export_all "" $SHAPE base=$W/base fwl=$W/fwl ttt=$W/ttt "${x[@]}"
   [ "$SMOL" = 1 ] && export_all smol- smollm2 base="$G" fwl=$SF ttt=$ST
 fi
@@ -104,7 +105,7 @@ elif ! python3 benchmarks/chunk_step.py --help 2>/dev/null | grep -q -- --hf; th
 elif [ "$(left)" -lt 60 ]; then
   echo "  skip chunk_step.py: $(left) s left"
 else
-  x=(); [ -f $W/base-x-fp16/manifest.json ] && x=(--graph base-x=$W/base-x-fp16)
+  x=(); for n in base fwl ttt; do [ -f $W/$n-x-fp16/manifest.json ] && x+=(--graph $n-x=$W/$n-x-fp16); done
   (cd benchmarks && t timeout $(cap 600 10) python3 chunk_step.py --hf $W/base --graph base=$W/base-fp16 \
      --graph fwl=$W/fwl-fp16 --graph ttt=$W/ttt-fp16 "${x[@]}" --out-md $OUT/chunk-step-1b.md --out-json $OUT/chunk-step-1b.json)
 fi

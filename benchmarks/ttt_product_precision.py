@@ -8,6 +8,7 @@ streams one document through
     reference   the fp32 model, general streaming path (exact fp32)
     tf32        the fp16 model, aligned steps, every product fp32 on inputs rounded to TF32 (the old GPU form)
     fp16        the fp16 model, aligned steps as exported now, the update's inputs rounded to TF32 (as on the GPU)
+    fp16-update the same with the update's product in fp16 too (session 19's experiment)
 
 and prints per form the logits' relative error against the reference (first, last and worst chunk) and each TTT
 layer's delta at the end. The TTT layers get a random conv (``--conv-std``) so the fast weights move.
@@ -58,6 +59,19 @@ def fp16_step(self, x, state, ctx):
     out = self.down_proj(z) + z @ delta.to(z.dtype).transpose(1, 2)
     v = self.targets(self._target_input(x, ctx), torch.float16).float()
     return out, {"delta": _finish(self, z, v, delta, ctx, x.shape[1])}
+
+
+_EXPORTED = InPlaceTTTMLP._aligned_step
+
+
+def fp16_update_step(self, x, state, ctx):
+    """The aligned step with the update's product in fp16 too (session 19's experiment, ``fp16_update``): its
+    inputs are fp16 already and the product is rounded to fp16 before it is added to the fp32 delta."""
+    self.fp16_update = True
+    try:
+        return _EXPORTED(self, x, state, ctx)
+    finally:
+        self.fp16_update = False
 
 
 def rel(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -111,7 +125,7 @@ def main():
     if ids.shape[1] < a.chunks * a.chunk:
         raise SystemExit(f"{a.doc}: fewer than {a.chunks * a.chunk} tokens")
     ref, ref_state = stream(model, ids, a.chunk)
-    for name, step in (("tf32", tf32_step), ("fp16", fp16_step)):
+    for name, step in (("tf32", tf32_step), ("fp16", fp16_step), ("fp16-update", fp16_update_step)):
         logits, state = stream(model, ids, a.chunk, step)
         per = [rel(logits[:, s:s + a.chunk], ref[:, s:s + a.chunk]) for s in range(0, ids.shape[1], a.chunk)]
         deltas = {k: rel(v, ref_state[k]) for k, v in state.items() if k.endswith("delta")}

@@ -88,6 +88,27 @@ def test_fp16_inplace_export_multiplies_in_fp16_and_verifies(tmp_path, family):
     assert all(float(v.abs().max()) > 0 for k, v in state.items() if k.endswith("delta"))  # the fast weights move
 
 
+@torch.no_grad()
+def test_fp16_update_experiment_has_no_fp32_product_and_verifies(tmp_path, monkeypatch):
+    """Session 19's experiment switch (exporters/onnx/graph.py::FP16_UPDATE): the update's product is fp16 as well,
+    so the graph has no fp32 product; the delta stays fp32 and verify passes over 16 chunks. Off, the default form
+    is back (one fp32 product per TTT layer) and the model's modules are left as they were."""
+    from exporters.onnx.graph import FP16_UPDATE
+
+    model = tiny_model("llama", "inplace", seed=6)
+    monkeypatch.setenv(FP16_UPDATE, "1")
+    out = export_onnx(model, str(tmp_path / "onnx"), chunk_size=8, dtype="fp16")
+    s = ChunkSession(out, provider="cpu")
+    assert {sp.dtype for sp in s.manifest.state if "delta" in sp.key} == {"float32"}
+    assert _float32_products(s.path) == []
+    rep = verify(out, against=model, chunks=16, batch=2)
+    assert rep.passed, rep.to_dict()
+    assert not any(getattr(m, "fp16_update", False) for m in model.modules())
+    monkeypatch.setenv(FP16_UPDATE, "0")
+    out = export_onnx(model, str(tmp_path / "onnx0"), chunk_size=8, dtype="fp16")
+    assert len(_float32_products(ChunkSession(out, provider="cpu").path)) == len(model.fast_weights.layers)
+
+
 def test_verify_report_judges_each_row_by_its_own_tolerance_and_the_perplexity():
     from exporters.verify import Report, Row
 

@@ -141,6 +141,7 @@ class InPlaceTTTMLP(FastWeightModule):
         d, f = cfg.hidden_size, cfg.intermediate_size
         self.hidden_size, self.intermediate_size = d, f
         self.chunk_size, self.lr, self.target = fw.chunk_size, float(fw.lr), fw.target
+        self.fp16_update = False  # experiment switch (exporters/onnx/graph.py::export_form), not a setting
         self.gate_proj = nn.Linear(d, f, bias=cfg.mlp_bias)
         self.up_proj = nn.Linear(d, f, bias=cfg.mlp_bias)
         self.down_proj = nn.Linear(f, d, bias=cfg.mlp_bias)  # weight = W0, the reset state
@@ -222,16 +223,20 @@ class InPlaceTTTMLP(FastWeightModule):
         delta = state["delta"]
         z = self.hidden(x)  # [B, T, F]
         tgt = self._target_input(x, ctx)
-        if z.dtype == torch.float16:
+        fp16 = z.dtype == torch.float16
+        if fp16:
             out = self.down_proj(z) + z @ delta.to(z.dtype).transpose(1, 2)
-            v = self.targets(tgt, torch.float16).to(delta.dtype)
+            v = self.targets(tgt, torch.float16)
         else:
             out = self._down(z, delta)
             v = self.targets(tgt)  # [B, T, D]: the step is one chunk
-        full = ((ctx.position + x.shape[1]) % self.chunk_size == 0).to(delta.dtype)  # [B]
+        # the update's product in fp16 (experiment, session 19; else fp32)
+        prod = z.dtype if fp16 and self.fp16_update else delta.dtype
+        full = ((ctx.position + x.shape[1]) % self.chunk_size == 0).to(prod)  # [B]
         # the step size (0 for a short chunk) scales the targets v [B, T, D] before the product, not the product
         # [B, D, F] after it: F / T times fewer multiplies and bytes (SmolLM2 at T = 512: a third)
-        update = ((self.lr * full)[:, None, None] * v).transpose(1, 2) @ _acc(z)  # [B, D, F]
+        scaled = (self.lr * full)[:, None, None] * v.to(prod)
+        update = (scaled.transpose(1, 2) @ z.to(prod)).to(delta.dtype)  # [B, D, F]
         return out, {"delta": delta + update}
 
     def _general_step(self, x: torch.Tensor, state: State, ctx: StepContext):
