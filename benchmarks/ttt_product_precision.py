@@ -1,14 +1,15 @@
 """Does multiplying in fp16 cost the fp16 in-place graph precision? (CPU is enough; real model and text.)
 
-Since session 10 an fp16 model's aligned in-place step (the fp16 export's form, ``inplace_ttt._aligned_step``)
-applies the fast weight and makes its targets with fp16 products; only the update into the fp32 delta multiplies
-in fp32. Before, every product was fp32, which onnxruntime's CUDA provider runs as TF32 in fp16 graphs. This
-streams one document through
+Since session 19 an fp16 model's aligned in-place step (the fp16 export's form, ``inplace_ttt._aligned_step``)
+makes all three products in fp16: the apply, the targets and the update (rounded to fp16 before it is added to the
+fp32 delta). Sessions 10-18 kept the update an fp32 product; before session 10 every product was fp32, which
+onnxruntime's CUDA provider runs as TF32 in fp16 graphs. This streams one document through
 
     reference   the fp32 model, general streaming path (exact fp32)
-    tf32        the fp16 model, aligned steps, every product fp32 on inputs rounded to TF32 (the old GPU form)
-    fp16        the fp16 model, aligned steps as exported now, the update's inputs rounded to TF32 (as on the GPU)
-    fp16-update the same with the update's product in fp16 too (session 19's experiment)
+    tf32        the fp16 model, aligned steps, every product fp32 on inputs rounded to TF32 (before session 10)
+    fp16-s10    the fp16 model, aligned steps, fp16 apply and targets, the update fp32 on TF32-rounded inputs
+                (sessions 10-18, as on the GPU)
+    fp16        the fp16 model's own aligned steps (exported now)
 
 and prints per form the logits' relative error against the reference (first, last and worst chunk) and each TTT
 layer's delta at the end. The TTT layers get a random conv (``--conv-std``) so the fast weights move.
@@ -53,25 +54,12 @@ def tf32_step(self, x, state, ctx):
     return out, {"delta": _finish(self, z, v, delta, ctx, x.shape[1])}
 
 
-def fp16_step(self, x, state, ctx):
-    """The aligned step as exported now (fp16 apply and targets), its update on TF32-rounded inputs as on the GPU."""
+def fp16_s10_step(self, x, state, ctx):
+    """The aligned step of sessions 10-18 (fp16 apply and targets), its update on TF32-rounded inputs as on the GPU."""
     delta, z = state["delta"], self.hidden(x)
     out = self.down_proj(z) + z @ delta.to(z.dtype).transpose(1, 2)
     v = self.targets(self._target_input(x, ctx), torch.float16).float()
     return out, {"delta": _finish(self, z, v, delta, ctx, x.shape[1])}
-
-
-_EXPORTED = InPlaceTTTMLP._aligned_step
-
-
-def fp16_update_step(self, x, state, ctx):
-    """The aligned step with the update's product in fp16 too (session 19's experiment, ``fp16_update``): its
-    inputs are fp16 already and the product is rounded to fp16 before it is added to the fp32 delta."""
-    self.fp16_update = True
-    try:
-        return _EXPORTED(self, x, state, ctx)
-    finally:
-        self.fp16_update = False
 
 
 def rel(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -125,7 +113,7 @@ def main():
     if ids.shape[1] < a.chunks * a.chunk:
         raise SystemExit(f"{a.doc}: fewer than {a.chunks * a.chunk} tokens")
     ref, ref_state = stream(model, ids, a.chunk)
-    for name, step in (("tf32", tf32_step), ("fp16", fp16_step), ("fp16-update", fp16_update_step)):
+    for name, step in (("tf32", tf32_step), ("fp16-s10", fp16_s10_step), ("fp16", InPlaceTTTMLP._aligned_step)):
         logits, state = stream(model, ids, a.chunk, step)
         per = [rel(logits[:, s:s + a.chunk], ref[:, s:s + a.chunk]) for s in range(0, ids.shape[1], a.chunk)]
         deltas = {k: rel(v, ref_state[k]) for k, v in state.items() if k.endswith("delta")}

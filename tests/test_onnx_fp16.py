@@ -72,41 +72,20 @@ def _float32_products(path):
 @torch.no_grad()
 @pytest.mark.parametrize("family", ["llama", "qwen3"])
 def test_fp16_inplace_export_multiplies_in_fp16_and_verifies(tmp_path, family):
-    """An fp16 in-place export applies the fast weight and makes its targets with fp16 products: only the update
-    into the fp32 delta multiplies in fp32 (one product per TTT layer). It verifies over 16 chained chunks with a live
-    delta. (onnxruntime's CPU provider gives exactly what the fp32-product graph gave, so the precision of the fp16
-    products is tested in torch: test_inplace_ttt.py, test_fp16_aligned_step_is_as_precise_as_tf32_products.)"""
+    """An fp16 in-place export applies the fast weight, makes its targets and its update with fp16 products: no
+    product is fp32 (the delta stays fp32). It verifies over 16 chained chunks with a live delta. (onnxruntime's CPU
+    provider runs fp16 products through fp32, so the precision of the fp16 products is tested in torch:
+    test_inplace_ttt.py, test_fp16_aligned_step_is_as_precise_as_tf32_products.)"""
     model = tiny_model(family, "inplace", seed=6)
-    out = export_onnx(model, str(tmp_path / "onnx"), chunk_size=8, dtype="fp16")
-    s = ChunkSession(out, provider="cpu")
-    assert {sp.dtype for sp in s.manifest.state if "delta" in sp.key} == {"float32"}
-    assert len(_float32_products(s.path)) == len(model.fast_weights.layers)
-    rep = verify(out, against=model, chunks=16, batch=2)
-    assert rep.passed, rep.to_dict()
-    assert any(r.name.endswith("mlp.delta") for r in rep.rows)
-    _, state = model.step(torch.randint(0, 256, (1, 8)), model.init_state(1))
-    assert all(float(v.abs().max()) > 0 for k, v in state.items() if k.endswith("delta"))  # the fast weights move
-
-
-@torch.no_grad()
-def test_fp16_update_experiment_has_no_fp32_product_and_verifies(tmp_path, monkeypatch):
-    """Session 19's experiment switch (exporters/onnx/graph.py::FP16_UPDATE): the update's product is fp16 as well,
-    so the graph has no fp32 product; the delta stays fp32 and verify passes over 16 chunks. Off, the default form
-    is back (one fp32 product per TTT layer) and the model's modules are left as they were."""
-    from exporters.onnx.graph import FP16_UPDATE
-
-    model = tiny_model("llama", "inplace", seed=6)
-    monkeypatch.setenv(FP16_UPDATE, "1")
     out = export_onnx(model, str(tmp_path / "onnx"), chunk_size=8, dtype="fp16")
     s = ChunkSession(out, provider="cpu")
     assert {sp.dtype for sp in s.manifest.state if "delta" in sp.key} == {"float32"}
     assert _float32_products(s.path) == []
     rep = verify(out, against=model, chunks=16, batch=2)
     assert rep.passed, rep.to_dict()
-    assert not any(getattr(m, "fp16_update", False) for m in model.modules())
-    monkeypatch.setenv(FP16_UPDATE, "0")
-    out = export_onnx(model, str(tmp_path / "onnx0"), chunk_size=8, dtype="fp16")
-    assert len(_float32_products(ChunkSession(out, provider="cpu").path)) == len(model.fast_weights.layers)
+    assert any(r.name.endswith("mlp.delta") for r in rep.rows)
+    _, state = model.step(torch.randint(0, 256, (1, 8)), model.init_state(1))
+    assert all(float(v.abs().max()) > 0 for k, v in state.items() if k.endswith("delta"))  # the fast weights move
 
 
 def test_verify_report_judges_each_row_by_its_own_tolerance_and_the_perplexity():

@@ -28,7 +28,6 @@ from .io_spec import BATCH, CHUNK, GRAPH_NAME, INITIAL_STATE_NAME, PAST, Manifes
 from .wrapper import ChunkStep, initial_state, state_layout
 
 CONTROL_FLOW = {"Loop", "Scan", "If", "SequenceMap"}
-FP16_UPDATE = "FWCONVERT_EXPERIMENT_FP16_UPDATE"  # export_form's experiment switch (session 19)
 EXAMPLE_B, EXAMPLE_C, EXAMPLE_P = 2, 3, 5  # distinct and >= 2: torch.export specialises 0/1 sizes
 
 
@@ -86,17 +85,11 @@ def export_form(model: DecoderLM):
     RoPE over q·k) needs two Splits per layer, copies that cost more at batch 8 than the extra launches cost at
     batch 1 (session 18, H100, docs/benchmarks.md: SmolLM2 base step 5.91 -> 5.63 ms at B = 8, 2.21 -> 2.21 at
     B = 1; benchmarks/qkv_probe.py times the forms alone)."""
-    from fwconvert.fastweights.inplace_ttt import InPlaceTTTMLP
     from fwconvert.modeling.decoder import Attention
     from fwconvert.modeling.rope import interleaved_rotation_matrix
 
     layers = [m for m in model.modules() if isinstance(m, Attention)]
     swapped = []  # (module, attribute, original Parameter) of the reordered weights
-    # experiment (session 19, not the default): with FWCONVERT_EXPERIMENT_FP16_UPDATE=1 an fp16 in-place graph's
-    # update product is fp16 too (inplace_ttt._aligned_step), one fp16 GEMM and a Cast for a TF32 GEMM and 2 Casts
-    ttt = [m for m in model.modules() if isinstance(m, InPlaceTTTMLP)]
-    for m in ttt:
-        m.fp16_update = os.environ.get(FP16_UPDATE) == "1"
 
     def reorder(t, heads, hd, order):  # rows (or entries) h·hd + j <- h·hd + order[j]
         return t.reshape(heads, hd, *t.shape[1:])[:, order].reshape(t.shape)
@@ -122,8 +115,6 @@ def export_form(model: DecoderLM):
             setattr(module, name, param)
         for m in layers:
             m.rope_rotation = m.rope_order = None
-        for m in ttt:
-            m.fp16_update = False
 
 
 def _trace(wrapper, ids, state, keys, shapes, opset):

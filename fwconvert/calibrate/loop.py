@@ -109,8 +109,9 @@ def parse_fault() -> Dict[str, int]:
 def seed_everything(seed: int, device: torch.device, tf32: bool) -> dict:
     """Seed python/numpy/torch and set deterministic flags; returns the flags for the manifest. ``tf32``: let fp32
     matmuls on CUDA use TF32 (fp32 accumulation of products rounded to a 10-bit mantissa). The bf16 trunk does not
-    change; the fp32 parts do: in-place TTT's fast-weight products and FWL's head. Those parts run in TF32 in the
-    fp16 exports too (exporters/runtime/session.py::tf32_policy), so ``CalibrationSettings.tf32`` is on by default;
+    change; the fp32 parts do: in-place TTT's fast-weight products and FWL's head. The fp16 exports multiply those
+    parts on 10-bit mantissa inputs too (FWL's head in TF32, exporters/runtime/session.py::tf32_policy; in-place
+    TTT's products in fp16, inplace_ttt._aligned_step), so ``CalibrationSettings.tf32`` is on by default;
     ``calibrate --no-tf32`` keeps them full fp32 (1.43x slower for in-place TTT at the 1B shape, docs/benchmarks.md,
     session 12). Either way a run is deterministic for its setting, which the manifest records (a run with the other
     one is another run)."""
