@@ -201,13 +201,15 @@ def attempt(errors: dict, key: str, fn, *args, **kwargs) -> float:
         return float("nan")
 
 
-def base_of(path: str) -> str:
-    """The row of our base graph in the same mode: 'ours: fwl-w graph (X)' -> 'ours: base-w graph (X)'."""
+def base_of(path: str, times) -> float:
+    """The time of our base graph in the same mode: for 'ours: fwl-w graph (X)' the row 'ours: base-w graph (X)',
+    else (no base graph of that suffix, e.g. an experiment's 'ttt-u') 'ours: base graph (X)'; for the torch rows
+    the plain base graph's."""
     if not path.startswith("ours: "):
-        return ""
+        return times.get("ours: base graph (ORT CUDA fp16)")
     name, rest = path[len("ours: "):].split(" ", 1)
     suffix = name.split("-", 1)[1] if "-" in name else ""
-    return f"ours: base{'-' + suffix if suffix else ''} {rest}"
+    return times.get(f"ours: base{'-' + suffix if suffix else ''} {rest}", times.get(f"ours: base {rest}"))
 
 
 def main():
@@ -248,7 +250,7 @@ def main():
                              (f"ours: {name} graph (ORT CUDA fp16, CUDA graphs)", bench_static)):
                 times[path] = attempt(errors, f"{path}, batch {batch}", fn, folder, batch, args.chunk, args.iters)
         for path, ms in times.items():
-            base_ms = times.get(base_of(path), times.get("ours: base graph (ORT CUDA fp16)"))
+            base_ms = base_of(path, times)
             if ms != ms:  # NaN: failed, see results["errors"]
                 rows.append({"path": path, "batch": batch, "ms/chunk": "failed"})
                 continue
