@@ -322,6 +322,20 @@ def test_chunk_step_keeps_going_when_a_graph_fails():
     assert errors == {"ours: fwl-w, batch 8": "RuntimeError: provider refused fwl-w"}
 
 
+def test_chunk_step_ratio_divides_by_the_base_graph_in_the_same_mode():
+    """The "× our base graph" column: a window graph against the window base, an experiment's graph without a base
+    twin (``ttt-u``) against the plain base graph in the same session mode (session 19 divided it by the ordinary
+    session's time), the torch rows against the ordinary base graph."""
+    import chunk_step
+
+    t = {"ours: base graph (ORT CUDA fp16)": 3.5, "ours: base graph (ORT CUDA fp16, CUDA graphs)": 2.0,
+         "ours: base-w graph (ORT CUDA fp16, CUDA graphs)": 4.0}
+    assert chunk_step.base_of("ours: fwl-w graph (ORT CUDA fp16, CUDA graphs)", t) == 4.0
+    assert chunk_step.base_of("ours: ttt-u graph (ORT CUDA fp16, CUDA graphs)", t) == 2.0
+    assert chunk_step.base_of("ours: ttt-u graph (ORT CUDA fp16)", t) == 3.5
+    assert chunk_step.base_of("torch.compile (bf16)", t) == 3.5
+
+
 def test_rope_probe_wide_heads_equal_narrow_ones_on_cpu(capsys):
     """rope_probe.py: an interleaved RotaryEmbedding over G heads as one op head (angle rows tiled G times) equals the
     half-split one head by head, reordered (onnxruntime's CPU kernel; both shapes it probes)."""
