@@ -66,8 +66,8 @@ def _exts(ext: str):
 @click.option("--no-progress", is_flag=True, help="No progress bar.")
 @click.option("--tf32/--no-tf32", default=True, show_default=True,
               help="On CUDA, let fp32 matmuls use TF32: the fp32 fast-weight products (in-place TTT's updates, FWL's "
-                   "head) run on tensor cores, on 10-bit mantissa inputs as in fp16 exports (in-place calibration of a 1B model: 1.43x "
-                   "faster). --no-tf32 keeps them full fp32. Recorded in the manifest; on CUDA, --resume continues only "
+                   "head) run on tensor cores, on 10-bit mantissa inputs as in fp16 exports (in-place calibration "
+                   "of a 1B model: 1.43x faster). --no-tf32 keeps them full fp32. Recorded in the manifest; on CUDA, --resume continues only "
                    "a run with the same setting (elsewhere it changes nothing).")
 def calibrate_cmd(model, data, ext, out, steps, seq_len, batch_size, lr, fast_lr, warmup, train, device, resume, seed,
                   save_every, heldout, baseline, skip_nonfinite, force, no_progress, tf32):
