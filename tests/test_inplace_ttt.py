@@ -327,7 +327,7 @@ def test_fp16_aligned_step_is_as_precise_as_tf32_products(seed):
     """An fp16 model's aligned step (the fp16 export's form) multiplies in fp16 (inplace_ttt._aligned_step), its
     update rounded to fp16 too. Against float64 on the same fp16-rounded weights, its output and new delta are as
     close as the fp32-product form's with TF32 inputs, the form it replaced on the GPU (within 1.25x: session 19 saw
-    1.07-1.09x on the update). A delta as large as W0, so the fast part is half the output."""
+    1.07-1.08x on the update). A delta as large as W0, so the fast part is half the output."""
     m16 = _mlp(dtype=torch.float16, seed=seed)[0]
     m64 = copy.deepcopy(m16).double()
     g = torch.Generator().manual_seed(seed)
